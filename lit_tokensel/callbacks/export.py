@@ -1,0 +1,29 @@
+"""Export the trained model as a `save_pretrained` directory when `fit` ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_tokensel.export import export_pretrained
+
+
+class ExportOnFitEnd(L.Callback):
+    """Write the model (LoRA merged) and tokenizer at the end of `fit`.
+
+    Args:
+        output_dir: Target directory; default `<trainer.log_dir>/export`.
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+        self.exported_to: Path | None = None
+
+    def resolve_output_dir(self, trainer: L.Trainer) -> Path:
+        return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.exported_to = export_pretrained(pl_module.model, pl_module.tokenizer, self.resolve_output_dir(trainer))

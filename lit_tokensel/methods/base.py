@@ -1,0 +1,228 @@
+"""The shared training step. Methods differ only in which response tokens enter the loss.
+
+A method subclasses `TokenSelectionModule` and overrides `select_tokens`, which gets the live
+per-token losses and returns a keep-mask. Everything else lives here, written once: model loading,
+the per-token loss, loss normalization across gradient accumulation, optimizer and schedule,
+metrics.
+
+Normalization: the loss of an optimizer step is the sum of the kept tokens' losses over every
+micro-batch of the accumulation window divided by the kept-token count of the whole window (and
+of all ranks), so `batch_size=2, accumulate_grad_batches=4` gives the update of `batch_size=8`.
+Each micro-batch backpropagates its *sum*; the gradients are rescaled once in
+`on_before_optimizer_step`, when the window's count is known.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.aggregation import MeanMetric
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+
+from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
+from lit_tokensel.selection.token_loss import masked_sum, per_token_cross_entropy
+
+Batch = dict[str, torch.Tensor]
+
+
+class TokenSelectionModule(L.LightningModule):
+    """Base class of every method: trains a causal LM on the response tokens that `select_tokens` keeps.
+
+    Args:
+        model: Hub id, local directory, or `builtin:<name>` (a tiny model built locally on first use).
+        tokenizer: Tokenizer location when it differs from `model`.
+        gguf_file: GGUF file name inside `model` to load weights and tokenizer from.
+        dtype: Weight dtype: float32, bfloat16 or float16 (use the Trainer's `precision` for autocast).
+        attn_implementation: `sdpa` (default), `eager`, or `flash_attention_2` on a GPU.
+        gradient_checkpointing: Trade compute for activation memory.
+        lora: LoRA adapter settings; None trains all weights.
+        learning_rate: Peak learning rate of the default AdamW optimizer.
+        weight_decay: AdamW weight decay.
+        lr_schedule: `cosine`, `linear` or `constant`, each after a linear warmup.
+        warmup_ratio: Fraction of the optimizer steps spent warming up.
+        optimizer: Replaces the default AdamW (a class_path with init_args in YAML).
+        lr_scheduler: Replaces the default warmup schedule (a class_path with init_args in YAML).
+    """
+
+    def __init__(
+        self,
+        model: str = "builtin:tiny-llama",
+        tokenizer: str | None = None,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | dict | None = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        warmup_ratio: float = 0.03,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if lr_schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"lr_schedule={lr_schedule!r}: use cosine, linear or constant")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio={warmup_ratio} must lie in [0, 1)")
+        if isinstance(lora, dict):  # from a checkpoint's hyper-parameters
+            lora = LoraSettings(**lora)
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "lora"])
+        # Plain data in the checkpoint, so it loads without unpickling our classes.
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
+        self.model_name_or_path = model
+        self.tokenizer_name_or_path = tokenizer or model
+        self.gguf_file = gguf_file
+        self.lora = lora
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self._reset_window()
+        self._last_step_time: float | None = None
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The model's tokenizer, loaded on first access (the DataModule shares this object)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_name_or_path, self.gguf_file)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        """Load the weights here, not in `__init__`, so config parsing stays instant."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        self.model = load_causal_lm(
+            self.model_name_or_path,
+            dtype=hp.dtype,
+            attn_implementation=hp.attn_implementation,
+            gguf_file=self.gguf_file,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            lora=self.lora,
+        )
+        self.model.train()  # from_pretrained returns eval mode, which would switch dropout off
+
+    # ------------------------------------------------------------------ the method's hook
+    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Keep-mask `[B, T-1]` over response tokens. The base keeps every response token (full SFT)."""
+        return valid
+
+    # ------------------------------------------------------------------ shared step
+    def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses of the trained model and the response mask, both `[B, T-1]`."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return per_token_cross_entropy(logits, batch["labels"])
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        token_losses, valid = self.token_losses(batch)  # [B, T-1] each
+        keep = self.select_tokens(batch, token_losses, valid) & valid  # [B, T-1]
+        loss_sum = masked_sum(token_losses, keep)
+        self._window["loss_sum"] += loss_sum.detach()
+        self._window["kept"] += keep.sum()
+        self._window["response"] += valid.sum()
+        self._window["tokens"] += batch["attention_mask"].sum()
+        # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that
+        # and divides by the window's kept-token count instead.
+        return loss_sum
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        window = torch.stack([self._window[k].float() for k in ("loss_sum", "kept", "response", "tokens")])
+        if self.trainer.world_size > 1:
+            window = self.trainer.strategy.reduce(window, reduce_op="sum")
+        loss_sum, kept, response, tokens = window.tolist()
+        # DDP averages gradients over ranks, and Lightning averaged over the window's micro-batches.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(kept, 1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale)
+        now = time.perf_counter()
+        metrics = {
+            "train/loss": loss_sum / max(kept, 1.0),
+            "train/kept_fraction": kept / max(response, 1.0),
+            "train/kept_tokens": kept,
+        }
+        if self._last_step_time is not None:
+            metrics["train/tokens_per_s"] = tokens / max(now - self._last_step_time, 1e-9)
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
+        self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
+        self._last_step_time = now
+        self._reset_window()
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = time.perf_counter()
+
+    def _reset_window(self) -> None:
+        self._window = {k: torch.zeros((), device=self.device) for k in ("loss_sum", "kept", "response", "tokens")}
+
+    def on_train_start(self) -> None:
+        self._reset_window()
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        token_losses, valid = self.token_losses(batch)
+        self.val_loss.update(token_losses[valid])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_loss)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        token_losses, valid = self.token_losses(batch)
+        self.test_loss.update(token_losses[valid])
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_loss)
+
+    def _log_eval(self, split: str, metric: MeanMetric) -> None:
+        if metric.update_count == 0:
+            return
+        mean_loss = metric.compute()  # token-weighted over the whole split (synced across ranks)
+        self.log(f"{split}/loss", mean_loss, prog_bar=True)
+        self.log(f"{split}/ppl", mean_loss.exp())
+        metric.reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-token losses `[B, T-1]` with their mask and sample ids."""
+        token_losses, valid = self.token_losses(batch)
+        return {"sample_id": batch["sample_id"], "token_losses": token_losses, "valid": valid}
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            scheduler = get_scheduler(
+                self.hparams.lr_schedule,
+                optimizer,
+                num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total),
+                num_training_steps=total,
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the method class (for export) and the chat template used in training (it may be the
+        DataModule's fallback)."""
+        checkpoint["method_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self._tokenizer is not None and self._tokenizer.chat_template:
+            checkpoint["chat_template"] = self._tokenizer.chat_template
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("chat_template"):
+            self.tokenizer.chat_template = checkpoint["chat_template"]
