@@ -57,15 +57,15 @@ def run_export(argv: list[str]) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "export":
-        run_export(argv[1:])
+    cli_args = sys.argv[1:] if argv is None else argv
+    if cli_args and cli_args[0] == "export":
+        run_export(cli_args[1:])
         return
     TokenSelCLI(
         TokenSelectionModule,
         SFTDataModule,
         subclass_mode_model=True,
-        args=argv,
+        args=argv,  # None: LightningCLI reads sys.argv itself
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": __doc__},
     )

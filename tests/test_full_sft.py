@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from lit_tokensel import FullSFT
 from lit_tokensel.export import export_pretrained
 from lit_tokensel.modeling.loading import LoraSettings
-from lit_tokensel.selection.token_loss import masked_sum, per_token_cross_entropy
+from lit_tokensel.selection.token_loss import masked_sum
 from tests.model_fixtures import pad_batch, synthetic_rows
 
 
@@ -125,7 +125,7 @@ def _logits(model_or_dir, batch):
 def test_export_reloads_with_identical_logits(tiny_model_dir, tmp_path, lora):
     module = _module(tiny_model_dir, lora=lora)
     with torch.no_grad():  # make the adapter (or the weights) non-trivial
-        for name, p in module.model.named_parameters():
+        for p in module.model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     before = copy.deepcopy(module.model.state_dict())

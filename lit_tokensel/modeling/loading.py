@@ -23,15 +23,19 @@ class LoraSettings:
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """Map `builtin:<name>` to its locally built directory; pass anything else through."""
-    return resolve_builtin(name_or_path) if name_or_path.startswith("builtin:") else name_or_path
+def resolve_model_path(name_or_path: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """Map `builtin:<name>` to a local directory (and its GGUF file); pass anything else through."""
+    if name_or_path.startswith("builtin:"):
+        path, builtin_gguf = resolve_builtin(name_or_path)
+        return path, gguf_file or builtin_gguf
+    return name_or_path, gguf_file
 
 
 def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
     """Tokenizer for a model; pads with eos when the tokenizer has no pad token."""
+    path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -52,10 +56,11 @@ def load_causal_lm(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+    path, gguf_file = resolve_model_path(name_or_path, gguf_file)
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
