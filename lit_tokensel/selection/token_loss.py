@@ -35,6 +35,27 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
     return losses.view_as(targets) * valid, valid
 
 
+def per_token_cross_entropy_chunked(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, lm_head_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as `per_token_cross_entropy(lm_head(hidden), labels)` without materializing `[B, T, V]`.
+
+    `hidden` is the decoder's last hidden state `[B, T, H]`; the projection to the vocabulary and the
+    cross-entropy run in chunks through `torch.nn.functional.linear_cross_entropy`. Only response
+    positions are projected at all.
+    """
+    targets, valid = shift_labels(labels)
+    rows = hidden[:, :-1, :][valid]  # [N, H], N = response tokens in the batch
+    losses = torch.zeros(valid.shape, dtype=torch.float32, device=hidden.device)  # [B, T-1]
+    if rows.shape[0] == 0:
+        return losses + 0.0 * hidden.sum(), valid  # keep the graph for an all-prompt batch
+    per_row = F.linear_cross_entropy(
+        rows, lm_head_weight, targets[valid], linear_bias=lm_head_bias, reduction="none",
+        options=torch.nn.LinearCrossEntropyOptions(),
+    )  # [N]
+    return losses.masked_scatter(valid, per_row.float()), valid
+
+
 def masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of `values` where `mask` is set. Stays in the autograd graph when the mask is empty,
     so a batch with no selected token contributes a zero gradient instead of NaN."""
