@@ -1,0 +1,78 @@
+"""The reference interface: "per-token loss of another model on this batch", in the `[B, T-1]` frame.
+
+A provider is a plain object, not an `nn.Module`: the LightningModule holds it as an attribute, so
+its weights stay out of `parameters()`, the optimizer and the checkpoint's `state_dict`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+
+from lit_tokensel.selection.token_loss import per_token_cross_entropy
+
+if TYPE_CHECKING:
+    from lit_tokensel.methods.base import TokenSelectionModule
+
+Batch = dict[str, torch.Tensor]
+
+
+class ReferenceModel(ABC):
+    """Source of another model's per-token losses for a batch.
+
+    Lifecycle: the method calls `setup(module)` once at the end of `configure_model`, then
+    `token_losses(module, batch)` from its training step; `callbacks()` lists the Lightning
+    callbacks the provider needs (a method returns them from `configure_callbacks`).
+    """
+
+    def setup(self, module: TokenSelectionModule) -> None:  # noqa: B027 - optional hook
+        """Load weights or allocate state once `module.model` exists. Must be idempotent."""
+
+    @abstractmethod
+    def token_losses(self, module: TokenSelectionModule, batch: Batch) -> torch.Tensor:
+        """Per-token losses `[B, T-1]`, float32, no grad, 0 where `labels[:, 1:] == -100`."""
+
+    def callbacks(self) -> list[L.Callback]:
+        """Callbacks this provider needs in the Trainer (none by default)."""
+        return []
+
+    def config(self) -> dict[str, Any]:
+        """Plain-data description (class_path, init_args) for a checkpoint's hyper-parameters."""
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+                "init_args": dict(getattr(self, "_init_args", {}))}
+
+
+@torch.no_grad()
+def model_token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """No-grad forward of `model` in eval mode (no dropout); per-token losses `[B, T-1]` float32."""
+    with eval_mode(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
+    losses, _ = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1]
+    return losses
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Switch `model` to eval for the block and restore each submodule's own mode after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def reference_from_config(config: ReferenceModel | dict[str, Any]) -> ReferenceModel:
+    """A provider from its `config()` (how checkpoints store it), or the provider itself."""
+    if isinstance(config, ReferenceModel):
+        return config
+    module_name, _, class_name = config["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(**config.get("init_args", {}))
