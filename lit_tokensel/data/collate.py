@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
@@ -22,6 +22,12 @@ def pad_token_id_of(tokenizer: Any) -> int:
     )
 
 
+class LossLookup(Protocol):
+    """Per-sample cached losses: `lookup[sample_id]` is a float array of `len(input_ids) - 1` values."""
+
+    def __getitem__(self, sample_id: int) -> Any: ...
+
+
 @dataclass
 class DataCollatorForSFT:
     """Pad `input_ids`/`labels` on the right and add `attention_mask`; keep `sample_id`.
@@ -30,10 +36,15 @@ class DataCollatorForSFT:
     (int). The batch holds `input_ids`, `attention_mask`, `labels` as `[B, T]` long tensors (`labels` is
     -100 on padding) and `sample_id` as `[B]` long. `T` is the longest sample, rounded up to a multiple
     of `pad_to_multiple_of` when given.
+
+    `cached` maps a name to per-sample cached losses (e.g. a `TokenLossCache`); each adds
+    `batch["cached/<name>"]`, float32 `[B, T-1]` aligned with `labels[:, 1:]`, 0 on padding, joined by
+    `sample_id` so it stays right under shuffling.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    cached: Mapping[str, LossLookup] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -59,9 +70,26 @@ class DataCollatorForSFT:
             labels[i, :length] = torch.as_tensor(feature["labels"], dtype=torch.long)
             attention_mask[i, :length] = 1
         sample_id = torch.tensor([int(f["sample_id"]) for f in features], dtype=torch.long)  # [B]
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
             "sample_id": sample_id,
         }
+        for name, lookup in self.cached.items():
+            batch[f"cached/{name}"] = self._join(name, lookup, sample_id.tolist(), lengths, max_len)
+        return batch
+
+    @staticmethod
+    def _join(name: str, lookup: LossLookup, sample_ids: list[int], lengths: list[int], max_len: int) -> torch.Tensor:
+        """Cached rows of these samples, right-padded with 0 into `[B, T-1]`."""
+        out = torch.zeros((len(sample_ids), max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
+        for i, (sid, length) in enumerate(zip(sample_ids, lengths, strict=True)):
+            row = torch.tensor(lookup[sid], dtype=torch.float32)  # [len - 1], a copy (cached rows are read-only)
+            if row.shape[0] != length - 1:
+                raise ValueError(
+                    f"cached/{name}: sample {sid} has {row.shape[0]} cached losses but {length} tokens "
+                    f"(expected {length - 1}); the cache was made with another tokenization"
+                )
+            out[i, : length - 1] = row
+        return out

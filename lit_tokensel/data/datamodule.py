@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,12 +17,21 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
+from lit_tokensel.cache.fingerprint import data_fingerprint
+from lit_tokensel.cache.store import TokenLossCache
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source
-from lit_tokensel.data.tokenization import ensure_chat_template
+from lit_tokensel.data.tokenization import ensure_chat_template, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+def pa_list_lengths(column: Any) -> list[int]:
+    """Lengths of the lists in a pyarrow list column."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_pylist()
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -65,6 +75,10 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
         cache_dir: `datasets` cache folder (default: the `datasets` default, `~/.cache/huggingface/datasets`).
+        cached_losses: Token-loss caches written by `lit-tokensel score`, as `{name: directory}`. Each is
+            checked against this data's fingerprint in `setup` (data, tokenizer, max_length, train_on) and
+            must hold every training sample; training batches then carry `cached/<name>`, float32
+            `[B, T-1]` aligned with `labels[:, 1:]`, joined by `sample_id` (shuffling stays on).
     """
 
     def __init__(
@@ -91,6 +105,7 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
+        cached_losses: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
@@ -132,16 +147,26 @@ class SFTDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = cache_dir
+        self.cached_losses = dict(cached_losses or {})
 
         self.train_dataset: Any = None
         self.val_dataset: Any = None
         self.collator: DataCollatorForSFT | None = None
+        self.train_collator: DataCollatorForSFT | None = None  # `collator` plus the cached-loss join
+        self.loss_caches: dict[str, TokenLossCache] = {}
+        self.data_fingerprints: dict[str, str] = {}
         self.stats: dict[str, SplitStats] = {}
         self.rejects_paths: list[str] = []
 
     # ----------------------------------------------------------------------------------------- setup
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the data (`setup_data`), then open, check and join the `cached_losses`."""
+        self.setup_data()
+        if self.train_collator is None:
+            self._join_cached_losses()
+
+    def setup_data(self) -> None:
         """Resolve the tokenizer and its template, then build (or load from cache) the train/val datasets."""
         if self.train_dataset is not None:
             return
@@ -227,6 +252,9 @@ class SFTDataModule(L.LightningDataModule):
         rejects: dict[str, list[dict[str, Any]]] = {}
         for name, tokenized, rows in parts:
             dataset, self.stats[name] = tokenized.select(rows, name)
+            self.data_fingerprints[name] = data_fingerprint(
+                tokenized.source, tokenized.format, self.system_prompt, rows
+            )
             setattr(self, f"{name}_dataset", dataset)
             if invalid := tokenized.invalid_rows(rows):
                 path = self._rejects_path(tokenized.source)
@@ -239,6 +267,32 @@ class SFTDataModule(L.LightningDataModule):
         if self.trainer is None or self.trainer.is_global_zero:
             self._write_rejects(rejects)
         self.rejects_paths = sorted(rejects)
+
+    def loss_cache_fingerprint(self, split: str = "train") -> dict[str, Any]:
+        """What a token-loss cache of `split` must match: data, tokenizer, max_length, train_on."""
+        if split not in self.data_fingerprints:
+            raise ValueError(f"no {split!r} split after setup (splits: {', '.join(self.data_fingerprints)})")
+        return {
+            "data": self.data_fingerprints[split],
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "max_length": self.max_length,
+            "train_on": self.train_on,
+        }
+
+    def _join_cached_losses(self) -> None:
+        """Open each cache, check it fits the training data (fingerprint, ids, lengths), hand it to the collator."""
+        assert self.collator is not None
+        if self.cached_losses:
+            expected = self.loss_cache_fingerprint("train")
+            table = self.train_dataset.select_columns(["sample_id", "input_ids"]).with_format("arrow")[:]
+            sample_ids = table.column("sample_id").to_pylist()
+            num_tokens = pa_list_lengths(table.column("input_ids"))
+            for name, path in self.cached_losses.items():
+                cache = TokenLossCache(path)
+                cache.verify(expected, split="train")
+                cache.check_covers(sample_ids, num_tokens)
+                self.loss_caches[name] = cache
+        self.train_collator = dataclasses.replace(self.collator, cached=dict(self.loss_caches))
 
     def _rejects_path(self, source: Source) -> str:
         if self.rejects_file is not None:
@@ -287,7 +341,7 @@ class SFTDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=True,
             generator=generator,
-            collate_fn=self.collator,
+            collate_fn=self.train_collator or self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
