@@ -1,8 +1,9 @@
-"""`lit-tokensel`: LightningCLI over every method and the SFT DataModule, plus `export`.
+"""`lit-tokensel`: LightningCLI over every method and the SFT DataModule, plus `export` and `score`.
 
     lit-tokensel fit -c configs/quickstart.yaml
     lit-tokensel fit -c configs/methods/full_sft.yaml -c configs/data/quickstart.yaml
     lit-tokensel export --checkpoint runs/.../last.ckpt --output_dir exported/
+    lit-tokensel score -c configs/quickstart.yaml --model.init_args.model REF_DIR --output_dir ref_losses/
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     cli_args = sys.argv[1:] if argv is None else argv
     if cli_args and cli_args[0] == "export":
         run_export(cli_args[1:])
+        return
+    if cli_args and cli_args[0] == "score":
+        from lit_tokensel.cache.scoring import run_score
+
+        run_score(cli_args[1:])
         return
     TokenSelCLI(
         TokenSelectionModule,

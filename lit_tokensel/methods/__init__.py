@@ -1,6 +1,9 @@
 """One LightningModule per token-selection method."""
 
-from lit_tokensel.methods.base import TokenSelectionModule
+from lit_tokensel.methods.base import Selection, TokenSelectionModule
 from lit_tokensel.methods.full_sft import FullSFT
+from lit_tokensel.methods.random_tokens import RandomTokenSFT
+from lit_tokensel.methods.rho1 import Rho1SFT
+from lit_tokensel.methods.token_cleaning import TokenCleaningSFT
 
-__all__ = ["FullSFT", "TokenSelectionModule"]
+__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "Selection", "TokenCleaningSFT", "TokenSelectionModule"]

@@ -1,9 +1,9 @@
 """The shared training step. Methods differ only in which response tokens enter the loss.
 
 A method subclasses `TokenSelectionModule` and overrides `select_tokens`, which gets the live
-per-token losses and returns a keep-mask. Everything else lives here, written once: model loading,
-the per-token loss, loss normalization across gradient accumulation, optimizer and schedule,
-metrics.
+per-token losses and returns a `Selection` (keep-mask plus the named scores behind it). Everything
+else lives here, written once: model loading, the per-token loss, loss normalization across
+gradient accumulation, optimizer and schedule, selection statistics, metrics.
 
 Normalization: the loss of an optimizer step is the sum of the kept tokens' losses over every
 micro-batch of the accumulation window divided by the kept-token count of the whole window (and
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import lightning as L
@@ -26,9 +26,25 @@ from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
-from lit_tokensel.selection.token_loss import masked_sum, per_token_cross_entropy
+from lit_tokensel.selection.stats import selection_statistics
+from lit_tokensel.selection.token_loss import (
+    masked_sum,
+    per_token_cross_entropy,
+    per_token_cross_entropy_chunked,
+)
 
 Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Selection:
+    """A method's decision for a micro-batch: `keep` `[B, T-1]` and the named scores behind it.
+
+    The first score is the one ranked; its quantiles are logged as `select/score_q*`.
+    """
+
+    keep: torch.Tensor
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class TokenSelectionModule(L.LightningModule):
@@ -41,6 +57,8 @@ class TokenSelectionModule(L.LightningModule):
         dtype: Weight dtype: float32, bfloat16 or float16 (use the Trainer's `precision` for autocast).
         attn_implementation: `sdpa` (default), `eager`, or `flash_attention_2` on a GPU.
         gradient_checkpointing: Trade compute for activation memory.
+        chunked_loss: Compute per-token losses from the last hidden state in chunks
+            (`linear_cross_entropy`) instead of materializing `[B, T, V]` logits; for large vocabularies.
         lora: LoRA adapter settings; None trains all weights.
         learning_rate: Peak learning rate of the default AdamW optimizer.
         weight_decay: AdamW weight decay.
@@ -58,6 +76,7 @@ class TokenSelectionModule(L.LightningModule):
         dtype: str = "float32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
+        chunked_loss: bool = False,
         lora: LoraSettings | dict | None = None,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.0,
@@ -111,22 +130,48 @@ class TokenSelectionModule(L.LightningModule):
             lora=self.lora,
         )
         self.model.train()  # from_pretrained returns eval mode, which would switch dropout off
+        for reference in self.reference_models():
+            reference.setup(self)
+
+    def reference_models(self) -> list[Any]:
+        """The method's reference providers (`lit_tokensel.reference`); set up after the model loads."""
+        return []
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Callbacks the references need, e.g. the history-model update schedule."""
+        return [cb for reference in self.reference_models() for cb in reference.callbacks()]
 
     # ------------------------------------------------------------------ the method's hook
-    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Keep-mask `[B, T-1]` over response tokens. The base keeps every response token (full SFT)."""
-        return valid
+    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
+        """Which response tokens enter the loss. The base keeps every one of them (full SFT).
+
+        `token_losses` and `valid` are `[B, T-1]`; the losses carry the graph, so detach them
+        before using them as scores.
+        """
+        return Selection(keep=valid)
 
     # ------------------------------------------------------------------ shared step
-    def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token losses of the trained model and the response mask, both `[B, T-1]`."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def token_losses(self, batch: Batch, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses and the response mask, both `[B, T-1]`, of `model` (default: the trained one)."""
+        model = self.model if model is None else model
+        if self.hparams.chunked_loss:
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = causal_lm.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state  # [B, T, H]
+            head = causal_lm.get_output_embeddings()
+            return per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         token_losses, valid = self.token_losses(batch)  # [B, T-1] each
-        keep = self.select_tokens(batch, token_losses, valid) & valid  # [B, T-1]
+        selection = self.select_tokens(batch, token_losses, valid)
+        keep = selection.keep & valid  # [B, T-1]
         loss_sum = masked_sum(token_losses, keep)
+        if selection.scores:
+            stats = selection_statistics(keep, valid, token_losses, next(iter(selection.scores.values())))
+            self.log_dict({f"select/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         self._window["loss_sum"] += loss_sum.detach()
         self._window["kept"] += keep.sum()
         self._window["response"] += valid.sum()

@@ -1,0 +1,72 @@
+"""TokenCleaning, fixed-model variant (arXiv 2502.01968): keep the tokens a reference model learned.
+
+Score = `L_theta0 - L_ref`, the loss drop from the base model to a reference fine-tuned on a small
+high-quality set: large = informative. Both losses come from scoring passes (`lit-tokensel score`)
+joined into batches by the DataModule, so training costs what full SFT costs. The paper ranks all
+response tokens of the whole training set (`scope: global`), computed once when fit starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
+from lit_tokensel.reference import CachedReference
+from lit_tokensel.selection.selectors import check_ratio, check_scope, global_threshold, select_top
+
+
+class TokenCleaningSFT(TokenSelectionModule):
+    """Keep the top `ratio` of response tokens by `L_base - L_reference`, both from cached passes.
+
+    Args:
+        base_cache: Name under `data.cached_losses` of the base model's (theta_0) losses.
+        reference_cache: Name under `data.cached_losses` of the reference model's losses.
+        ratio: Fraction of response tokens kept (0.6 in the paper).
+        scope: `global` (the paper: one threshold over the whole training set), `batch` or `sequence`.
+        **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
+    """
+
+    def __init__(
+        self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.6,
+        scope: str = "global", **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.base = CachedReference(base_cache)
+        self.reference = CachedReference(reference_cache)
+        self.ratio = check_ratio(ratio)
+        self.scope = check_scope(scope)
+        self.threshold: float | None = None
+
+    def on_fit_start(self) -> None:
+        if self.scope == "global":
+            scores = dataset_scores(self.trainer.datamodule, self.base.name, self.reference.name)
+            self.threshold = global_threshold(scores, self.ratio)
+            rank_zero_info(
+                f"TokenCleaningSFT: global threshold {self.threshold:.4f} keeps the top {self.ratio:.0%} "
+                f"of {scores.numel()} response tokens"
+            )
+
+    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
+        score = self.base.token_losses(self, batch) - self.reference.token_losses(self, batch)  # [B, T-1]
+        keep = select_top(score, valid, self.ratio, self.scope, self.threshold)
+        return Selection(keep=keep, scores={"influence": score})
+
+
+def dataset_scores(datamodule, base_name: str, reference_name: str) -> torch.Tensor:
+    """`L_base - L_ref` of every response token of the training set, 1-D (one pass over the caches)."""
+    caches = getattr(datamodule, "loss_caches", {})
+    missing = [n for n in (base_name, reference_name) if n not in caches]
+    if missing:
+        raise ValueError(
+            f"TokenCleaningSFT needs cached losses named {missing} in `data.cached_losses` "
+            f"(have {sorted(caches)}); write them with `lit-tokensel score`."
+        )
+    base, reference = caches[base_name], caches[reference_name]
+    columns = datamodule.train_dataset.select_columns(["sample_id", "labels"])
+    scores = []
+    for sample_id, labels in zip(columns["sample_id"], columns["labels"]):
+        response = np.asarray(labels[1:]) != -100  # [T-1]
+        scores.append(base[sample_id][response] - reference[sample_id][response])
+    return torch.from_numpy(np.concatenate(scores))
