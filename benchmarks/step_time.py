@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
 import torch
 
 METHODS = ("FullSFT", "Rho1SFT (live reference)", "Rho1SFT (cached reference)", "TokenCleaningSFT (cached)")
@@ -71,10 +72,11 @@ def make_module(method: str, model_dir: str):
     raise ValueError(method)
 
 
-class StepTimer:
+class StepTimer(L.Callback):
     """Wall time of each training batch (forward, selection, backward, optimizer step)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.times: list[float] = []
         self._start = 0.0
 
@@ -90,12 +92,10 @@ class StepTimer:
 
 
 def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.Queue) -> None:
-    import lightning as L
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(args.threads)
-    timer_callback = type("Timer", (L.Callback, StepTimer), {})()
-    StepTimer.__init__(timer_callback)
+    timer_callback = StepTimer()
     module = make_module(method, model_dir)
     batches = make_batches(args.warmup + args.steps, args.batch_size, args.length, args.vocab)
     trainer = L.Trainer(

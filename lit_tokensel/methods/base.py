@@ -25,12 +25,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from lit_tokensel.modeling.forward import response_token_losses
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.stats import selection_statistics
 from lit_tokensel.selection.token_loss import (
     masked_sum,
     per_token_cross_entropy,
-    per_token_cross_entropy_chunked,
 )
 
 Batch = dict[str, torch.Tensor]
@@ -155,12 +155,7 @@ class TokenSelectionModule(L.LightningModule):
         """Per-token losses and the response mask, both `[B, T-1]`, of `model` (default: the trained one)."""
         model = self.model if model is None else model
         if self.hparams.chunked_loss:
-            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-            hidden = causal_lm.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # [B, T, H]
-            head = causal_lm.get_output_embeddings()
-            return per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
+            return response_token_losses(model, batch)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from lit_tokensel.modeling.forward import response_token_losses
 
 if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
@@ -50,10 +50,12 @@ class ReferenceModel(ABC):
 
 @torch.no_grad()
 def model_token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """No-grad forward of `model` in eval mode (no dropout); per-token losses `[B, T-1]` float32."""
+    """No-grad forward of `model` in eval mode (no dropout); per-token losses `[B, T-1]` float32.
+
+    Only response positions are projected onto the vocabulary (no `[B, T, V]` logits).
+    """
     with eval_mode(model):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, T, V]
-    losses, _ = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1]
+        losses, _ = response_token_losses(model, batch)  # [B, T-1]
     return losses
 
 
