@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from lit_tokensel.data.sources import Source, file_hash, load_hub_split, local_path
-
 DATA_PARTS = ("data", "tokenizer", "max_length", "train_on")
 """The parts a DataModule checks when it joins a cache."""
 ALL_PARTS = (*DATA_PARTS, "model")
@@ -58,18 +56,14 @@ def _sha(value: Any) -> str:
 
 
 def data_fingerprint(
-    source: Source, fmt: str, system_prompt: str | None, sample_ids: Sequence[int]
+    content_id: Sequence[str], fmt: str, system_prompt: str | None, sample_ids: Sequence[int]
 ) -> str:
-    """Hash of the rows a split is made of: the source's content (file bytes, or the hub split's
-    `datasets` fingerprint), the row format, the system prompt and the split's row positions.
+    """Hash of the rows a split is made of: the source's content id (`pipeline.source_content_id`),
+    the row format, the system prompt and the split's row positions.
 
     Independent of the tokenizer and `max_length`, which are fingerprint parts of their own.
     """
-    if source.path is not None:
-        content = ["file", file_hash(local_path(source.path))]
-    else:
-        content = ["hub", source.display, load_hub_split(source)._fingerprint]
-    return _sha(["data", content, fmt, system_prompt, list(sample_ids)])
+    return _sha(["data", list(content_id), fmt, system_prompt, list(sample_ids)])
 
 
 def model_fingerprint(model: torch.nn.Module, name_or_path: str) -> str:

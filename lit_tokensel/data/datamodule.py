@@ -253,7 +253,7 @@ class SFTDataModule(L.LightningDataModule):
         for name, tokenized, rows in parts:
             dataset, self.stats[name] = tokenized.select(rows, name)
             self.data_fingerprints[name] = data_fingerprint(
-                tokenized.source, tokenized.format, self.system_prompt, rows
+                tokenized.content_id, tokenized.format, self.system_prompt, rows
             )
             setattr(self, f"{name}_dataset", dataset)
             if invalid := tokenized.invalid_rows(rows):

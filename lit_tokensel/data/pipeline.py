@@ -120,15 +120,20 @@ def resolve_format(source: Source, fmt: str) -> Format:
     return detect_format(first_keys(source), source.display) if fmt == "auto" else fmt  # type: ignore[return-value]
 
 
-def load_normalized(
-    source: Source, fmt: Format, system_prompt: str | None, cache_dir: str | None
-) -> datasets.Dataset:
-    """Every row of `source` as validated `messages` (or an error), cached on disk under a fingerprint."""
+def source_content_id(source: Source) -> list[str]:
+    """What a source's rows are, independent of where they live: the file's bytes, or the hub split's
+    fingerprint. Computed once per setup (hashing a large file is not free) and reused by every
+    fingerprint built on the data."""
     if source.path is not None:  # the content, not the path: an edited file is read again
         path = local_path(source.path)
-        content_id = ["file", path.suffix, file_hash(path)]
-    else:
-        content_id = ["hub", source.display, load_hub_split(source)._fingerprint]
+        return ["file", path.suffix, file_hash(path)]
+    return ["hub", source.display, load_hub_split(source)._fingerprint]
+
+
+def load_normalized(
+    source: Source, content_id: list[str], fmt: Format, system_prompt: str | None, cache_dir: str | None
+) -> datasets.Dataset:
+    """Every row of `source` as validated `messages` (or an error), cached on disk under a fingerprint."""
     fp = fingerprint_of("normalized", PIPELINE_VERSION, content_id, fmt, system_prompt)
     return datasets.Dataset.from_generator(
         _normalize_rows,
@@ -182,6 +187,7 @@ class TokenizedSource:
     """All rows of one source, tokenized; row position == `sample_id`. Splits are selections of it."""
 
     source: Source
+    content_id: list[str]  # `source_content_id(source)`
     format: Format
     dataset: datasets.Dataset
     max_length: int
@@ -260,7 +266,8 @@ def tokenize_source(
     result, marked, for the caller to count and log.
     """
     resolved = resolve_format(source, fmt)
-    normalized = load_normalized(source, resolved, system_prompt, cache_dir)
+    content_id = source_content_id(source)
+    normalized = load_normalized(source, content_id, resolved, system_prompt, cache_dir)
     if fail_on_invalid:
         reasons = normalized.select_columns(["error_reason"]).to_dict()["error_reason"]
         invalid = [i for i, reason in enumerate(reasons) if reason is not None]
@@ -296,7 +303,7 @@ def tokenize_source(
     )
     stat_columns = ["sample_id", "num_tokens", "num_label_tokens", "truncated", "error_field", "error_reason"]
     columns = tokenized.select_columns(stat_columns, new_fingerprint=fingerprint_of(fp, "stats")).to_dict()
-    result = TokenizedSource(source, resolved, tokenized, max_length, columns)
+    result = TokenizedSource(source, content_id, resolved, tokenized, max_length, columns)
     if fail_on_invalid and (invalid := result.invalid_rows()):
         raise result.row_error(invalid[0], len(invalid))
     return result

@@ -151,12 +151,11 @@ class TokenSelectionModule(L.LightningModule):
         return Selection(keep=valid)
 
     # ------------------------------------------------------------------ shared step
-    def token_losses(self, batch: Batch, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token losses and the response mask, both `[B, T-1]`, of `model` (default: the trained one)."""
-        model = self.model if model is None else model
+    def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token losses of the trained model and the response mask, both `[B, T-1]`."""
         if self.hparams.chunked_loss:
-            return response_token_losses(model, batch)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            return response_token_losses(self.model, batch)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ def selection_statistics(
     keep: torch.Tensor, valid: torch.Tensor, token_losses: torch.Tensor, scores: torch.Tensor | None = None
 ) -> dict[str, float]:
     """Kept fraction, mean loss of kept and dropped tokens, score quantiles. Inputs `[B, T-1]`."""
-    keep, valid = keep & valid, valid
+    keep = keep & valid
     dropped = valid & ~keep
     losses = token_losses.detach().float()
     stats = {"kept_fraction": float(keep.sum()) / max(int(valid.sum()), 1)}
