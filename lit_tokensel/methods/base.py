@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ from lit_tokensel.selection.token_loss import (
 )
 
 Batch = dict[str, torch.Tensor]
+# Per-window sums behind the loss normalization and the logged step metrics.
+WINDOW_KEYS = ("loss_sum", "kept", "normalizer", "response", "tokens")
 
 
 @dataclass
@@ -41,10 +44,21 @@ class Selection:
     """A method's decision for a micro-batch: `keep` `[B, T-1]` and the named scores behind it.
 
     The first score is the one ranked; its quantiles are logged as `select/score_q*`.
+
+    Attributes:
+        keep: `[B, T-1]` bool, the tokens whose loss enters the objective.
+        scores: Named `[B, T-1]` signals behind the decision (logged, and written by `inspect`).
+        weights: Optional `[B, T-1]` signed per-token loss weights (default 1): Forgetting's
+            gradient ascent on negative tokens is a negative weight.
+        normalizer: Token count this micro-batch adds to the window's divisor (default: kept count).
+        diagnostics: Scalars logged as `select/<name>` (e.g. ssToken's mean loss gap).
     """
 
     keep: torch.Tensor
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    normalizer: torch.Tensor | None = None
+    diagnostics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class TokenSelectionModule(L.LightningModule):
@@ -141,7 +155,19 @@ class TokenSelectionModule(L.LightningModule):
         """Callbacks the references need, e.g. the history-model update schedule."""
         return [cb for reference in self.reference_models() for cb in reference.callbacks()]
 
-    # ------------------------------------------------------------------ the method's hook
+    # ------------------------------------------------------------------ the method's hooks
+    def select_samples(self, batch: Batch) -> torch.Tensor | None:
+        """Which samples of the micro-batch to train on, `[B]` bool, or None for all.
+
+        Runs before the training forward, so dropped samples cost no forward or backward work
+        (Q-Tuning). Keep at least one sample.
+        """
+        return None
+
+    def forward_context(self, batch: Batch) -> AbstractContextManager[Any]:
+        """Context entered around the training forward, e.g. to capture one layer's attention."""
+        return nullcontext()
+
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         """Which response tokens enter the loss. The base keeps every one of them (full SFT).
 
@@ -159,35 +185,50 @@ class TokenSelectionModule(L.LightningModule):
         return per_token_cross_entropy(logits, batch["labels"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        token_losses, valid = self.token_losses(batch)  # [B, T-1] each
+        response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
+        token_count = batch["attention_mask"].sum()
+        samples = self.select_samples(batch)  # [B] bool or None
+        if samples is not None:
+            if not samples.any():
+                raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
+            batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        with self.forward_context(batch):
+            token_losses, valid = self.token_losses(batch)  # [B, T-1] each
         selection = self.select_tokens(batch, token_losses, valid)
         keep = selection.keep & valid  # [B, T-1]
-        loss_sum = masked_sum(token_losses, keep)
-        if selection.scores:
-            stats = selection_statistics(keep, valid, token_losses, next(iter(selection.scores.values())))
+        weighted = token_losses if selection.weights is None else token_losses * selection.weights
+        loss_sum = masked_sum(weighted, keep)
+        if selection.scores or samples is not None:
+            ranked = next(iter(selection.scores.values()), None)
+            stats = selection_statistics(keep, valid, token_losses, ranked)
+            stats["kept_fraction"] = float(keep.sum()) / max(int(response_count), 1)
             self.log_dict({f"select/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
+        if selection.diagnostics:
+            self.log_dict({f"select/{k}": float(v) for k, v in selection.diagnostics.items()},
+                          on_step=True, on_epoch=False)
         self._window["loss_sum"] += loss_sum.detach()
         self._window["kept"] += keep.sum()
-        self._window["response"] += valid.sum()
-        self._window["tokens"] += batch["attention_mask"].sum()
+        self._window["normalizer"] += keep.sum() if selection.normalizer is None else selection.normalizer
+        self._window["response"] += response_count
+        self._window["tokens"] += token_count
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that
         # and divides by the window's kept-token count instead.
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        window = torch.stack([self._window[k].float() for k in ("loss_sum", "kept", "response", "tokens")])
+        window = torch.stack([self._window[k].float() for k in WINDOW_KEYS])
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
-        loss_sum, kept, response, tokens = window.tolist()
+        loss_sum, kept, normalizer, response, tokens = window.tolist()
         # DDP averages gradients over ranks, and Lightning averaged over the window's micro-batches.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(kept, 1.0)
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(normalizer, 1.0)
         for group in optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.mul_(scale)
         now = time.perf_counter()
         metrics = {
-            "train/loss": loss_sum / max(kept, 1.0),
+            "train/loss": loss_sum / max(normalizer, 1.0),
             "train/kept_fraction": kept / max(response, 1.0),
             "train/kept_tokens": kept,
         }
@@ -202,7 +243,7 @@ class TokenSelectionModule(L.LightningModule):
         self._last_step_time = time.perf_counter()
 
     def _reset_window(self) -> None:
-        self._window = {k: torch.zeros((), device=self.device) for k in ("loss_sum", "kept", "response", "tokens")}
+        self._window = {k: torch.zeros((), device=self.device) for k in WINDOW_KEYS}
 
     def on_train_start(self) -> None:
         self._reset_window()
