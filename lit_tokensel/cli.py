@@ -1,9 +1,10 @@
-"""`lit-tokensel`: LightningCLI over every method and the SFT DataModule, plus `export` and `score`.
+"""`lit-tokensel`: LightningCLI over every method and the SFT DataModule, plus `export`, `score`, `inspect`.
 
     lit-tokensel fit -c configs/quickstart.yaml
     lit-tokensel fit -c configs/methods/full_sft.yaml -c configs/data/quickstart.yaml
     lit-tokensel export --checkpoint runs/.../last.ckpt --output_dir exported/
     lit-tokensel score -c configs/quickstart.yaml --model.init_args.model REF_DIR --output_dir ref_losses/
+    lit-tokensel inspect -c configs/quickstart.yaml -c configs/methods/rho1.yaml --output kept.jsonl --limit 20
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_tokensel.cache.scoring import run_score
 
         run_score(cli_args[1:])
+        return
+    if cli_args and cli_args[0] == "inspect":
+        from lit_tokensel.inspection import run_inspect
+
+        run_inspect(cli_args[1:])
         return
     TokenSelCLI(
         TokenSelectionModule,

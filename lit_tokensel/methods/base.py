@@ -61,6 +61,17 @@ class Selection:
     diagnostics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
+@dataclass
+class SelectedBatch:
+    """What `select_batch` decided: the (possibly sample-pruned) batch, its losses and the selection."""
+
+    batch: Batch
+    samples: torch.Tensor | None  # [B] bool over the original batch, None when every sample stays
+    token_losses: torch.Tensor  # [B', T-1], with the graph
+    valid: torch.Tensor  # [B', T-1]
+    selection: Selection
+
+
 class TokenSelectionModule(L.LightningModule):
     """Base class of every method: trains a causal LM on the response tokens that `select_tokens` keeps.
 
@@ -164,6 +175,15 @@ class TokenSelectionModule(L.LightningModule):
         """
         return None
 
+    def prepare_selection(self, datamodule: Any) -> None:
+        """One-off work before selecting (e.g. a dataset-wide threshold from cached losses).
+
+        Called when fit starts and by `lit-tokensel inspect`; `datamodule` has been set up.
+        """
+
+    def on_fit_start(self) -> None:
+        self.prepare_selection(self.trainer.datamodule)
+
     def forward_context(self, batch: Batch) -> AbstractContextManager[Any]:
         """Context entered around the training forward, e.g. to capture one layer's attention."""
         return nullcontext()
@@ -184,21 +204,27 @@ class TokenSelectionModule(L.LightningModule):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
-        token_count = batch["attention_mask"].sum()
+    def select_batch(self, batch: Batch) -> SelectedBatch:
+        """Select samples, run the forward in the method's context, then select tokens (training and `inspect`)."""
         samples = self.select_samples(batch)  # [B] bool or None
         if samples is not None:
             if not samples.any():
                 raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
             batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
         with self.forward_context(batch):
-            token_losses, valid = self.token_losses(batch)  # [B, T-1] each
+            token_losses, valid = self.token_losses(batch)  # [B', T-1] each
         selection = self.select_tokens(batch, token_losses, valid)
-        keep = selection.keep & valid  # [B, T-1]
+        return SelectedBatch(batch, samples, token_losses, valid, selection)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
+        token_count = batch["attention_mask"].sum()
+        selected = self.select_batch(batch)
+        token_losses, valid, selection = selected.token_losses, selected.valid, selected.selection
+        keep = selection.keep & valid  # [B', T-1]
         weighted = token_losses if selection.weights is None else token_losses * selection.weights
         loss_sum = masked_sum(weighted, keep)
-        if selection.scores or samples is not None:
+        if selection.scores or selected.samples is not None:
             ranked = next(iter(selection.scores.values()), None)
             stats = selection_statistics(keep, valid, token_losses, ranked)
             stats["kept_fraction"] = float(keep.sum()) / max(int(response_count), 1)

@@ -39,9 +39,9 @@ class TokenCleaningSFT(TokenSelectionModule):
         self.scope = check_scope(scope)
         self.threshold: float | None = None
 
-    def on_fit_start(self) -> None:
+    def prepare_selection(self, datamodule) -> None:
         if self.scope == "global":
-            scores = dataset_scores(self.trainer.datamodule, self.base.name, self.reference.name)
+            scores = dataset_scores(datamodule, self.base.name, self.reference.name)
             self.threshold = global_threshold(scores, self.ratio)
             rank_zero_info(
                 f"TokenCleaningSFT: global threshold {self.threshold:.4f} keeps the top {self.ratio:.0%} "
