@@ -154,12 +154,22 @@ def test_shuffle_order_depends_on_seed_not_global_rng(make_sft_datamodule, chat_
         L.seed_everything(global_seed)
         dm = make_sft_datamodule(numbered_rows(12), chat_tokenizer, batch_size=4, seed=seed)
         loader = dm.train_dataloader()
-        return [i for _ in range(2) for batch in loader for i in batch["sample_id"].tolist()]
+        ids = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)  # as Lightning does at each epoch start
+            ids += [i for batch in loader for i in batch["sample_id"].tolist()]
+        return ids
 
     first = order(1)
     assert first == order(2)  # reproducible, whatever the global seed
     assert first[:12] != first[12:]  # a new order each epoch
+    assert sorted(first[:12]) == list(range(12))
     assert first != order(1, seed=7)
+    # a fresh loader (a resumed run) at epoch 1 replays epoch 1's order, not epoch 0's
+    dm = make_sft_datamodule(numbered_rows(12), chat_tokenizer, batch_size=4, seed=42)
+    resumed = dm.train_dataloader()
+    resumed.sampler.set_epoch(1)
+    assert [i for batch in resumed for i in batch["sample_id"].tolist()] == first[12:]
 
 
 def test_val_fraction_split_is_seeded_and_disjoint(make_sft_datamodule, chat_tokenizer):

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_tokensel.cache.fingerprint import data_fingerprint
 from lit_tokensel.cache.store import TokenLossCache
+from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
+from lit_tokensel.data.samplers import EpochShuffleSampler
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source
 from lit_tokensel.data.tokenization import ensure_chat_template, tokenizer_fingerprint
 
@@ -79,6 +80,10 @@ class SFTDataModule(L.LightningDataModule):
             checked against this data's fingerprint in `setup` (data, tokenizer, max_length, train_on) and
             must hold every training sample; training batches then carry `cached/<name>`, float32
             `[B, T-1]` aligned with `labels[:, 1:]`, joined by `sample_id` (shuffling stays on).
+        epoch_chunks: Split the training samples into this many disjoint chunks (a seeded partition, fixed
+            for the run) and train epoch `e` on a shuffle of chunk `e % epoch_chunks` only
+            (`lit_tokensel.data.chunks.ChunkSampler`; self-evolving TokenCleaning, one round per epoch).
+            None: every epoch sees all the data.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class SFTDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = None,
         cache_dir: str | None = None,
         cached_losses: dict[str, str] | None = None,
+        epoch_chunks: int | None = None,
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
@@ -122,6 +128,8 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"train_on must be all_turns or last_turn, got {train_on!r}")
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be error or skip, got {on_invalid!r}")
+        if epoch_chunks is not None and (isinstance(epoch_chunks, bool) or epoch_chunks < 1):
+            raise ValueError(f"epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
         self.train_file = train_file
@@ -148,6 +156,7 @@ class SFTDataModule(L.LightningDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = cache_dir
         self.cached_losses = dict(cached_losses or {})
+        self.epoch_chunks = epoch_chunks
 
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -333,14 +342,19 @@ class SFTDataModule(L.LightningDataModule):
             raise RuntimeError("SFTDataModule.setup() must run before asking for a dataloader")
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches; the order depends only on `seed` (and the epoch), not on global RNG state."""
+        """Shuffled training batches; the order depends only on `seed` and the epoch (also after a resume).
+
+        With `epoch_chunks`, epoch `e` yields only chunk `e % epoch_chunks` (a `ChunkSampler`).
+        """
         self._require_setup()
-        generator = torch.Generator().manual_seed(self.seed)
+        if self.epoch_chunks is not None:
+            sampler = ChunkSampler(len(self.train_dataset), self.epoch_chunks, self.seed)
+        else:
+            sampler = EpochShuffleSampler(len(self.train_dataset), self.seed)
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=sampler,
             collate_fn=self.train_collator or self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
