@@ -1,10 +1,17 @@
 """lit_tokensel: token-level data selection for LLM supervised fine-tuning."""
 
-from lit_tokensel.methods import FullSFT, RandomTokenSFT, Rho1SFT, TokenCleaningSFT, TokenSelectionModule
+from lit_tokensel.methods import (
+    FullSFT,
+    RandomTokenSFT,
+    Rho1SFT,
+    SsTokenSFT,
+    TokenCleaningSFT,
+    TokenSelectionModule,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "SFTDataModule", "TokenCleaningSFT", "TokenSelectionModule"]
+__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "SFTDataModule", "SsTokenSFT", "TokenCleaningSFT", "TokenSelectionModule"]
 
 
 def __getattr__(name: str):

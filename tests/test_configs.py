@@ -25,6 +25,12 @@ def _instantiate(*configs: Path) -> LightningCLI:
     return TokenSelCLI(TokenSelectionModule, SFTDataModule, subclass_mode_model=True, run=False, args=args)
 
 
+def _requires(config: Path) -> list[Path]:
+    """Configs a preset stacks on, declared in its header as `# stacks on: methods/x.yaml`."""
+    prefix = "# stacks on:"
+    return [CONFIGS / line[len(prefix):].strip() for line in config.read_text().splitlines() if line.startswith(prefix)]
+
+
 def test_every_config_is_covered():
     assert {p.parent.name for p in STACKED} >= {"methods", "data", "presets"}
 
@@ -33,7 +39,7 @@ def test_every_config_is_covered():
 def test_config_instantiates(config, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lit-tokensel"])
-    stack = (config,) if config == QUICKSTART else (QUICKSTART, config)
+    stack = (config,) if config == QUICKSTART else (QUICKSTART, *_requires(config), config)
     cli = _instantiate(*stack)
     assert isinstance(cli.model, TokenSelectionModule)
     assert cli.model.model is None, "weights must load in configure_model, not at config time"

@@ -4,6 +4,7 @@ from lit_tokensel.methods.base import Selection, TokenSelectionModule
 from lit_tokensel.methods.full_sft import FullSFT
 from lit_tokensel.methods.random_tokens import RandomTokenSFT
 from lit_tokensel.methods.rho1 import Rho1SFT
+from lit_tokensel.methods.sstoken import SsTokenSFT
 from lit_tokensel.methods.token_cleaning import TokenCleaningSFT
 
-__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "Selection", "TokenCleaningSFT", "TokenSelectionModule"]
+__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "Selection", "SsTokenSFT", "TokenCleaningSFT", "TokenSelectionModule"]

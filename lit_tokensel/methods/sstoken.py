@@ -1,0 +1,133 @@
+"""ssToken (arXiv 2510.18250): self-modulated token selection by history loss gap and attention to the prompt."""
+
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics.functional import spearman_corrcoef
+
+from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
+from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
+from lit_tokensel.selection.scorers import sstoken_scores
+from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
+
+if TYPE_CHECKING:
+    from lit_tokensel.modeling.attention_score import PromptAttentionScore
+
+
+class SsTokenSFT(TokenSelectionModule):
+    """Keep, per sequence, the top `ceil(rho * n_response)` tokens by `gamma * minmax(REL) + (1 - gamma) * attn`.
+
+    - REL, the retrospective excess loss, is `L_his - L_theta` (keep the largest: tokens the current
+      model improved on relative to its history; the opposite orientation of Rho-1). The history is
+      an EMA of the trained weights (default, the paper's definition) or the frozen base theta_0:
+      `AdapterDisabledReference` with LoRA, `FrozenModelReference` for full fine-tuning, or
+      `CachedReference` for a scoring pass's losses (the released code's choice).
+    - attn is the attention mass each response position puts on the prompt in one layer (default the
+      last), averaged over query heads. Entry j of the `[B, T-1]` frame (predicting token j+1) takes
+      the attention row of position j+1, the query at the scored token itself, as the paper and its
+      code pair them. Computed for that layer only, under no grad; every layer keeps SDPA.
+    - Warm-up: at step 0 the history equals the model, so REL is noise. For the first `warmup` of
+      training only the attention score selects (with `gamma=1` there is no attention score, and the
+      warm-up trains on every response token). The default, 20% of the first epoch's optimizer
+      steps, is the released recipe's first 20% of its single epoch.
+
+    Args:
+        history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
+        rho: Fraction of each sequence's response tokens kept (0.6; the paper uses 0.8 for large models).
+        gamma: Weight of REL; `1` is REL only, `0` attention only.
+        attention_layer: Decoder layer whose attention is scored (negative counts from the end).
+        exclude_sink: Leave the sequence's first token out of the prompt mass. Off for parity with the
+            paper; on trained models that attention sink takes most of each row's mass.
+        warmup: Fraction of `warmup_unit` spent selecting by attention only.
+        warmup_unit: `epoch` (fraction of the first epoch's optimizer steps) or `training` (of all).
+        **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
+    """
+
+    def __init__(
+        self,
+        history: ReferenceModel | None = None,
+        rho: float = 0.6,
+        gamma: float = 0.5,
+        attention_layer: int = -1,
+        exclude_sink: bool = False,
+        warmup: float = 0.2,
+        warmup_unit: Literal["epoch", "training"] = "epoch",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma={gamma} must lie in [0, 1] (1: loss gap only, 0: attention only)")
+        if not 0.0 <= warmup < 1.0:
+            raise ValueError(f"warmup={warmup} must lie in [0, 1)")
+        if warmup_unit not in ("epoch", "training"):
+            raise ValueError(f"warmup_unit={warmup_unit!r}: use 'epoch' or 'training'")
+        self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
+        self.hparams["history"] = self.history.config()  # plain data, never a loaded model
+        self.rho = check_ratio(rho, "rho")
+        self.gamma = float(gamma)
+        self.warmup_steps = 0
+        self.attention: PromptAttentionScore | None = None
+
+    # ------------------------------------------------------------------ setup
+    def reference_models(self) -> list[ReferenceModel]:
+        return [self.history] if self.gamma > 0.0 else []  # attention only: no history to keep
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.gamma < 1.0 and self.attention is None:
+            from lit_tokensel.modeling.attention_score import PromptAttentionScore
+
+            hp = self.hparams
+            self.attention = PromptAttentionScore(self.model, layer=hp.attention_layer, exclude_sink=hp.exclude_sink)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs
+        span = total if self.hparams.warmup_unit == "training" or not epochs or epochs < 1 else total / epochs
+        self.warmup_steps = math.ceil(self.hparams.warmup * span)
+        rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} of {total} steps")
+
+    def in_warmup(self) -> bool:
+        """True while training is in the attention-only warm-up (never outside `fit`)."""
+        return self._trainer is not None and self.trainer.training and self.trainer.global_step < self.warmup_steps
+
+    # ------------------------------------------------------------------ selection
+    def forward_context(self, batch: Batch) -> AbstractContextManager[Any]:
+        return self.attention.capture(batch) if self.attention is not None else nullcontext()
+
+    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
+        attention = self.attention.scores if self.attention is not None else None  # [B, T-1] or None
+        if self.in_warmup():
+            if attention is None:  # gamma == 1: nothing to select by yet
+                return Selection(keep=valid)
+            return Selection(keep=top_k_per_sequence(attention, valid, self.rho), scores={"attention": attention})
+        losses = token_losses.detach().float()  # [B, T-1]
+        scores: dict[str, torch.Tensor] = {}
+        diagnostics: dict[str, torch.Tensor | float] = {}
+        rel = None
+        if self.gamma > 0.0:
+            history_losses = self.history.token_losses(self, batch)  # [B, T-1]
+            rel = history_losses - losses  # [B, T-1], L_his - L_theta
+            scores.update(rel=rel, history_loss=history_losses)
+            diagnostics = rel_diagnostics(rel, losses, valid)
+        combined = sstoken_scores(rel, attention, valid, self.gamma)  # [B, T-1]
+        if attention is not None:
+            scores["attention"] = attention
+        keep = top_k_per_sequence(combined, valid, self.rho)
+        return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
+
+
+def rel_diagnostics(rel: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """REL's premise checks: its mean (positive once training has started) and its rank correlation
+    with `-L_theta` (near 1 means REL only picks the tokens the model already finds easy)."""
+    values, negative_losses = rel[valid], -losses[valid]  # [N]
+    out = {"rel_mean": values.mean()} if values.numel() else {}
+    if values.numel() > 1:
+        out["rel_spearman_neg_loss"] = spearman_corrcoef(values, negative_losses)
+    return out

@@ -1,0 +1,184 @@
+"""ssToken against independent computations: REL sign, the combined mask, warm-up, history schedule, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_tokensel import SsTokenSFT
+from lit_tokensel.data import SFTDataModule
+from lit_tokensel.reference import FrozenModelReference, HistoryReference, ReferenceModel
+from lit_tokensel.selection.scorers import minmax_per_sequence
+from lit_tokensel.selection.token_loss import per_token_cross_entropy
+
+QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("sstoken")
+    (path / "train.jsonl").write_text("\n".join(QUICKSTART_TRAIN.read_text().splitlines()[:16]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def history_dir(tiny_model_dir: str, workdir: Path) -> str:
+    """A perturbed copy of the tiny model standing in for the history."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(workdir / "history")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "history")
+    return str(workdir / "history")
+
+
+def _batch(model_dir: str, workdir: Path, size: int = 8) -> dict[str, torch.Tensor]:
+    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=size,
+                       cache_dir=str(workdir / "hf"))
+    dm.setup("fit")
+    return dm.collator([dm.train_dataset[i] for i in range(size)])
+
+
+class ShiftedLosses(ReferenceModel):
+    """History losses = the live model's losses, plus `delta` at one `[B, T-1]` entry."""
+
+    def __init__(self, row: int, col: int, delta: float) -> None:
+        self.row, self.col, self.delta = row, col, delta
+
+    def token_losses(self, module, batch):
+        with torch.no_grad():
+            losses, valid = module.token_losses(batch)
+        losses = losses.clone()
+        losses[self.row, self.col] += self.delta
+        return losses * valid
+
+
+def _eager_prompt_attention(model_dir: str, batch: dict) -> torch.Tensor:
+    """Last layer's eager attention mass on the prompt (label -100 tokens before the response), `[B, T-1]`."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_attentions=True).attentions[-1]  # [B, H, T, T]
+    labels, mask = batch["labels"], batch["attention_mask"]
+    out = torch.zeros(labels.shape[0], labels.shape[1] - 1)
+    for b in range(labels.shape[0]):
+        for j in range(labels.shape[1] - 1):
+            query = j + 1
+            if labels[b, query] == -100:
+                continue
+            prompt = [k for k in range(query) if labels[b, k] == -100 and mask[b, k] == 1]
+            out[b, j] = probs[b, :, query, prompt].sum(-1).mean()
+    return out
+
+
+def test_rel_sign_a_token_learned_since_the_history_ranks_first(tiny_model_dir, workdir):
+    batch = _batch(tiny_model_dir, workdir)
+    valid = batch["labels"][:, 1:] != -100
+    row, col = 2, int(valid[2].nonzero()[-2])
+    module = SsTokenSFT(history=ShiftedLosses(row, col, delta=3.0), model=tiny_model_dir, gamma=1.0, rho=0.01)
+    module.configure_model()
+    selected = module.select_batch(batch)
+    assert selected.selection.keep[row].nonzero().flatten().tolist() == [col]  # L_his > L_theta there: kept
+    rel = selected.selection.scores["rel"]
+    assert rel[row, col] == pytest.approx(3.0, abs=1e-4) and rel[valid].abs().sort().values[-2] < 1e-4
+    # with the opposite sign (history better than the model) the token ranks last instead
+    module.history = ShiftedLosses(row, col, delta=-3.0)
+    scores = module.select_batch(batch).selection.scores["sstoken"]
+    assert scores[row, col] == scores[row][valid[row]].min()
+
+
+def test_selection_mask_equals_an_independent_computation(tiny_model_dir, history_dir, workdir):
+    batch = _batch(tiny_model_dir, workdir)
+    rho, gamma = 0.6, 0.5
+    module = SsTokenSFT(history=FrozenModelReference(model=history_dir), model=tiny_model_dir, rho=rho, gamma=gamma)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        keep = module.select_batch(batch).selection.keep
+
+    def losses(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        with torch.no_grad():
+            return per_token_cross_entropy(model(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])[0]
+
+    rel = losses(history_dir) - losses(tiny_model_dir)  # [B, T-1]
+    attention = _eager_prompt_attention(tiny_model_dir, batch)
+    valid = batch["labels"][:, 1:] != -100
+    for b in range(rel.shape[0]):
+        positions = valid[b].nonzero().flatten().tolist()
+        values = [float(rel[b, t]) for t in positions]
+        lo, hi = min(values), max(values)
+        combined = [gamma * (v - lo) / (hi - lo + 1e-8) + (1 - gamma) * float(attention[b, t])
+                    for v, t in zip(values, positions)]
+        k = math.ceil(round(rho * len(positions), 9))
+        order = sorted(range(len(positions)), key=lambda i: (-combined[i], i))
+        expected = {positions[i] for i in order[:k]}
+        assert keep[b].nonzero().flatten().tolist() == sorted(expected), f"sample {b}"
+
+
+def test_minmax_maps_each_sequence_to_unit_range_and_constant_rows_to_zero():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 9.0], [5.0, 5.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    out = minmax_per_sequence(scores, valid)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_invalid_settings_are_config_errors():
+    with pytest.raises(ValueError, match="gamma=1.5"):
+        SsTokenSFT(gamma=1.5)
+    with pytest.raises(ValueError, match="rho=0"):
+        SsTokenSFT(rho=0)
+    with pytest.raises(ValueError, match="warmup_unit"):
+        SsTokenSFT(warmup_unit="steps")
+
+
+class _Recorder(L.Callback):
+    def __init__(self) -> None:
+        self.signals: list[set[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.signals.append({k for k in trainer.callback_metrics if k.startswith("select/rel")})
+
+
+def _fit(model_dir, workdir, tmp_path, *, epochs, ckpt_in=None, ckpt_out=None, accumulate=1, callbacks=()):
+    L.seed_everything(0)
+    history = HistoryReference("ema", decay=0.5)
+    module = SsTokenSFT(history=history, model=model_dir, learning_rate=1e-2, lr_schedule="constant",
+                        warmup_ratio=0.0, warmup=0.5)
+    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=4,
+                       cache_dir=str(workdir / "hf"), seed=0)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accumulate_grad_batches=accumulate,
+                        default_root_dir=tmp_path, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
+    if ckpt_out:
+        trainer.save_checkpoint(ckpt_out)
+    return module, history, trainer
+
+
+def test_warmup_then_rel_and_history_updated_once_per_optimizer_step(tiny_model_dir, workdir, tmp_path):
+    recorder = _Recorder()
+    module, history, trainer = _fit(tiny_model_dir, workdir, tmp_path, epochs=1, accumulate=2, callbacks=[recorder])
+    assert trainer.global_step == 2 and history.updates == 2  # 4 micro-batches, 2 optimizer steps
+    assert module.warmup_steps == 1  # warmup 0.5 of the first epoch's 2 steps
+    assert recorder.signals[0] == recorder.signals[1] == set()  # step 0: attention only, no REL computed
+    assert recorder.signals[-1] == {"select/rel_mean", "select/rel_spearman_neg_loss"}
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, workdir, tmp_path):
+    full, full_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2)
+    _fit(tiny_model_dir, workdir, tmp_path, epochs=1, ckpt_out=tmp_path / "one.ckpt")
+    resumed, resumed_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2, ckpt_in=tmp_path / "one.ckpt")
+    assert full_history.updates == resumed_history.updates == 8
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    for a, b in zip(resumed_history.shadow, full_history.shadow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
