@@ -4,6 +4,7 @@ from lit_tokensel.methods import (
     FullSFT,
     RandomTokenSFT,
     Rho1SFT,
+    SelfEvolvingTokenCleaningSFT,
     SsTokenSFT,
     TokenCleaningSFT,
     TokenSelectionModule,
@@ -11,7 +12,16 @@ from lit_tokensel.methods import (
 
 __version__ = "0.1.0"
 
-__all__ = ["FullSFT", "RandomTokenSFT", "Rho1SFT", "SFTDataModule", "SsTokenSFT", "TokenCleaningSFT", "TokenSelectionModule"]
+__all__ = [
+    "FullSFT",
+    "RandomTokenSFT",
+    "Rho1SFT",
+    "SFTDataModule",
+    "SelfEvolvingTokenCleaningSFT",
+    "SsTokenSFT",
+    "TokenCleaningSFT",
+    "TokenSelectionModule",
+]
 
 
 def __getattr__(name: str):

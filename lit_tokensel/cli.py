@@ -28,6 +28,7 @@ class TokenSelCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # on every rank: it broadcasts from rank 0 in multi-process runs
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if "/" in k}
@@ -40,7 +41,7 @@ class TokenSelCLI(LightningCLI):
         for key in ("train/loss", "val/loss", "val/ppl"):
             if key in metrics:
                 console.print(f"{key:<13} {metrics[key]:.4f}")
-        console.print(f"logs          {trainer.log_dir}")
+        console.print(f"logs          {log_dir}")
         if checkpoint is not None and (checkpoint.last_model_path or checkpoint.best_model_path):
             console.print(f"checkpoint    {checkpoint.last_model_path or checkpoint.best_model_path}")
         if exporter is not None and exporter.exported_to is not None:
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_tokensel.inspection import run_inspect
 
         run_inspect(cli_args[1:])
+        return
+    if cli_args and cli_args[0] == "recipe":
+        from lit_tokensel.recipes import run_recipe_cli
+
+        run_recipe_cli(cli_args[1:])
         return
     TokenSelCLI(
         TokenSelectionModule,

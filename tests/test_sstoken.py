@@ -155,7 +155,8 @@ def _fit(model_dir, workdir, tmp_path, *, epochs, ckpt_in=None, ckpt_out=None, a
                         warmup_ratio=0.0, warmup=0.5)
     dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=4,
                        cache_dir=str(workdir / "hf"), seed=0)
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=checkpointing, enable_progress_bar=False,
                         enable_model_summary=False, accumulate_grad_batches=accumulate,
                         default_root_dir=tmp_path, callbacks=list(callbacks))
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
@@ -178,6 +179,21 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, workdir, tmp_pat
     _fit(tiny_model_dir, workdir, tmp_path, epochs=1, ckpt_out=tmp_path / "one.ckpt")
     resumed, resumed_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2, ckpt_in=tmp_path / "one.ckpt")
     assert full_history.updates == resumed_history.updates == 8
+    for key, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    for a, b in zip(resumed_history.shadow, full_history.shadow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_mid_epoch_resume_from_a_periodic_checkpoint_continues_exactly(tiny_model_dir, workdir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    periodic = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    full, full_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2, callbacks=[periodic])
+    # step 3 is mid-epoch 0 (4 batches per epoch); resume from it and finish both epochs
+    resumed, resumed_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2,
+                                       ckpt_in=tmp_path / "ckpts" / "step=3.ckpt")
+    assert resumed_history.updates == full_history.updates == 8
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
     for a, b in zip(resumed_history.shadow, full_history.shadow, strict=True):

@@ -21,7 +21,7 @@ from lit_tokensel.cache.store import TokenLossCache
 from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
-from lit_tokensel.data.samplers import EpochShuffleSampler
+from lit_tokensel.data.samplers import EpochShuffleSampler, ResumableSampler
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source
 from lit_tokensel.data.tokenization import ensure_chat_template, tokenizer_fingerprint
 
@@ -162,6 +162,8 @@ class SFTDataModule(L.LightningDataModule):
         self.val_dataset: Any = None
         self.collator: DataCollatorForSFT | None = None
         self.train_collator: DataCollatorForSFT | None = None  # `collator` plus the cached-loss join
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_state: tuple[int, int] | None = None  # (epoch, consumed samples) from a checkpoint
         self.loss_caches: dict[str, TokenLossCache] = {}
         self.data_fingerprints: dict[str, str] = {}
         self.stats: dict[str, SplitStats] = {}
@@ -337,6 +339,32 @@ class SFTDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------- loaders
 
+    # ----------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the epoch, saved in checkpoints so a mid-epoch resume skips what was seen."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or not trainer.training:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
+        return {"epoch": trainer.current_epoch,
+                "consumed_samples": processed * self.batch_size * trainer.world_size}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._resume_state = (int(state_dict["epoch"]), int(state_dict["consumed_samples"]))
+            self._apply_resume()
+
+    def _resumable(self, sampler: Any) -> ResumableSampler:
+        """Wrap the training sampler so a checkpoint's position in the epoch can be restored."""
+        self._train_sampler = ResumableSampler(sampler)
+        self._apply_resume()
+        return self._train_sampler
+
+    def _apply_resume(self) -> None:
+        if self._resume_state is not None and self._train_sampler is not None:
+            self._train_sampler.resume_at(*self._resume_state)
+            self._resume_state = None
+
     def _require_setup(self) -> None:
         if self.train_dataset is None or self.collator is None:
             raise RuntimeError("SFTDataModule.setup() must run before asking for a dataloader")
@@ -354,7 +382,7 @@ class SFTDataModule(L.LightningDataModule):
         return DataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=sampler,
+            sampler=self._resumable(sampler),
             collate_fn=self.train_collator or self.collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -31,3 +31,38 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableSampler(Sampler[int]):
+    """Wraps an epoch-aware sampler so a run resumed mid-epoch skips the samples it already trained on.
+
+    Lightning restores the loop's batch counter from a mid-epoch checkpoint but restarts a plain
+    DataLoader from the beginning of the epoch, so without this the first batches of the epoch are
+    seen twice and the last ones never. `resume_at(epoch, consumed)` (from the DataModule's checkpoint
+    state) makes the next pass over `epoch` start after its first `consumed` samples; other epochs are
+    untouched. `len()` stays the full epoch: Lightning counts the skipped batches as already done.
+    """
+
+    def __init__(self, sampler: Sampler[int]) -> None:
+        self.sampler = sampler
+        self.epoch = 0
+        self._resume: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        self._resume = (epoch, consumed) if consumed > 0 else None
+
+    def __iter__(self) -> Iterator[int]:
+        indices = iter(self.sampler)
+        if self._resume is not None and self._resume[0] == self.epoch:
+            for _ in range(self._resume[1]):
+                next(indices, None)
+        self._resume = None
+        return indices
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -4,6 +4,9 @@ Score = `L_theta0 - L_ref`, the loss drop from the base model to a reference fin
 high-quality set: large = informative. Both losses come from scoring passes (`lit-tokensel score`)
 joined into batches by the DataModule, so training costs what full SFT costs. The paper ranks all
 response tokens of the whole training set (`scope: global`), computed once when fit starts.
+The self-evolving variant (reference = the model of the previous round, one data chunk per round)
+is `SelfEvolvingTokenCleaningSFT` in `lit_tokensel.methods.self_evolving`; `lit-tokensel recipe
+token-cleaning` runs either variant end to end, reference model and scoring passes included.
 """
 
 from __future__ import annotations
