@@ -62,7 +62,10 @@ def load_causal_lm(
         kwargs["gguf_file"] = gguf_file
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if lora is not None:
         model = apply_lora(model, lora)
@@ -82,6 +85,7 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    if getattr(model, "is_gradient_checkpointing", False):
+    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    if getattr(model, flag, False):
         model.enable_input_require_grads()
     return get_peft_model(model, config)
