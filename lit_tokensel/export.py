@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_tokensel.distributed.checkpoint import consolidate_checkpoint, is_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 _LORA_KEY_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
@@ -65,8 +68,44 @@ def export_pretrained(
     return output
 
 
+def gather_for_export(model: torch.nn.Module) -> torch.nn.Module | None:
+    """`model` itself, or for an FSDP2-sharded model an unsharded copy on global rank 0 (None elsewhere).
+
+    Collective under FSDP2: every rank must call it. The copy is built from the config (LoRA adapter
+    re-attached with the same peft config) and loaded with the gathered full state dict, so
+    `export_pretrained` then treats it like any single-process model.
+    """
+    from lit_tokensel.distributed.fsdp import is_fsdp
+
+    if not is_fsdp(model):
+        return model
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None  # with cpu_offload only rank 0 receives the full tensors
+    base = model.get_base_model() if _is_peft(model) else model
+    copy = AutoModelForCausalLM.from_config(base.config, dtype=next(iter(full.values())).dtype)
+    if _is_peft(model):
+        from peft import get_peft_model
+
+        copy = get_peft_model(copy, model.peft_config[model.active_adapter])
+    copy.load_state_dict(full, strict=True)
+    copy.generation_config = base.generation_config
+    return copy
+
+
 def load_module_from_checkpoint(checkpoint: str | Path) -> torch.nn.Module:
-    """Rebuild the LightningModule that wrote `checkpoint` (its class is recorded in the file)."""
+    """Rebuild the LightningModule that wrote `checkpoint` (its class is recorded in the file).
+
+    A sharded (DCP) checkpoint folder of an FSDP2 run is consolidated first, in this process.
+    """
+    if is_sharded_checkpoint(checkpoint):
+        with tempfile.TemporaryDirectory(prefix="lit_tokensel-consolidated-") as tmp:
+            consolidated = Path(tmp) / "consolidated.ckpt"
+            consolidate_checkpoint(checkpoint, consolidated)
+            return load_module_from_checkpoint(consolidated)
     meta = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
     class_path = meta.get("method_class")
     if not class_path:
@@ -80,7 +119,7 @@ def export_checkpoint(checkpoint: str, output_dir: str) -> Path:
     """Export a Lightning checkpoint written by any lit_tokensel method to a `save_pretrained` directory.
 
     Args:
-        checkpoint: Path of the `.ckpt` file.
+        checkpoint: Path of the `.ckpt` file, or the checkpoint folder of a sharded (FSDP2) run.
         output_dir: Directory to write the model and tokenizer into.
     """
     module = load_module_from_checkpoint(checkpoint)

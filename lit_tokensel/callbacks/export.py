@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
-from lit_tokensel.export import export_pretrained
+from lit_tokensel.export import export_pretrained, gather_for_export
 
 
 class ExportOnFitEnd(L.Callback):
@@ -24,6 +23,10 @@ class ExportOnFitEnd(L.Callback):
     def resolve_output_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "export")
 
-    @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.exported_to = export_pretrained(pl_module.model, pl_module.tokenizer, self.resolve_output_dir(trainer))
+        # Every rank: `trainer.log_dir` broadcasts, and a sharded (FSDP2) model is gathered collectively.
+        output_dir = self.resolve_output_dir(trainer)
+        model = gather_for_export(pl_module.model)
+        if trainer.is_global_zero:
+            self.exported_to = export_pretrained(model, pl_module.tokenizer, output_dir)
+        trainer.strategy.barrier("export_on_fit_end")

@@ -343,7 +343,9 @@ class SFTDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the epoch, saved in checkpoints so a mid-epoch resume skips what was seen."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
+        # Multi-process: Lightning wraps the sampler in a DistributedSamplerWrapper that re-permutes
+        # its output, so skipping inside it would not skip the right samples; epoch boundaries stay exact.
+        if trainer is None or not trainer.training or trainer.world_size > 1:
             return {}
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
         return {"epoch": trainer.current_epoch,

@@ -142,7 +142,12 @@ class TokenSelectionModule(L.LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
-        """Load the weights here, not in `__init__`, so config parsing stays instant."""
+        """Load the weights here, not in `__init__`, so config parsing stays instant.
+
+        Under `ModelParallelStrategy` (FSDP2, detected by `self.device_mesh`) the model is sharded
+        here, per decoder layer and then the root, before the references are set up, so that a
+        reference model and the EMA history are sharded like it.
+        """
         if self.model is not None:
             return
         hp = self.hparams
@@ -155,6 +160,20 @@ class TokenSelectionModule(L.LightningModule):
             lora=self.lora,
         )
         self.model.train()  # from_pretrained returns eval mode, which would switch dropout off
+        if self.device_mesh is not None:
+            from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model
+
+            if hp.chunked_loss:
+                raise ValueError(
+                    "chunked_loss is not supported under FSDP2 yet (its loss bypasses the sharded root "
+                    "module's forward); set `model.init_args.chunked_loss: false` or use DDP."
+                )
+            precision = self.trainer.precision if self._trainer is not None else None
+            shard_model(self.model, data_parallel_mesh(self.device_mesh), mixed_precision_policy(precision))
+        elif self._trainer is not None:
+            from lit_tokensel.distributed.fsdp import check_fsdp1_references
+
+            check_fsdp1_references(self.trainer.strategy, self.reference_models())
         for reference in self.reference_models():
             reference.setup(self)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lit_tokensel.distributed.topk import check_selection_group, resolve_process_group
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import ReferenceModel, reference_from_config
 from lit_tokensel.selection.selectors import check_ratio, check_scope, select_top
@@ -16,16 +17,23 @@ class Rho1SFT(TokenSelectionModule):
     model, live (`FrozenModelReference`) or from a scoring pass's cache (`CachedReference`). Large
     excess loss = the reference, trained on clean data, already predicts the token and the current
     model does not yet: learnable and not learned. The paper ranks within the batch (default);
-    `scope: sequence` is the per-sequence variant SFT papers often use.
+    `scope: sequence` is the per-sequence variant SFT papers often use. With several processes the
+    batch is the global batch of all ranks (`selection_group: global`), so the selection is the one a
+    single process would make on that batch; `rank` ranks each rank's micro-batch on its own.
 
     Args:
         reference: Where `L_ref` comes from.
         ratio: Fraction of response tokens kept (0.6 for 1B models in the paper, 0.7 for 7B).
         scope: `batch` (the paper) or `sequence`.
+        selection_group: What `batch` spans under data parallelism: `global` (every rank's micro-batch,
+            one all-gather of the scores per step) or `rank` (this rank's micro-batch only).
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
-    def __init__(self, reference: ReferenceModel, ratio: float = 0.6, scope: str = "batch", **kwargs) -> None:
+    def __init__(
+        self, reference: ReferenceModel, ratio: float = 0.6, scope: str = "batch", selection_group: str = "global",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if check_scope(scope) == "global":
             raise ValueError("Rho1SFT ranks live losses: scope must be 'batch' or 'sequence'")
@@ -33,6 +41,7 @@ class Rho1SFT(TokenSelectionModule):
         self.hparams["reference"] = self.reference.config()  # plain data, never the loaded model
         self.ratio = check_ratio(ratio)
         self.scope = scope
+        self.selection_group = check_selection_group(selection_group)
 
     def reference_models(self) -> list[ReferenceModel]:
         return [self.reference]
@@ -40,5 +49,6 @@ class Rho1SFT(TokenSelectionModule):
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         reference_losses = self.reference.token_losses(self, batch)  # [B, T-1]
         excess = token_losses.detach() - reference_losses  # [B, T-1]
-        keep = select_top(excess, valid, self.ratio, self.scope)
+        group = resolve_process_group(self.selection_group) if self.scope == "batch" else None
+        keep = select_top(excess, valid, self.ratio, self.scope, group=group)
         return Selection(keep=keep, scores={"excess_loss": excess, "reference_loss": reference_losses})

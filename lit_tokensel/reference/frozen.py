@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from lit_tokensel.distributed.fsdp import is_fsdp, reshard_root
 from lit_tokensel.modeling.loading import load_causal_lm
 from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
 
@@ -18,7 +19,9 @@ class FrozenModelReference(ReferenceModel):
     """Losses of a second causal LM, loaded in `setup`, in eval mode, with no trainable weights.
 
     The model lives in this provider, not in the LightningModule, so it is neither trained nor
-    saved in checkpoints. It follows the trained module to its device.
+    saved in checkpoints. It follows the trained module to its device. Under FSDP2 (the module has a
+    device mesh) it is sharded like the trained model, so no rank holds a full copy: each forward
+    all-gathers one layer at a time and frees it again.
 
     Args:
         model: Hub id, local directory, or `builtin:<name>` of the reference model.
@@ -49,15 +52,28 @@ class FrozenModelReference(ReferenceModel):
                 attn_implementation=self.attn_implementation, gguf_file=self.gguf_file,
             )
             self.model.eval().requires_grad_(False)
+            if getattr(module, "device_mesh", None) is not None:
+                self._shard(module)
         self._follow(module)
 
     def token_losses(self, module: TokenSelectionModule, batch: Batch) -> torch.Tensor:
         if self.model is None:
             raise RuntimeError("FrozenModelReference.setup(module) was not called (call it in configure_model)")
         self._follow(module)
-        return model_token_losses(self.model, batch)  # [B, T-1]
+        losses = model_token_losses(self.model, batch)  # [B, T-1]
+        if is_fsdp(self.model):
+            reshard_root(self.model)  # free the gathered embeddings and head until the next batch
+        return losses
+
+    def _shard(self, module: TokenSelectionModule) -> None:
+        from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model
+
+        precision = module.trainer.precision if module._trainer is not None else None
+        shard_model(self.model, data_parallel_mesh(module.device_mesh), mixed_precision_policy(precision),
+                    reshard_root_after_forward=True)
 
     def _follow(self, module: TokenSelectionModule) -> None:
         # Lightning moves the module after configure_model; a plain attribute is not moved with it.
-        if self.model.device != module.device:
+        # FSDP2 placed the shards on the mesh's device already.
+        if not is_fsdp(self.model) and self.model.device != module.device:
             self.model.to(module.device)

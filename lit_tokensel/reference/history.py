@@ -2,7 +2,7 @@
 
 Only the trainable parameters get shadow tensors (with LoRA: the adapter weights; the frozen base
 is shared). Shadows are `empty_like` copies of the parameters, so they share dtype, device and
-tensor type (a DTensor shard under FSDP2) and the model is never deep-copied. Losses swap the
+tensor type (a DTensor shard under FSDP2, updated on its local shard) and the model is never deep-copied. Losses swap the
 shadows into the parameters in place for one no-grad forward and copy the live values back
 (in place, so FSDP2's sharded storage sees them; through `.data`, so autograd's saved tensors of
 the training forward stay valid).
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 
+from lit_tokensel.distributed.fsdp import fresh_root_gather
 from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ class HistoryReference(ReferenceModel):
     @torch.no_grad()
     def _snapshot(self) -> Shadow:
         shadow = [torch.empty_like(p) for p in self.params]
-        torch._foreach_copy_(shadow, [p.detach() for p in self.params])
+        torch._foreach_copy_(_local(shadow), _local([p.detach() for p in self.params]))
         return shadow
 
     # ------------------------------------------------------------------ update
@@ -82,14 +83,14 @@ class HistoryReference(ReferenceModel):
     def update(self) -> None:
         """Advance the history by one optimizer step (called by `HistoryUpdate`)."""
         self._require_setup()
-        live = [p.detach() for p in self.params]
+        live = _local([p.detach() for p in self.params])
         if self.mode == "ema":
-            torch._foreach_lerp_(self.shadow, live, 1.0 - self.decay)  # his + (1-d)(theta - his)
+            torch._foreach_lerp_(_local(self.shadow), live, 1.0 - self.decay)  # his + (1-d)(theta - his)
         elif len(self.pending) < self.lag:
             self.pending.append(self._snapshot())
         else:  # recycle the oldest buffer for the newest snapshot
             recycled, self.shadow = self.shadow, self.pending.popleft()
-            torch._foreach_copy_(recycled, live)
+            torch._foreach_copy_(_local(recycled), live)
             self.pending.append(recycled)
         self.updates += 1
 
@@ -99,12 +100,14 @@ class HistoryReference(ReferenceModel):
         self._require_setup()
         # `.data` shares storage but not the version counter: the training forward that already
         # saved these parameters for backward sees the exact values again after the restore.
-        live = [p.data for p in self.params]
+        live = _local([p.data for p in self.params])
         saved = [torch.empty_like(t) for t in live]
         torch._foreach_copy_(saved, live)
         try:
-            torch._foreach_copy_(live, self.shadow)
-            return model_token_losses(module.model, batch)  # [B, T-1]
+            torch._foreach_copy_(live, _local(self.shadow))
+            # FSDP2: the root keeps live unsharded values after the training forward; gather afresh.
+            with fresh_root_gather(module.model):
+                return model_token_losses(module.model, batch)  # [B, T-1]
         finally:
             torch._foreach_copy_(live, saved)  # bit-identical restore
 
@@ -142,7 +145,7 @@ class HistoryReference(ReferenceModel):
         def restore(saved: dict[str, torch.Tensor], into: Shadow | None = None) -> Shadow:
             into = into if into is not None else [torch.empty_like(p) for p in self.params]
             for target, name in zip(into, self.names, strict=True):
-                target.copy_(saved[name])
+                target.copy_(_laid_out_like(saved[name], target))
             return into
 
         restore(state["shadow"], self.shadow)
@@ -157,3 +160,20 @@ class HistoryReference(ReferenceModel):
         if self.shadow[0].device != device:
             self.shadow = [t.to(device) for t in self.shadow]
             self.pending = deque([t.to(device) for t in snap] for snap in self.pending)
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's local storage: a DTensor's shard (foreach ops have no DTensor rule), others as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _laid_out_like(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """`source` as `target` is laid out: a full tensor (from a consolidated or single-process
+    checkpoint) restoring a sharded history is cut to this rank's shard, without communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(source, DTensor):
+        return distribute_tensor(source.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+    return source

@@ -8,7 +8,7 @@ over the batch for the batch scope), so a selection never depends on the sort ke
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -55,8 +55,18 @@ def top_k_per_sequence(scores: torch.Tensor, valid: torch.Tensor, ratio: float) 
     return (ranks < k[:, None]) & valid
 
 
-def top_k_per_batch(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Keep the top `ceil(ratio * n_response)` tokens of the whole batch. `[B, T-1]` in and out."""
+def top_k_per_batch(
+    scores: torch.Tensor, valid: torch.Tensor, ratio: float, group: Any | None = None
+) -> torch.Tensor:
+    """Keep the top `ceil(ratio * n_response)` tokens of the whole batch. `[B, T-1]` in and out.
+
+    With a process `group`, the batch is the global one: every rank's micro-batch, ranked together
+    (`lit_tokensel.distributed.global_top_k_per_batch`); each rank gets its own rows of the result.
+    """
+    if group is not None:
+        from lit_tokensel.distributed.topk import global_top_k_per_batch
+
+        return global_top_k_per_batch(scores, valid, ratio, group)
     k = keep_count(valid.sum(), ratio)
     ranks = _ranks_descending(_masked_scores(scores, valid).flatten())  # [B*(T-1)]
     return (ranks < k).view_as(valid) & valid
@@ -80,13 +90,22 @@ def above_threshold(scores: torch.Tensor, valid: torch.Tensor, threshold: float)
 
 
 def select_top(
-    scores: torch.Tensor, valid: torch.Tensor, ratio: float, scope: Scope, threshold: float | None = None
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    ratio: float,
+    scope: Scope,
+    threshold: float | None = None,
+    group: Any | None = None,
 ) -> torch.Tensor:
-    """Dispatch on scope; `global` needs the threshold computed once from the whole dataset's scores."""
+    """Dispatch on scope; `global` needs the threshold computed once from the whole dataset's scores.
+
+    `group` (a process group, or None for this process alone) makes the `batch` scope span every
+    rank's micro-batch; `sequence` and `global` are the same on every rank without communication.
+    """
     if scope == "sequence":
         return top_k_per_sequence(scores, valid, ratio)
     if scope == "batch":
-        return top_k_per_batch(scores, valid, ratio)
+        return top_k_per_batch(scores, valid, ratio, group)
     if scope == "global":
         if threshold is None:
             raise ValueError("scope='global' needs a threshold from the dataset's cached scores")
