@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py JOBS.json
 
 JOBS.json: {"model": DIR, "reference": DIR, "train_file": FILE, "out": DIR, "world": 2, "jobs": [...]},
-each job a dict: name, method (full | rho1 | rho1_ema | rho1_lagged | rho1_lora), strategy (single | ddp | fsdp2),
+each job a dict: name, method (full | rho1 | rho1_ema | rho1_lagged | rho1_lora | sstoken_ema), strategy (single | ddp | fsdp2),
 per_rank_batch, max_steps, and optionally accumulate, precision, checkpoint_every (ModelCheckpoint every n steps into
 `<out>/<name>/step=<n>.ckpt`), resume (a ckpt_path; with consolidate, from its consolidated single file),
 export (ExportOnFitEnd into `<out>/<name>_export`).
@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, Sampler  # noqa: E402
 
-from lit_tokensel import FullSFT, Rho1SFT  # noqa: E402
+from lit_tokensel import FullSFT, Rho1SFT, SsTokenSFT  # noqa: E402
 from lit_tokensel.callbacks.export import ExportOnFitEnd  # noqa: E402
 from lit_tokensel.data import SFTDataModule  # noqa: E402
 from lit_tokensel.distributed import FSDP2Strategy  # noqa: E402
@@ -114,7 +114,7 @@ class Collect(L.Callback):
             weights = get_model_state_dict(pl_module.model, options=options)  # collective under FSDP2
         else:
             weights = {k: v.detach().cpu().clone() for k, v in pl_module.model.state_dict().items()}
-        reference = getattr(pl_module, "reference", None)
+        reference = getattr(pl_module, "reference", getattr(pl_module, "history", None))
         shadows, info = {}, {"rank": trainer.global_rank, "world": trainer.world_size}
         if isinstance(reference, HistoryReference):
             info["updates"] = reference.updates
@@ -153,6 +153,9 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
     if job["method"] == "rho1_lora":  # reference: the base model with the adapter switched off
         lora = LoraSettings(r=4, alpha=8, dropout=0.0)
         return Rho1SFT(reference=AdapterDisabledReference(), ratio=0.6, lora=lora, **common)
+    if job["method"] == "sstoken_ema":  # EMA history plus the attention score of the (sharded) last layer
+        return SsTokenSFT(history=HistoryReference(mode="ema", decay=0.5), rho=0.6, gamma=0.5, warmup=0.0,
+                          **common)
     raise ValueError(f"unknown method {job['method']!r}")
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "distributed_worker.py"
 QUICKSTART_TRAIN = ROOT / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 WORLD, PER_RANK_BATCH, STEPS = 2, 2, 4  # 8 rows: a global batch of 4, 2 optimizer steps per epoch
-METHODS = ("full", "rho1", "rho1_ema", "rho1_lora")
+METHODS = ("full", "rho1", "rho1_ema", "rho1_lora", "sstoken_ema")
 
 
 # ---------------------------------------------------------------------------------------------- global top-k
@@ -197,7 +197,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
                             "train_file": str(out / "train.jsonl"), "out": str(out), "world": WORLD}
     job = {"per_rank_batch": PER_RANK_BATCH, "max_steps": STEPS}
     single = [{"name": f"single_{m}", "method": m, "strategy": "single", **job} for m in METHODS]
-    single[-1]["export"] = True
+    next(j for j in single if j["name"] == "single_rho1_lora")["export"] = True
     distributed = [{"name": f"{s}_{m}", "method": m, "strategy": s, **job} for m in METHODS for s in ("ddp", "fsdp2")]
     ema = next(j for j in distributed if j["name"] == "fsdp2_rho1_ema")
     ema["checkpoint_every"] = STEPS // 2  # at the end of epoch 0 and of epoch 1
