@@ -1,14 +1,16 @@
 """Step time and peak memory of each method relative to FullSFT, side by side in one run.
 
-    python benchmarks/step_time.py            # ~2 minutes on 2 CPU cores
+    python benchmarks/step_time.py            # ~5 minutes on 2 CPU cores
     python benchmarks/step_time.py --quick    # fewer steps, smaller model
+    python benchmarks/step_time.py --only QTuning ProFit   # FullSFT plus the methods matching a substring
 
 Every method trains the same model (a Llama built here, random weights) on the same batches.
 Each method runs in its own child process, so its peak resident memory (CPU) or peak allocated
 memory (CUDA) is its own; methods are interleaved over rounds so that machine noise hits them
 alike, and the reported step time is the median over all timed steps of all rounds. Cached-loss
 methods get their cached columns in the batch, as the DataModule's join provides them; the join
-itself happens in the data loader, outside the step.
+itself happens in the data loader, outside the step. ForgettingSFT's dataset-wide threshold is taken
+from the benchmark batches' cached columns (normally one pass over the cache files when fit starts).
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-METHODS = ("FullSFT", "Rho1SFT (live reference)", "Rho1SFT (cached reference)", "TokenCleaningSFT (cached)")
+METHODS = (
+    "FullSFT", "Rho1SFT (live reference)", "Rho1SFT (cached reference)", "TokenCleaningSFT (cached)",
+    "ForgettingSFT (cached)", "QTuningSFT (r_sample 0.25)", "QTuningSFT (r_sample 0.5)",
+    "QTuningSFT (r_sample 1.0)", "ProFitSFT",
+)
 
 
 def build_model(directory: Path, hidden: int, layers: int, vocab: int) -> None:
@@ -56,8 +62,11 @@ def make_batches(n: int, batch_size: int, length: int, vocab: int) -> list[dict[
     return batches
 
 
-def make_module(method: str, model_dir: str):
+def make_module(method: str, model_dir: str, batches: list[dict[str, torch.Tensor]]):
     from lit_tokensel import FullSFT, Rho1SFT, TokenCleaningSFT
+    from lit_tokensel.methods import forgetting
+    from lit_tokensel.methods.profit import ProFitSFT
+    from lit_tokensel.methods.qtuning import QTuningSFT
     from lit_tokensel.reference import CachedReference, FrozenModelReference
 
     common = {"model": model_dir, "learning_rate": 1e-4, "lr_schedule": "constant", "warmup_ratio": 0.0}
@@ -69,6 +78,14 @@ def make_module(method: str, model_dir: str):
         return Rho1SFT(reference=CachedReference(name="reference"), **common)
     if method == "TokenCleaningSFT (cached)":
         return TokenCleaningSFT(scope="sequence", **common)
+    if method == "ForgettingSFT (cached)":
+        scores = torch.cat([(b["cached/base"] - b["cached/reference"])[b["labels"][:, 1:] != -100] for b in batches])
+        forgetting.dataset_scores = lambda *args: scores  # no DataModule here: the batches are the dataset
+        return forgetting.ForgettingSFT(**common)
+    if method.startswith("QTuningSFT"):
+        return QTuningSFT(sample_ratio=float(method.split()[-1].rstrip(")")), **common)
+    if method == "ProFitSFT":
+        return ProFitSFT(**common)
     raise ValueError(method)
 
 
@@ -96,8 +113,8 @@ def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.
 
     torch.set_num_threads(args.threads)
     timer_callback = StepTimer()
-    module = make_module(method, model_dir)
     batches = make_batches(args.warmup + args.steps, args.batch_size, args.length, args.vocab)
+    module = make_module(method, model_dir, batches)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=args.warmup + args.steps, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -123,17 +140,19 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run FullSFT and the methods containing NAME")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.hidden, args.layers, args.length = 2, 4, 128, 2, 128
+    methods = [m for m in METHODS if m == "FullSFT" or not args.only or any(n in m for n in args.only)]
 
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
-    peaks: dict[str, list[int]] = {m: [] for m in METHODS}
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    peaks: dict[str, list[int]] = {m: [] for m in methods}
     with tempfile.TemporaryDirectory() as tmp:
         build_model(Path(tmp), args.hidden, args.layers, args.vocab)
         ctx = mp.get_context("spawn")
         for round_index in range(args.rounds):
-            for method in METHODS:
+            for method in methods:
                 queue = ctx.Queue()
                 child = ctx.Process(target=run_method, args=(method, tmp, args, queue))
                 child.start()
@@ -152,7 +171,7 @@ def main() -> None:
     base_peak = max(peaks["FullSFT"])
     print(f"| method | median step (ms) | vs FullSFT | {memory} (MiB) | vs FullSFT |")
     print("|---|---|---|---|---|")
-    for method in METHODS:
+    for method in methods:
         step, peak = statistics.median(times[method]), max(peaks[method])
         print(f"| {method} | {step * 1e3:.1f} | {step / base_time:.3f}x | {peak / 2**20:.0f} | {peak / base_peak:.3f}x |")
 

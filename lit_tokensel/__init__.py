@@ -1,7 +1,10 @@
 """lit_tokensel: token-level data selection for LLM supervised fine-tuning."""
 
 from lit_tokensel.methods import (
+    ForgettingSFT,
     FullSFT,
+    ProFitSFT,
+    QTuningSFT,
     RandomTokenSFT,
     Rho1SFT,
     SelfEvolvingTokenCleaningSFT,
@@ -13,7 +16,10 @@ from lit_tokensel.methods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForgettingSFT",
     "FullSFT",
+    "ProFitSFT",
+    "QTuningSFT",
     "RandomTokenSFT",
     "Rho1SFT",
     "SFTDataModule",

@@ -57,13 +57,13 @@ class TokenCleaningSFT(TokenSelectionModule):
         return Selection(keep=keep, scores={"influence": score})
 
 
-def dataset_scores(datamodule, base_name: str, reference_name: str) -> torch.Tensor:
+def dataset_scores(datamodule, base_name: str, reference_name: str, method: str = "TokenCleaningSFT") -> torch.Tensor:
     """`L_base - L_ref` of every response token of the training set, 1-D (one pass over the caches)."""
     caches = getattr(datamodule, "loss_caches", {})
     missing = [n for n in (base_name, reference_name) if n not in caches]
     if missing:
         raise ValueError(
-            f"TokenCleaningSFT needs cached losses named {missing} in `data.cached_losses` "
+            f"{method} needs cached losses named {missing} in `data.cached_losses` "
             f"(have {sorted(caches)}); write them with `lit-tokensel score`."
         )
     base, reference = caches[base_name], caches[reference_name]

@@ -56,6 +56,12 @@ RECIPES: dict[str, dict[str, RecipeSpec]] = {
             summary="self-evolving TokenCleaning: round t keeps chunk t's top 60% by L_base - L_theta_t",
         ),
     },
+    "forgetting": {
+        "default": RecipeSpec(
+            "recipes/forgetting/method.yaml", needs_reference=True,
+            summary="Forgetting: top 70% by L_base - L_reference learned, the rest unlearned",
+        ),
+    },
 }
 """Recipe name -> variant name -> spec; the first variant is the default."""
 
