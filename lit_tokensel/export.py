@@ -7,6 +7,7 @@ through a fresh model built from the config, which also covers GGUF-loaded model
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import tempfile
@@ -57,7 +58,12 @@ def export_pretrained(
     """Save `model` (LoRA merged) and `tokenizer` to `output_dir`; return the directory."""
     base, state = merged_state_dict(model)
     dtype = next(iter(state.values())).dtype
-    fresh = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    config = copy.deepcopy(base.config)
+    # A GGUF-loaded model's config keeps `quantization_config` (gguf); the export holds plain
+    # de-quantized weights, and loaders such as lm-eval's refuse a gguf config without the file.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
     fresh.load_state_dict(state, strict=True)
     fresh.generation_config = base.generation_config
     output = Path(output_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,8 @@ def test_smollm2_lora_trains_and_exports_merged(smollm2_run):
     assert len(losses) == 6 and losses[-1] < losses[0]
     export = smollm2_run / "export"
     assert not (export / "adapter_config.json").exists(), "the export must be merged, not an adapter"
+    # plain de-quantized weights: no gguf quantization_config left for lm-eval's loader to trip on
+    assert "quantization_config" not in json.loads((export / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     assert model.config.num_hidden_layers == 30

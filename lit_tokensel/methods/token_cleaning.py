@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lit_tokensel.distributed.topk import check_selection_group, resolve_process_group
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import CachedReference
 from lit_tokensel.selection.selectors import check_ratio, check_scope, global_threshold, select_top
@@ -28,18 +29,21 @@ class TokenCleaningSFT(TokenSelectionModule):
         reference_cache: Name under `data.cached_losses` of the reference model's losses.
         ratio: Fraction of response tokens kept (0.6 in the paper).
         scope: `global` (the paper: one threshold over the whole training set), `batch` or `sequence`.
+        selection_group: What `batch` scope spans under data parallelism: `global` (all ranks'
+            micro-batches, as one process would see them) or `rank`.
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
     def __init__(
         self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.6,
-        scope: str = "global", **kwargs,
+        scope: str = "global", selection_group: str = "global", **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.base = CachedReference(base_cache)
         self.reference = CachedReference(reference_cache)
         self.ratio = check_ratio(ratio)
         self.scope = check_scope(scope)
+        self.selection_group = check_selection_group(selection_group)
         self.threshold: float | None = None
 
     def prepare_selection(self, datamodule) -> None:
@@ -53,7 +57,8 @@ class TokenCleaningSFT(TokenSelectionModule):
 
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         score = self.base.token_losses(self, batch) - self.reference.token_losses(self, batch)  # [B, T-1]
-        keep = select_top(score, valid, self.ratio, self.scope, self.threshold)
+        group = resolve_process_group(self.selection_group) if self.scope == "batch" else None
+        keep = select_top(score, valid, self.ratio, self.scope, self.threshold, group=group)
         return Selection(keep=keep, scores={"influence": score})
 
 
