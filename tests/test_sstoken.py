@@ -198,3 +198,20 @@ def test_mid_epoch_resume_from_a_periodic_checkpoint_continues_exactly(tiny_mode
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
     for a, b in zip(resumed_history.shadow, full_history.shadow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_gamma_zero_selects_by_attention_alone_and_keeps_no_history(tiny_model_dir, workdir):
+    batch = _batch(tiny_model_dir, workdir)
+    module = SsTokenSFT(model=tiny_model_dir, gamma=0.0, rho=0.5)
+    module.configure_model()
+    assert module.reference_models() == [] and module.configure_callbacks() == []
+    module.eval()
+    with torch.no_grad():
+        selection = module.select_batch(batch).selection
+    attention = _eager_prompt_attention(tiny_model_dir, batch)
+    valid = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(selection.scores["sstoken"], attention * valid, atol=1e-5, rtol=0)
+    for b in range(attention.shape[0]):
+        positions = valid[b].nonzero().flatten().tolist()
+        order = sorted(positions, key=lambda t: (-float(selection.scores["sstoken"][b, t]), t))
+        assert selection.keep[b].nonzero().flatten().tolist() == sorted(order[: math.ceil(0.5 * len(positions))])
