@@ -4,7 +4,8 @@
     python benchmarks/sstoken_cost.py --quick         # smaller, for a smoke run
 
 Every variant trains its own copy of the same Llama (built here, random weights) on the same batches,
-interleaved over rounds so machine noise hits all alike; step time is the median over all timed steps.
+interleaved over rounds so machine noise hits all alike; step time is the median over all timed steps,
+and each ratio is the median over rounds of the ratio of the two variants' medians in that round.
 Memory on CPU is measured inside this one process: a step's transient peak comes from the profiler's
 allocation events (`profile_memory=True`), and the persistent state (weights, gradients' owners, optimizer
 moments, history shadows, a reference model) is counted by unique storage. Peak = persistent + transient.
@@ -78,7 +79,7 @@ class Variant:
         self.name, self.module, self.model, self._step = name, module, model, step
         self.extra_state, self.on_step_end = extra_state, on_step_end
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        self.times: list[float] = []
+        self.times: list[list[float]] = []  # per round, per step
 
     def step(self, batch: dict) -> None:
         loss = self._step(batch)
@@ -191,12 +192,20 @@ def run(layers: int, args: argparse.Namespace) -> None:
         v.step(batches[0])
     for _ in range(args.rounds):
         for v in variants:
+            v.times.append([])
             for batch in batches:
                 start = time.perf_counter()
                 v.step(batch)
-                v.times.append(time.perf_counter() - start)
+                v.times[-1].append(time.perf_counter() - start)
     peaks = {v.name: v.persistent_bytes() + transient_peak_bytes(v, batches[0]) for v in variants}
-    medians = {v.name: statistics.median(v.times) for v in variants}
+    medians = {v.name: statistics.median(t for r in v.times for t in r) for v in variants}
+    by_name = {v.name: v for v in variants}
+
+    def ratio(name: str, baseline: str) -> float:
+        """Median over rounds of the round's median-step ratio: drift between rounds cancels out."""
+        a, b = by_name[name].times, by_name[baseline].times
+        return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(a, b, strict=True))
+
     base = {v.name: ("FullSFT, LoRA" if "LoRA" in v.name else "FullSFT") for v in variants}
     heads = hidden // 32
     weights = sum(p.numel() * p.element_size() for p in variants[0].model.parameters())
@@ -207,9 +216,9 @@ def run(layers: int, args: argparse.Namespace) -> None:
     print("|---|---|---|---|---|")
     for v in variants:
         b = base[v.name]
-        print(f"| {v.name} | {medians[v.name] * 1e3:.1f} | {medians[v.name] / medians[b]:.3f}x | "
+        print(f"| {v.name} | {medians[v.name] * 1e3:.1f} | {ratio(v.name, b):.3f}x | "
               f"{peaks[v.name] / MiB:.1f} | {(peaks[v.name] - peaks[b]) / MiB:+.1f} |")
-    att = medians["SsTokenSFT, EMA history"] / medians["SsTokenSFT, EMA history, gamma=1"]
+    att = ratio("SsTokenSFT, EMA history", "SsTokenSFT, EMA history, gamma=1")
     extra = peaks["SsTokenSFT, EMA history"] - peaks["FullSFT"]
     naive = peaks[variants[-1].name] - peaks["FullSFT"]
     print(f"\nattention score over gamma=1: {att:.3f}x; EMA extra memory {extra / MiB:.1f} MiB vs budget "
