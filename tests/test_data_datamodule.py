@@ -172,6 +172,21 @@ def test_shuffle_order_depends_on_seed_not_global_rng(make_sft_datamodule, chat_
     assert [i for batch in resumed for i in batch["sample_id"].tolist()] == first[12:]
 
 
+def test_epoch_orders_equal_a_seeded_shuffling_dataloader():
+    """Same orders as `DataLoader(shuffle=True, generator=seeded)`, epoch by epoch, without its state."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lit_tokensel.data.samplers import EpochShuffleSampler
+
+    loader = DataLoader(list(range(50)), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(42))
+    expected = [[i for batch in loader for i in batch.tolist()] for _ in range(3)]
+    sampler = EpochShuffleSampler(50, seed=42)
+    for epoch in (2, 0, 1):  # any epoch, in any order, as after a resume
+        sampler.set_epoch(epoch)
+        assert list(sampler) == expected[epoch]
+
+
 def test_val_fraction_split_is_seeded_and_disjoint(make_sft_datamodule, chat_tokenizer):
     def split(seed: int) -> tuple[list[int], list[int]]:
         dm = make_sft_datamodule(numbered_rows(20), chat_tokenizer, val_fraction=0.25, seed=seed)

@@ -9,12 +9,12 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A fresh seeded permutation per epoch: `randperm(n, seed + epoch)`.
+    """Epoch e's order as a seeded shuffling DataLoader gives it, computed from `(seed, epoch)` alone.
 
-    A DataLoader with `shuffle=True` and a seeded generator draws epoch e's order from the generator's
-    state after e epochs; a run resumed from a checkpoint starts a new generator and so repeats epoch
-    0's order. Lightning calls `set_epoch` on samplers that have it (also after a resume), which makes
-    this order depend only on the epoch number.
+    The orders equal those of `DataLoader(shuffle=True, generator=Generator().manual_seed(seed))`,
+    but computed from `(seed, epoch)` alone: the DataLoader draws epoch e's order from the generator's
+    state after e epochs, so a run resumed from a checkpoint started a new generator and repeated epoch
+    0's order. Lightning calls `set_epoch` on samplers that have it (also after a resume).
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
@@ -26,11 +26,22 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epoch):  # replay what each earlier epoch drew from the generator
+            _draw_epoch(generator, self.num_samples)
+        return iter(_draw_epoch(generator, self.num_samples))
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def _draw_epoch(generator: torch.Generator, n: int) -> list[int]:
+    """One epoch of a shuffled DataLoader: its iterator's worker base seed, RandomSampler's permutation,
+    and the empty remainder permutation RandomSampler also draws (`randperm(n)[: num_samples % n]`)."""
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    order = torch.randperm(n, generator=generator).tolist()
+    torch.randperm(n, generator=generator)
+    return order
 
 
 class ResumableSampler(Sampler[int]):
