@@ -55,3 +55,18 @@ def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], l
         rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))
     return rows
 
+
+
+def save_perturbed_copy(model_dir: str, target, seed: int, scale: float = 0.3) -> str:
+    """Save `model_dir`'s model with seeded Gaussian noise on every weight (a different model on the same
+    tokenizer: a stand-in reference or history) to `target`; return the path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    model.save_pretrained(target)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
+    return str(target)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lit_tokensel.distributed import (
     FSDP2Strategy,
@@ -33,6 +33,7 @@ from lit_tokensel.distributed.consolidate import main
 from lit_tokensel.distributed.fsdp import decoder_layer_classes, mixed_precision_policy
 from lit_tokensel.distributed.topk import encode_scores, top_k_from_parts
 from lit_tokensel.selection.selectors import select_top, top_k_per_batch
+from tests.model_fixtures import save_perturbed_copy
 
 ROOT = Path(__file__).parents[1]
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -184,13 +185,7 @@ def _run(command: list[str], log: Path, timeout: int = 400) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
     """Every training job once: single process in this process, DDP and FSDP2 in one 2-rank torchrun."""
     out = tmp_path_factory.mktemp("distributed")
-    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    reference.save_pretrained(out / "reference")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out / "reference")
+    save_perturbed_copy(tiny_model_dir, out / "reference", seed=5)
     rows = QUICKSTART_TRAIN.read_text().splitlines()[: WORLD * PER_RANK_BATCH * 2]
     (out / "train.jsonl").write_text("\n".join(rows) + "\n")
     spec: dict[str, Any] = {"model": tiny_model_dir, "reference": str(out / "reference"),

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lit_tokensel import FullSFT
 from lit_tokensel.cache import TokenLossCache, score_to_cache
@@ -23,7 +23,7 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.inspection import inspect_selection
 from lit_tokensel.methods.forgetting import ForgettingSFT
 from lit_tokensel.selection.forgetting import forgetting_weights
-from tests.model_fixtures import pad_batch, synthetic_rows
+from tests.model_fixtures import pad_batch, save_perturbed_copy, synthetic_rows
 
 QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 RECIPE = Path(__file__).parents[1] / "configs" / "recipes" / "forgetting"
@@ -214,14 +214,7 @@ def _datamodule(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
 @pytest.fixture(scope="module")
 def caches(tiny_model_dir: str, workdir: Path) -> dict[str, str]:
     """Base = the tiny model; reference = the tiny model with perturbed weights."""
-    reference_dir = workdir / "reference"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(reference_dir)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(reference_dir)
+    reference_dir = save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=5)
     out = {}
     for name, model_dir in (("base", tiny_model_dir), ("reference", str(reference_dir))):
         out[name] = str(score_to_cache(FullSFT(model=model_dir), _datamodule(model_dir, workdir),

@@ -16,6 +16,7 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.inspection import inspect_selection
 from lit_tokensel.reference import FrozenModelReference
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from tests.model_fixtures import save_perturbed_copy
 
 QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 
@@ -29,14 +30,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference_dir(tiny_model_dir: str, workdir: Path) -> str:
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(workdir / "reference")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "reference")
-    return str(workdir / "reference")
+    return save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=7)
 
 
 def _datamodule(model_dir: str, workdir: Path) -> SFTDataModule:

@@ -8,13 +8,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lit_tokensel import FullSFT, RandomTokenSFT, Rho1SFT, TokenCleaningSFT
 from lit_tokensel.cache import score_to_cache
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.reference import CachedReference, FrozenModelReference
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from tests.model_fixtures import save_perturbed_copy
 
 QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 
@@ -30,15 +31,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference_dir(tiny_model_dir: str, workdir: Path) -> str:
     """The tiny model with perturbed weights: a different model on the same tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    target = workdir / "reference"
-    model.save_pretrained(target)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
-    return str(target)
+    return save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=5)
 
 
 def _datamodule(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:

@@ -8,13 +8,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from lit_tokensel import SsTokenSFT
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.reference import FrozenModelReference, HistoryReference, ReferenceModel
 from lit_tokensel.selection.scorers import minmax_per_sequence
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from tests.model_fixtures import save_perturbed_copy
 
 QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 
@@ -29,14 +30,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def history_dir(tiny_model_dir: str, workdir: Path) -> str:
     """A perturbed copy of the tiny model standing in for the history."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    model.save_pretrained(workdir / "history")
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(workdir / "history")
-    return str(workdir / "history")
+    return save_perturbed_copy(tiny_model_dir, workdir / "history", seed=3)
 
 
 def _batch(model_dir: str, workdir: Path, size: int = 8) -> dict[str, torch.Tensor]:
