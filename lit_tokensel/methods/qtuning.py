@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
+from lit_tokensel.modeling.forward import decoder_hidden_and_head
 from lit_tokensel.reference.base import eval_mode
 from lit_tokensel.selection.entropy import response_nll_and_entropy
 from lit_tokensel.selection.qtuning import prune_tokens, sample_perplexity_entropy, triage_samples
@@ -57,12 +58,8 @@ class QTuningSFT(TokenSelectionModule):
     @torch.no_grad()
     def sample_statistics(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample perplexity and mean entropy over response tokens, `[B]` each, from the current model."""
-        causal_lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         with eval_mode(self.model):
-            hidden = causal_lm.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state  # [B, T, H]
-            head = causal_lm.get_output_embeddings()
+            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H], output projection
             nll, entropy, valid = response_nll_and_entropy(
                 hidden, head.weight, batch["labels"], head.bias, self.entropy_chunk_size
             )  # [B, T-1] each
