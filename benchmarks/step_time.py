@@ -3,6 +3,7 @@
     python benchmarks/step_time.py            # ~5 minutes on 2 CPU cores
     python benchmarks/step_time.py --quick    # fewer steps, smaller model
     python benchmarks/step_time.py --only QTuning ProFit   # FullSFT plus the methods matching a substring
+    python benchmarks/step_time.py --only Forgetting --accumulate 2   # steps of 2 accumulated micro-batches
 
 Every method trains the same model (a Llama built here, random weights) on the same batches.
 Each method runs in its own child process, so its peak resident memory (CPU) or peak allocated
@@ -113,10 +114,11 @@ def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.
 
     torch.set_num_threads(args.threads)
     timer_callback = StepTimer()
-    batches = make_batches(args.warmup + args.steps, args.batch_size, args.length, args.vocab)
+    batches = make_batches((args.warmup + args.steps) * args.accumulate, args.batch_size, args.length, args.vocab)
     module = make_module(method, model_dir, batches)
     trainer = L.Trainer(
         accelerator="auto", devices=1, max_steps=args.warmup + args.steps, logger=False,
+        accumulate_grad_batches=args.accumulate,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer_callback], precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
     )
@@ -125,7 +127,9 @@ def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    queue.put((method, timer_callback.times[args.warmup :], peak))
+    micro = timer_callback.times  # one per micro-batch; an optimizer step is the sum over its window
+    steps = [sum(micro[i : i + args.accumulate]) for i in range(0, len(micro), args.accumulate)]
+    queue.put((method, steps[args.warmup :], peak))
 
 
 def main() -> None:
@@ -140,6 +144,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="accumulate_grad_batches; the step time is that of a whole optimizer step")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run FullSFT and the methods containing NAME")
     args = parser.parse_args()
     if args.quick:
@@ -166,7 +172,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
     memory = "peak CUDA allocated" if torch.cuda.is_available() else "peak RSS"
     print(f"\n{device}; Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
-          f"batch {args.batch_size} x {args.length} tokens; {args.rounds} rounds x {args.steps} timed steps\n")
+          f"batch {args.batch_size} x {args.length} tokens, accumulate {args.accumulate}; "
+          f"{args.rounds} rounds x {args.steps} timed steps\n")
     base_time = statistics.median(times["FullSFT"])
     base_peak = max(peaks["FullSFT"])
     print(f"| method | median step (ms) | vs FullSFT | {memory} (MiB) | vs FullSFT |")

@@ -92,10 +92,11 @@ def _model_at(model_dir: str, state: dict) -> torch.nn.Module:
     return model
 
 
-def _sgd_step(model_dir: str, state: dict, loss_fn) -> tuple[dict, float]:
-    """Independent SGD step on `loss_fn(per-token CE)` from weights `state`: new weights and the loss."""
+def _sgd_step(model_dir: str, state: dict, loss_fn, batch: dict | None = None) -> tuple[dict, float]:
+    """Independent SGD step on `loss_fn(per-token CE)` over `batch` (default: the fixed batch) from weights
+    `state`: new weights and the loss."""
     model = _model_at(model_dir, state)
-    loss = loss_fn(_ce(model, _fixed_batch()))
+    loss = loss_fn(_ce(model, _fixed_batch() if batch is None else batch))
     loss.backward()
     with torch.no_grad():
         return {k: p - LR * p.grad for k, p in model.named_parameters()}, float(loss)
@@ -190,6 +191,145 @@ def test_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_dir, monkeyp
     for key, value in expected_state.items():
         torch.testing.assert_close(snapshots.after[1][key], value, rtol=1e-5, atol=1e-6)
     assert snapshots.metrics[1]["select/negative_capped"] == float((valid & ~pos).sum())
+
+
+# ---------------------------------------------------------------------------------------------- gradient accumulation
+
+
+def _shifted_batch(shift: float) -> dict:
+    """The fixed batch with `shift` added to the influence of rows 0-1 (the first micro-batch)."""
+    batch = _fixed_batch()
+    valid = batch["labels"][:, 1:] != -100
+    batch["cached/base"][:2] += shift * valid[:2]
+    return batch
+
+
+def _fit_accumulated(model_dir, monkeypatch, batch: dict, windows: int, dataset_scores: torch.Tensor,
+                     **kwargs) -> _Snapshots:
+    """Fit ForgettingSFT (SGD, constant lr) with `accumulate_grad_batches=2` for `windows` optimizer steps; each
+    window is `batch` split into rows 0-1 and rows 2-3 (micro-batches of very different response lengths)."""
+    monkeypatch.setattr("lit_tokensel.methods.forgetting.dataset_scores", lambda *args: dataset_scores)
+    module = ForgettingSFT(model=model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant",
+                           warmup_ratio=0.0, **kwargs)
+    halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    snapshots = _Snapshots()
+    trainer = L.Trainer(accelerator="cpu", max_steps=windows, accumulate_grad_batches=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[snapshots])
+    trainer.fit(module, train_dataloaders=DataLoader(halves * windows, batch_size=None))
+    assert trainer.global_step == windows
+    return snapshots
+
+
+def _partition(batch: dict, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent partition: positives by sorting the batch's scores (the batch is the whole dataset)."""
+    valid = batch["labels"][:, 1:] != -100
+    positive = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), rho)) & valid
+    return positive, valid & ~positive
+
+
+def _assert_state(actual: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_update_equals_the_means_over_the_whole_window(tiny_model_dir, monkeypatch):
+    """accumulate_grad_batches=2, micro-batches with different positive/negative ratios: the SGD step is that of
+    `mean CE(pos) - lambda * mean CE(neg)` over the concatenated batch, each mean over the whole window. (The old
+    per-micro-batch weighting, `-lambda * N_pos_k / N_neg_k`, fails this.)"""
+    batch = _fixed_batch()
+    positive, negative = _partition(batch, 0.6)
+    counts = [(int(positive[rows].sum()), int(negative[rows].sum())) for rows in (slice(0, 2), slice(2, 4))]
+    (pos_a, neg_a), (pos_b, neg_b) = counts
+    assert min(pos_a, neg_a, pos_b, neg_b) > 0 and pos_a * neg_b != pos_b * neg_a, counts
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.6, lambda_max=0.9)
+    # window 0: lambda 0, SGD on the positives' mean
+    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[0], lambda ce: ce[positive].mean(), batch)
+    _assert_state(snapshots.after[1], expected)
+    assert snapshots.metrics[1]["train/loss"] == pytest.approx(loss, abs=1e-5)
+    # window 1: lambda = 0.9 * 1 / 2; the weights do not move inside the window
+    lam = 0.45
+    _assert_state(snapshots.after[2], snapshots.before[2])
+    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2],
+                               lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch)
+    _assert_state(snapshots.after[3], expected)
+    assert snapshots.metrics[3]["select/lambda"] == pytest.approx(lam)
+    assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("shift", [100.0, -100.0], ids=["first-micro-batch-all-positive", "first-micro-batch-all-negative"])
+def test_accumulated_micro_batch_without_negatives_or_positives(tiny_model_dir, monkeypatch, shift):
+    """One micro-batch of the window has no negative (or no positive) token: still the window's two means."""
+    batch = _shifted_batch(shift)
+    positive, negative = _partition(batch, 0.6)
+    first = negative[:2] if shift > 0 else positive[:2]
+    assert not first.any() and positive[2:].any() and negative.any()
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.6, lambda_max=1.0)
+    lam = 0.5
+    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2],
+                               lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch)
+    _assert_state(snapshots.after[3], expected)
+    assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
+
+
+def test_accumulated_window_without_negatives_is_sft_and_without_positives_is_a_no_op(tiny_model_dir, monkeypatch):
+    batch = _fixed_batch()
+    valid = batch["labels"][:, 1:] != -100
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=1.0, lambda_max=1.0)
+    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2], lambda ce: ce[valid].mean(), batch)
+    assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
+    _assert_state(snapshots.after[3], expected)
+    # every token negative: nothing to scale the ascent to (as without accumulation) -> no update, no NaN
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, torch.tensor([1e6]), lambda_max=1.0)
+    assert snapshots.metrics[3]["select/positive_fraction"] == 0.0
+    assert snapshots.metrics[3]["train/loss"] == 0.0
+    for key, value in snapshots.before[2].items():
+        assert torch.equal(snapshots.after[3][key], value)
+
+
+def test_accumulated_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_dir, monkeypatch):
+    batch = _fixed_batch()
+    positive, negative = _partition(batch, 0.5)
+    # the cap: between two middle negative losses at the weights the second window starts from (window 0 is
+    # lambda 0, SGD on the positives' mean, computed here by hand), so the cap binds on some negatives only
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    second, _ = _sgd_step(tiny_model_dir, start, lambda ce: ce[positive].mean(), batch)
+    with torch.no_grad():
+        ordered = _ce(_model_at(tiny_model_dir, second), batch)[negative].sort().values
+    middle = ordered.numel() // 2
+    cap = float(ordered[middle - 1] + ordered[middle]) / 2
+    assert float(ordered[middle] - ordered[middle - 1]) > 1e-4
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.5, lambda_max=1.0,
+                                 negative_loss_cap=cap)
+    with torch.no_grad():
+        ce = _ce(_model_at(tiny_model_dir, snapshots.before[2]), batch)
+    over = negative & (ce > cap)
+    assert over.any() and (negative & ~over).any()
+    lam = 0.5
+    expected, _ = _sgd_step(tiny_model_dir, snapshots.before[2],
+                            lambda ce: ce[positive].mean() - lam * ce.clamp(max=cap)[negative].mean(), batch)
+    _assert_state(snapshots.after[3], expected)
+    # logged like without accumulation: a capped token leaves the loss, the mean still runs over all negatives
+    logged = ce[positive].mean() - lam * ce[negative & ~over].sum() / negative.sum()
+    assert snapshots.metrics[3]["train/loss"] == pytest.approx(float(logged), abs=1e-5)
+    capped = sum(snapshots.metrics[i]["select/negative_capped"] for i in (2, 3))
+    assert capped == float(over.sum())
+
+
+def test_accumulation_under_sharded_strategies_or_fp16_scaling_is_refused():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lit_tokensel.methods.forgetting import check_accumulation_support
+
+    with pytest.raises(ValueError, match="accumulate_grad_batches"):
+        check_accumulation_support(FSDPStrategy(), None, None)
+    with pytest.raises(ValueError, match="FSDP2"):
+        check_accumulation_support(DDPStrategy(), object(), None)  # ModelParallelStrategy's device mesh
+    with pytest.raises(ValueError, match="16-mixed"):
+        check_accumulation_support(DDPStrategy(), None, SimpleNamespace(scaler=object()))
+    check_accumulation_support(DDPStrategy(), None, SimpleNamespace(scaler=None))
 
 
 # ---------------------------------------------------------------------------------------------- with caches

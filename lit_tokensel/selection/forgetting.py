@@ -1,9 +1,11 @@
 """Forgetting (arXiv 2508.04329): a dataset-wide positive/negative token partition and signed loss weights.
 
-The objective per micro-batch is `mean CE(positive) - lambda * mean CE(negative)`. The shared training
-step backpropagates `sum(weights * CE)` over kept tokens and divides by the window's normalizer, so the
-objective is expressed here as weights: 1 on positive tokens, `-lambda * N_pos / N_neg` on negative
-tokens, with normalizer `N_pos`. Then `sum(w * CE) / N_pos = mean CE(pos) - lambda * mean CE(neg)`.
+The objective is `mean CE(positive) - lambda * mean CE(negative)` over the global batch. The shared
+training step backpropagates `sum(weights * CE)` over kept tokens and divides by the window's normalizer,
+so without gradient accumulation the objective is expressed here as weights: 1 on positive tokens,
+`-lambda * N_pos / N_neg` on negative tokens, with normalizer `N_pos`. Then `sum(w * CE) / N_pos =
+mean CE(pos) - lambda * mean CE(neg)`. With accumulation the window's `N_neg` is unknown until its last
+micro-batch, so `ForgettingSFT` accumulates the negative term's gradient apart instead of using these weights.
 """
 
 from __future__ import annotations
