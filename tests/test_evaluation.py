@@ -71,7 +71,8 @@ def test_bundled_data_is_the_quickstart_format_and_up_to_date():
     for name, docs in (("quickstart_gen", gen), ("quickstart_mc", bundled_data.multiple_choice_docs())):
         shipped = [json.loads(line) for line in (data_dir / f"{name}.jsonl").read_text().splitlines()]
         assert shipped == docs, f"{name}.jsonl is stale: run python -m lit_tokensel_eval.bundled_data"
-    assert registry.bundled_task_names() == ["quickstart_gen", "quickstart_mc"]
+    assert registry.bundled_task_names() == ["noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll", "quickstart_gen",
+                                             "quickstart_mc"]
 
 
 def test_shipped_task_files_are_package_data():
@@ -401,5 +402,5 @@ def test_wheel_install_imports_lit_tokensel_eval_with_its_tasks(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.splitlines()
     assert out[0] == str(target / "lit_tokensel_eval" / "__init__.py")
-    assert out[1:] == ["['quickstart_gen', 'quickstart_mc']", "41",
+    assert out[1:] == ["['noisy_sft_gen', 'noisy_sft_mc', 'noisy_sft_nll', 'quickstart_gen', 'quickstart_mc']", "41",
                        "['forgetting', 'quickstart', 'sstoken', 'token_cleaning']"]

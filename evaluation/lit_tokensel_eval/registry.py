@@ -14,6 +14,8 @@ from typing import Any
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 BUNDLED_DIR = TASKS_DIR / "quickstart"
+BUNDLED_DIRS = (BUNDLED_DIR, TASKS_DIR / "noisy_sft")
+"""The folders of the offline, chat-formatted tasks (data shipped here; the chat template applies by default)."""
 
 
 class UnknownTaskError(KeyError):
@@ -38,10 +40,11 @@ def shipped_names() -> frozenset[str]:
 
 
 def bundled_task_names() -> list[str]:
-    """The offline tasks (local data, no network): the task names defined in `tasks/quickstart/`."""
+    """The offline tasks (local data, no network): the task names defined in `BUNDLED_DIRS`
+    (`tasks/quickstart/`, `tasks/noisy_sft/`)."""
     index = task_manager(include_defaults=False).task_index
     return sorted(name for name, entry in index.items()
-                  if entry.yaml_path is not None and Path(entry.yaml_path).parent == BUNDLED_DIR)
+                  if entry.yaml_path is not None and Path(entry.yaml_path).parent in BUNDLED_DIRS)
 
 
 def manager_for(names: Iterable[str]) -> Any:

@@ -1,9 +1,10 @@
 """Functions the bundled task YAMLs call (`!function lit_tokensel_eval.task_functions.<name>`).
 
-`load_bundled_docs` is the tasks' `custom_dataset`: it reads a JSONL file shipped next to the YAMLs,
-located through this module's own path, so the YAMLs need no absolute paths, work from any working
-directory (also under the plain `lm_eval` CLI with `--include_path`), and never touch the network or
-the datasets cache.
+`load_bundled_docs` is the tasks' `custom_dataset`: it reads a JSONL file shipped next to the YAMLs
+(in `tasks/<task_dir>/`, `quickstart` unless the YAML's `dataset_kwargs` name another folder), located
+through this module's own path, so the YAMLs need no absolute paths, work from any working directory
+(also under the plain `lm_eval` CLI with `--include_path`), and never touch the network or the datasets
+cache. `answer_nll` is the `process_results` of the log-likelihood tasks (`noisy_sft_nll`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-BUNDLED_DATA_DIR = Path(__file__).parent / "tasks" / "quickstart"
+TASKS_DIR = Path(__file__).parent / "tasks"
+BUNDLED_DATA_DIR = TASKS_DIR / "quickstart"  # the default `task_dir`
+REGENERATE = {
+    "quickstart": "python -m lit_tokensel_eval.bundled_data",
+    "noisy_sft": "python -m benchmarks.noisy_sft.data --write-tasks (from the repository root)",
+}
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -30,10 +36,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_bundled_docs(data_file: str, split: str = "test", **_: Any) -> DatasetDict:
-    """The bundled task's documents as a one-split `DatasetDict` (lm-eval passes its metadata as extra kwargs)."""
-    path = BUNDLED_DATA_DIR / data_file
+def load_bundled_docs(data_file: str, split: str = "test", task_dir: str = "quickstart", **_: Any) -> DatasetDict:
+    """The bundled task's documents, `tasks/<task_dir>/<data_file>`, as a one-split `DatasetDict` (lm-eval
+    passes its metadata as extra kwargs)."""
+    path = TASKS_DIR / task_dir / data_file
     if not path.is_file():
-        raise FileNotFoundError(f"bundled task data {path} is missing; regenerate it with "
-                                f"`python -m lit_tokensel_eval.bundled_data`")
+        how = REGENERATE.get(task_dir, "the generator that wrote it")
+        raise FileNotFoundError(f"bundled task data {path} is missing; regenerate it with `{how}`")
     return DatasetDict({split: Dataset.from_list(read_jsonl(path))})
+
+
+def answer_nll(doc: dict, results: list[tuple[float, bool]]) -> dict[str, float]:
+    """`{"nll": -log-likelihood}` of a loglikelihood task's one continuation (the answer), summed over its tokens."""
+    ((loglikelihood, _is_greedy),) = results
+    return {"nll": -float(loglikelihood)}
