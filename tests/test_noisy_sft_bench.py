@@ -1,0 +1,128 @@
+"""The noisy-SFT benchmark's runner parts: selection metrics, the oracle, the plan, and (slow) an end-to-end run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.noisy_sft.metrics import selection_quality, stat
+from benchmarks.noisy_sft.oracle import OracleSFT
+from benchmarks.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
+from benchmarks.noisy_sft.run import METHOD_CONFIGS
+
+RECORDS = [
+    {"sample_id": 0, "tokens": list("abcd"), "keep": [True, False, True, True],
+     "scores": {"s": [0.9, 0.1, 0.8, 0.2]}},
+    {"sample_id": 1, "tokens": list("xyz"), "keep": [True, True, False], "weight": [1.0, -0.5, 0.0],
+     "scores": {"s": [0.7, 0.3, 0.5]}},
+    {"sample_id": 2, "tokens": list("pq"), "keep": [False, False], "scores": {}},  # a sample dropped whole
+]
+LABELS = [[0, 1, 0, 1], [0, 1, 0], [1, 0]]
+
+
+def _pairwise_auc(scores: list[float], corrupted: list[int]) -> float:
+    """P(clean score > corrupted score), ties 1/2: the definition, by enumerating pairs."""
+    clean = [s for s, c in zip(scores, corrupted) if not c]
+    bad = [s for s, c in zip(scores, corrupted) if c]
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in itertools.product(clean, bad))
+    return wins / (len(clean) * len(bad))
+
+
+def test_selection_quality_matches_a_hand_count():
+    quality = selection_quality(RECORDS, LABELS, ("s", 1))
+    # corrupted tokens: (0,b) dropped, (0,d) kept, (1,y) kept with a negative weight = not learned, (2,p) dropped
+    assert quality["drop_corrupted"] == pytest.approx(3 / 4)
+    # clean: (0,a) kept, (0,c) kept, (1,x) kept, (1,z) dropped, (2,q) dropped
+    assert quality["drop_clean"] == pytest.approx(2 / 5)
+    assert quality["corrupted_share"] == pytest.approx(4 / 9)
+    scored = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.5]  # sample 2 has no score: left out of the AUC
+    assert quality["auc"] == pytest.approx(_pairwise_auc(scored, [0, 1, 0, 1, 0, 1, 0]))
+    assert quality["auc"] == pytest.approx(1.0)
+    flipped = selection_quality(RECORDS, LABELS, ("s", -1))  # a low-is-keep score, e.g. Q-Tuning's
+    assert flipped["auc"] == pytest.approx(0.0)
+    assert selection_quality(RECORDS, LABELS, None)["auc"] is None
+
+
+def test_selection_quality_ties_and_label_mismatch():
+    records = [{"sample_id": 0, "tokens": list("abcd"), "keep": [True] * 4, "scores": {"s": [1.0, 1.0, 2.0, 0.0]}}]
+    labels = [[0, 1, 1, 0]]
+    assert selection_quality(records, labels, ("s", 1))["auc"] == pytest.approx(
+        _pairwise_auc([1.0, 1.0, 2.0, 0.0], labels[0]))
+    with pytest.raises(ValueError, match="sample 0: 3 labels for 4"):
+        selection_quality(records, [[0, 1, 1]], ("s", 1))
+
+
+def test_stat_is_mean_and_sample_std_over_seeds():
+    assert stat([1.0, 2.0, 4.0]) == {"mean": pytest.approx(7 / 3), "std": pytest.approx(1.5275252, rel=1e-6),
+                                     "values": [1.0, 2.0, 4.0]}
+    assert stat([0.5]) == {"mean": 0.5, "std": 0.0, "values": [0.5]}
+    assert stat([None, float("nan")]) is None
+
+
+def test_oracle_keeps_exactly_the_clean_tokens(tmp_path, tiny_model_dir):
+    labels = [[0, 1, 0], [1, 1, 0, 0, 1]]
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    module = OracleSFT(labels_file=str(tmp_path / "labels.json"), model=str(tiny_model_dir))
+    valid = torch.zeros(2, 8, dtype=torch.bool)
+    valid[0, 1:6] = True  # row 0 is sample 1 (5 response tokens)
+    valid[1, 2:5] = True  # row 1 is sample 0 (3)
+    batch = {"sample_id": torch.tensor([1, 0])}  # rows in another order than sample ids
+    selection = module.select_tokens(batch, torch.zeros(2, 8), valid)
+    expected = torch.zeros(2, 8, dtype=torch.bool)
+    expected[0, [3, 4]] = True  # sample 1: positions 1..5, labels 1 1 0 0 1
+    expected[1, [2, 4]] = True  # sample 0: positions 2..4, labels 0 1 0
+    assert torch.equal(selection.keep, expected)
+    with pytest.raises(ValueError, match="sample 0 has 3 labels but 2 response tokens"):
+        module.select_tokens({"sample_id": torch.tensor([0])}, torch.zeros(1, 8), valid[:1] & (torch.arange(8) < 3))
+
+
+def test_plan_rows_use_shipped_configs_and_unique_keys():
+    for settings in (FULL, QUICK, SMOLLM2):
+        for regime in settings.regimes:
+            rows = regime_rows(settings, regime)
+            keys = [r.key for r in rows]
+            assert len(keys) == len(set(keys))
+            for row in rows:
+                if row.config not in (None, "oracle"):
+                    assert (METHOD_CONFIGS / f"{row.config}.yaml").is_file(), row.config
+    full = {r.key for r in method_rows(FULL)}
+    for family in ("random", "rho1", "tokencleaning", "tokencleaning-se", "sstoken", "sstoken-base", "forgetting",
+                   "qtuning"):
+        assert {f"{family}-0.6", f"{family}-0.8"} <= full  # both keep ratios for every ratio-based method
+    assert {"full", "profit", "oracle", "reference", "sstoken-gamma0-0.6", "sstoken-gamma1-0.6"} <= full
+    assert [r.key for r in regime_rows(SMOLLM2, "pretrained")] == list(SMOLLM2.row_keys)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end_oracle_and_random(tmp_path):
+    """A small real run: the oracle drops exactly the corrupted tokens, random drops ~20% of each kind."""
+    from benchmarks.noisy_sft.run import main
+
+    report = tmp_path / "report"
+    code = main(["--quick", "--regimes", "scratch", "--only", "oracle", "random", "--workdir", str(tmp_path / "w"),
+                 "--no-readme", "--report-dir", str(report)])
+    assert code == 0
+    results = json.loads((report / "results.json").read_text())
+    rows = {r["key"]: r for r in results["rows"]}
+    assert set(rows) == {"full", "random-0.8", "oracle", "reference"}
+    oracle, random_row, full = rows["oracle"], rows["random-0.8"], rows["full"]
+    assert oracle["drop_corrupted"]["mean"] == 1.0 and oracle["drop_clean"]["mean"] == 0.0
+    assert oracle["auc"]["mean"] == 1.0
+    assert full["drop_corrupted"]["mean"] == 0.0 and full["auc"] is None
+    assert 0.1 < random_row["drop_corrupted"]["mean"] < 0.3 and 0.1 < random_row["drop_clean"]["mean"] < 0.3
+    assert 0.35 < random_row["auc"]["mean"] < 0.65
+    for row in rows.values():
+        assert 0.0 <= row["gen_acc"]["mean"] <= 1.0 and row["nll"]["mean"] > 0
+    for name in ("results.md", "auc_curves.png", "accuracy_vs_cost.png", "tokens.html"):
+        assert (report / name).stat().st_size > 0
+    html = (report / "tokens.html").read_text()
+    assert 'class="sample"' in html and "Oracle" in html
+    # a second run finds every job done and redoes none
+    assert main(["--quick", "--regimes", "scratch", "--only", "oracle", "random", "--workdir", str(tmp_path / "w"),
+                 "--no-readme", "--report-dir", str(report)]) == 0
+    assert json.loads((report / "results.json").read_text())["rows"] == results["rows"]
+    assert Path(tmp_path / "w" / "settings.json").is_file()
