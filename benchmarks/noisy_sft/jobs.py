@@ -20,6 +20,9 @@ from typing import Any
 import lightning as L
 import torch
 
+from benchmarks.noisy_sft.report import atomic_write_text
+from benchmarks.step_time import StepTimer  # one timing callback for every benchmark
+
 EVAL_TASKS = ("noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll")
 TIMED_AFTER = 5  # first steps excluded from the step time (allocator and autotuning warm-up)
 
@@ -47,9 +50,7 @@ def quiet_worker(threads: int, log: Path) -> None:
 
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1))
 
 
 def rss_mib() -> float:
@@ -60,23 +61,6 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class StepTimer(L.Callback):
-    """Wall time of each training batch (forward, backward, optimizer step), after `TIMED_AFTER` batches."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-        self._count = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._count += 1
-        if self._count > TIMED_AFTER:
-            self.times.append(time.perf_counter() - self._start)
 
 
 class FractionCheckpoints(L.Callback):
@@ -128,7 +112,7 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result: dict[str, Any] = {
         "name": job["name"], "steps": cli.trainer.global_step,
-        "step_time_s": statistics.median(timer.times) if timer.times else None,
+        "step_time_s": statistics.median(timer.times[TIMED_AFTER:]) if timer.times[TIMED_AFTER:] else None,
         "peak_extra_mib": peak_rss_mib() - resident_before,
         "train_loss": float(cli.trainer.callback_metrics.get("train/loss", float("nan"))),
     }

@@ -257,7 +257,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     _atomic_write_bytes(path, text.encode("utf-8"))
 
 
@@ -307,7 +307,7 @@ def update_readme(readme: Path, table_md: str, command: str, section: str = "noi
     new = text[: start + len(start_marker)] + newline + block + text[end:]
     if new == text:
         return False
-    _atomic_write_text(readme, new)
+    atomic_write_text(readme, new)
     return True
 
 
@@ -613,7 +613,7 @@ def token_html(samples_by_regime: list[dict], path: Path,
         parts.append("</section>")
     parts.append("</body></html>\n")
     path = Path(path)
-    _atomic_write_text(path, "\n".join(parts))
+    atomic_write_text(path, "\n".join(parts))
     return path
 
 
@@ -651,8 +651,8 @@ def write_outputs(results: dict, samples_by_regime: list[dict], out_dir: Path,
         "accuracy_vs_cost": out_dir / "accuracy_vs_cost.png",
         "tokens_html": out_dir / "tokens.html",
     }
-    _atomic_write_text(paths["results_json"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write_text(paths["results_md"], _results_md(results, table_md))
+    atomic_write_text(paths["results_json"], json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["results_md"], _results_md(results, table_md))
     plot_auc_curves(results, paths["auc_curves"])
     plot_accuracy_vs_cost(results, paths["accuracy_vs_cost"])
     token_html(samples_by_regime, paths["tokens_html"])

@@ -257,7 +257,7 @@ def cache_names(row: MethodRow, config: str) -> list[str]:
     path = Path(config) if config.endswith(".yaml") else METHOD_CONFIGS / f"{config}.yaml"
     data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("data") or {}
     names = sorted((data.get("cached_losses") or {}).keys())
-    if any('"CachedReference"' in o or "CachedReference" in o for o in row.overrides):
+    if any("CachedReference" in o for o in row.overrides):
         names = sorted({*names, "base"})
     return names
 
@@ -269,8 +269,9 @@ def write_oracle_config(paths: Paths) -> None:
         "    learning_rate: 3.0e-3\n    lr_schedule: cosine\n    warmup_ratio: 0.05\n", encoding="utf-8")
 
 
-def method_tasks(settings: Settings, paths: Paths, regime: str, rows: list[MethodRow], threads: int) -> list[Task]:
-    prep = tuple(t.name for t in regime_tasks(settings, paths, regime, threads) if "/eval-" not in t.name)
+def method_tasks(settings: Settings, paths: Paths, regime: str, rows: list[MethodRow], threads: int,
+                 prep: tuple[str, ...]) -> list[Task]:
+    """Every row x seed of `regime`, each after the regime's `prep` tasks (starting model, reference, caches)."""
     tasks = []
     for row in rows:
         if row.config is None:
@@ -415,8 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {regime: [r for r in regime_rows(settings, regime)
                      if args.only is None or r.key in ("full", "reference") or r.key.startswith(tuple(args.only))]
             for regime in regimes}
-    tasks = [t for regime in regimes for t in regime_tasks(settings, paths, regime, threads)]
-    tasks += [t for regime in regimes for t in method_tasks(settings, paths, regime, rows[regime], threads)]
+    tasks = []
+    for regime in regimes:
+        prep = regime_tasks(settings, paths, regime, threads)
+        tasks += prep
+        tasks += method_tasks(settings, paths, regime, rows[regime], threads,
+                              tuple(t.name for t in prep if "/eval-" not in t.name))
     console.print(f"{len(tasks)} jobs, {workers} at a time with {threads} thread(s) each; {len(settings.seeds)} seed(s), ratios "
                   f"{list(settings.ratios)}, {settings.total_steps} optimizer steps per run")
     failed = run_graph(tasks, workers)
