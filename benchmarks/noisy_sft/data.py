@@ -70,7 +70,8 @@ FILLER_WORDS: tuple[str, ...] = (
     "twindle", "glurb", "pazzle", "nurfle", "shnock", "vimble", "crunkle", "zorp", "dwimble", "flarn",
     "gribble", "throcket", "splunge", "wibbix", "morpel", "quonk", "jibbet", "snargle", "plurk", "foozle",
 )
-"""Nonsense words inserted as unlearnable noise; used nowhere else in the data."""
+"""Nonsense words inserted as noise; used nowhere else in the data. Which word goes where is random, so
+a filler word's first token cannot be predicted; its later tokens follow from the first."""
 
 WORD_POOL: tuple[str, ...] = (
     "apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "garden", "winter", "bread",
