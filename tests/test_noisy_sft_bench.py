@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from benchmarks.noisy_sft.metrics import selection_quality, stat
 from benchmarks.noisy_sft.oracle import OracleSFT
 from benchmarks.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
-from benchmarks.noisy_sft.run import METHOD_CONFIGS
+from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir
 
 RECORDS = [
     {"sample_id": 0, "tokens": list("abcd"), "keep": [True, False, True, True],
@@ -126,3 +127,14 @@ def test_benchmark_end_to_end_oracle_and_random(tmp_path):
                  "--no-readme", "--report-dir", str(report)]) == 0
     assert json.loads((report / "results.json").read_text())["rows"] == results["rows"]
     assert Path(tmp_path / "w" / "settings.json").is_file()
+
+
+def test_workdir_settings_accept_an_older_file_without_a_newer_field(tmp_path):
+    paths = Paths(tmp_path)
+    check_workdir(paths, QUICK)
+    saved = json.loads((tmp_path / "settings.json").read_text(encoding="utf-8"))
+    del saved["extra_args"]  # written before the field existed; its default applies
+    (tmp_path / "settings.json").write_text(json.dumps(saved), encoding="utf-8")
+    check_workdir(paths, QUICK)
+    with pytest.raises(SystemExit, match=r"differs in \['extra_args'\]"):
+        check_workdir(paths, dataclasses.replace(QUICK, extra_args=("--trainer.accumulate_grad_batches", "1")))

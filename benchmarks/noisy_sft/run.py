@@ -166,6 +166,7 @@ def common_args(settings: Settings, paths: Paths, *, config: str, model: Path | 
         *tokenizer,
         "--model.init_args.model", str(model), "--model.init_args.learning_rate", str(learning_rate),
         "--export.output_dir", str(run_dir / "export"),
+        *settings.extra_args,
     ]
 
 
@@ -364,7 +365,9 @@ def check_workdir(paths: Paths, settings: Settings) -> None:
     saved = paths.root / "settings.json"
     current = {k: v for k, v in settings.to_dict().items() if k not in ("seeds", "ratios")}
     if saved.is_file():
-        before = json.loads(saved.read_text(encoding="utf-8"))
+        # a field missing from an older settings file did not exist then: it had its default value
+        defaults = {k: v for k, v in Settings().to_dict().items() if k in current}
+        before = json.loads(json.dumps(defaults)) | json.loads(saved.read_text(encoding="utf-8"))
         if before != json.loads(json.dumps(current)):
             changed = sorted(k for k in current if before.get(k) != json.loads(json.dumps(current[k])))
             raise SystemExit(f"{paths.root} holds a benchmark run with other settings (differs in {changed}); "
