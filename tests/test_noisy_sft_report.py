@@ -132,6 +132,13 @@ def test_results_table_formats_stats_and_missing_values():
     assert all("ratios to full SFT in the same run" in legend for legend in legends)
 
 
+def test_results_table_legend_of_a_one_seed_run_mentions_no_spread():
+    results = _results()
+    results["rows"] = [dict(row, seeds=[0]) for row in results["rows"]]
+    legends = [line for line in report.results_table(results).splitlines() if line.startswith("_")]
+    assert legends and all(legend.startswith("_1 seed (0). Step time") for legend in legends)
+
+
 def test_results_table_orders_rows_baseline_methods_oracle_reference():
     assert _table_rows(report.results_table(_results())) == {
         "scratch": ["Full SFT", "Rho-1 (0.6)", "Forgetting (0.6)", ORACLE],

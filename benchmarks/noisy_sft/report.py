@@ -225,8 +225,9 @@ def results_table(results: dict) -> str:
                 _format_cost(row.get("peak_memory_ratio")),
             )
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        spread = "; ± is the standard deviation over seeds" if any(len(r.get("seeds") or []) > 1 for r in rrows) else ""
         legend = (
-            f"{_seeds_text(rrows)}; ± is the standard deviation over seeds. Step time and peak memory are "
+            f"{_seeds_text(rrows)}{spread}. Step time and peak memory are "
             "ratios to full SFT in the same run. Dropped: share of corrupted / clean response tokens left "
             "out of the loss. Selection AUC: clean ranked above corrupted, 0.5 = chance."
         )
@@ -398,7 +399,7 @@ def auc_curves_figure(results: dict) -> Figure:
     fig.suptitle("Selection AUC during training (mean ± std over seeds)")
     order = [row["method"] for row in _ordered(rows) if row["method"] in handles]
     order = list(dict.fromkeys(order)) + ["chance"]
-    fig.legend([handles[name] for name in order], order, loc="outside right upper", fontsize="small")
+    fig.legend([handles[name] for name in order], order, loc="outside center right", fontsize="small")
     return fig
 
 
