@@ -13,7 +13,7 @@ import torch
 from benchmarks.noisy_sft.metrics import selection_quality, stat
 from benchmarks.noisy_sft.oracle import OracleSFT
 from benchmarks.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
-from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir
+from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir, common_args
 
 RECORDS = [
     {"sample_id": 0, "tokens": list("abcd"), "keep": [True, False, True, True],
@@ -138,3 +138,14 @@ def test_workdir_settings_accept_an_older_file_without_a_newer_field(tmp_path):
     check_workdir(paths, QUICK)
     with pytest.raises(SystemExit, match=r"differs in \['extra_args'\]"):
         check_workdir(paths, dataclasses.replace(QUICK, extra_args=("--trainer.accumulate_grad_batches", "1")))
+
+
+def test_smollm2_runs_stack_the_lora_preset_and_override_its_accumulation(tmp_path):
+    args = common_args(SMOLLM2, Paths(tmp_path), config="full_sft", model=SMOLLM2.pretrained_model,
+                       train_file=tmp_path / "train.jsonl", seed=0, epochs=1, learning_rate=1e-3, run_dir=tmp_path)
+    preset = args.index(str(METHOD_CONFIGS.parent / "presets" / "smollm2_lora.yaml"))
+    assert args[preset - 1] == "-c" and preset > args.index(str(METHOD_CONFIGS / "full_sft.yaml"))
+    # flags after the configs win: the preset's accumulate_grad_batches 2 becomes 1
+    assert args[-2:] == ["--trainer.accumulate_grad_batches", "1"]
+    assert "--data.tokenizer" not in args  # the pretrained model brings its own tokenizer
+
