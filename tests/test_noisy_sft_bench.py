@@ -13,7 +13,7 @@ import torch
 from benchmarks.noisy_sft.metrics import selection_quality, stat
 from benchmarks.noisy_sft.oracle import OracleSFT
 from benchmarks.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
-from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir, common_args
+from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir, common_args, method_args
 
 RECORDS = [
     {"sample_id": 0, "tokens": list("abcd"), "keep": [True, False, True, True],
@@ -148,4 +148,13 @@ def test_smollm2_runs_stack_the_lora_preset_and_override_its_accumulation(tmp_pa
     # flags after the configs win: the preset's accumulate_grad_batches 2 becomes 1
     assert args[-2:] == ["--trainer.accumulate_grad_batches", "1"]
     assert "--data.tokenizer" not in args  # the pretrained model brings its own tokenizer
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_random_rows_draw_their_selection_from_the_run_seed(tmp_path, seed):
+    row = next(r for r in method_rows(QUICK) if r.family == "random")
+    paths = Paths(tmp_path, data={"train": tmp_path / "train.jsonl"})
+    args = method_args(QUICK, paths, "scratch", row, seed, tmp_path / "run")
+    assert args[args.index("--model.init_args.selection_seed") + 1] == str(seed)
+    assert args[args.index("--seed_everything") + 1] == str(seed)
 

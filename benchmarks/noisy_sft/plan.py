@@ -93,8 +93,8 @@ class MethodRow:
         family: Method family (groups rows in plots).
         config: Method config under `configs/methods/`, or None for rows that train nothing.
         ratio: Keep ratio, or None for methods without one.
-        overrides: Extra LightningCLI arguments (`--model.init_args.x`, `--data.x`), `{base}`/`{reference}`
-            placeholders replaced by the regime's model directories.
+        overrides: Extra LightningCLI arguments (`--model.init_args.x`, `--data.x`); `{base}`/`{reference}`
+            are replaced by the regime's model directories, `{seed}` by the run's seed.
         score: `(name, sign)` of the score whose ranking the method keeps (sign +1: high = keep), for the AUC.
         kind: `baseline`, `method`, `oracle` or `reference`.
         regimes: Regimes the row runs in.
@@ -116,7 +116,7 @@ def _ratio_rows(ratio: float, ablations: bool) -> list[MethodRow]:
     ema, base_history = "sstoken", "sstoken-base"
     rows = [
         MethodRow(f"random-{r}", f"Random ({r})", "random", "random", ratio,
-                  ("--model.init_args.ratio", r), ("random", 1)),
+                  ("--model.init_args.ratio", r, "--model.init_args.selection_seed", "{seed}"), ("random", 1)),
         MethodRow(f"rho1-{r}", f"Rho-1 ({r})", "rho1", "rho1", ratio,
                   ("--model.init_args.ratio", r, "--model.init_args.reference.init_args.model", "{reference}"),
                   ("excess_loss", 1)),

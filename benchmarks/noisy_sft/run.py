@@ -244,7 +244,7 @@ def method_args(settings: Settings, paths: Paths, regime: str, row: MethodRow, s
     if caches:
         extra += ["--data.cached_losses", json.dumps({n: str(paths.cache(regime, n)) for n in caches})]
     substitutions = {"{reference}": str(paths.run_dir(regime, "reference") / "export"),
-                     "{base}": str(starting_model(settings, paths, regime))}
+                     "{base}": str(starting_model(settings, paths, regime)), "{seed}": str(seed)}
     overrides = [substitutions.get(a, a) for a in row.overrides]
     return common_args(settings, paths, config=config, model=starting_model(settings, paths, regime),
                        train_file=paths.data["train"], seed=seed, epochs=epochs,
