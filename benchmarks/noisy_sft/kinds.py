@@ -22,12 +22,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from torchmetrics.functional.classification import binary_auroc
 
 from benchmarks.noisy_sft.data import FILLER, WRONG_ANSWER
+from benchmarks.noisy_sft.metrics import ranking_auc
+from benchmarks.noisy_sft.run import Paths
 
 CLEAN, END, FILLER_FIRST, FILLER_REST, WRONG = "clean", "end", "filler-first", "filler-rest", "wrong-answer"
 CLASSES = (CLEAN, END, FILLER_FIRST, FILLER_REST, WRONG)
@@ -55,17 +55,6 @@ def token_classes(texts: Sequence[str], kinds: Sequence[str | None]) -> list[str
     return classes
 
 
-def _auc(high: list[float], low: list[float]) -> float | None:
-    """P(a random `high` value outranks a random `low` one); None without both."""
-    finite_high = [v for v in high if math.isfinite(v)]
-    finite_low = [v for v in low if math.isfinite(v)]
-    if not finite_high or not finite_low:
-        return None
-    values = torch.tensor(finite_high + finite_low, dtype=torch.float64)
-    targets = torch.tensor([1] * len(finite_high) + [0] * len(finite_low))
-    return float(binary_auroc(values, targets))
-
-
 def kind_breakdown(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[str | None]]) -> dict[str, Any]:
     """Per class: token count, mean of `loss` and of every score; per score: AUC of clean against each
     corrupted class. `kinds[sample_id]` is aligned with a record's `tokens`. Records without scores (a
@@ -87,7 +76,7 @@ def kind_breakdown(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[s
                         else None) for name in names}}
         for cls, per_class in values.items()
     }
-    aucs = {name: {cls: _auc(values[CLEAN].get(name, []), values[cls].get(name, [])) for cls in CORRUPTED_CLASSES}
+    aucs = {name: {cls: ranking_auc(values[CLEAN].get(name, []), values[cls].get(name, [])) for cls in CORRUPTED_CLASSES}
             for name in names if name != "loss"}
     return {"step": step, "means": means, "auc": aucs}
 
@@ -124,13 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the breakdowns here")
     args = parser.parse_args(argv)
-    kinds_file = args.workdir / "data" / "train.token_kinds.json"
+    paths = Paths(args.workdir)
+    kinds_file = paths.kinds
     if not kinds_file.is_file():
         parser.error(f"{kinds_file} not found: is {args.workdir} a noisy-SFT benchmark workdir?")
     kinds = json.loads(kinds_file.read_text(encoding="utf-8"))
     console, out = Console(width=max(Console().width, 110)), {}
     for row in args.rows:
-        inspect_dir = args.workdir / args.regime / row / f"seed{args.seed}" / "inspect"
+        inspect_dir = paths.run_dir(args.regime, row) / f"seed{args.seed}" / "inspect"
         files = sorted(inspect_dir.glob("*.jsonl"))
         if not files:
             parser.error(f"no inspect files under {inspect_dir}: has the `{row}` run of seed {args.seed} finished?")

@@ -46,15 +46,23 @@ def selection_quality(records: Iterable[dict[str, Any]], labels: Sequence[Sequen
         if score is not None and record.get("scores") and score[0] in record["scores"]:
             values += [score[1] * v for v in record["scores"][score[0]]]
             targets += [1 - c for c in corrupt]
-    auc = None
-    if values and 0 < sum(targets) < len(targets):
-        auc = float(binary_auroc(torch.tensor(values, dtype=torch.float64), torch.tensor(targets)))
     return {
         "drop_corrupted": dropped_corrupt / n_corrupt if n_corrupt else None,
         "drop_clean": dropped_clean / n_clean if n_clean else None,
-        "auc": auc,
+        "auc": ranking_auc([v for v, t in zip(values, targets) if t], [v for v, t in zip(values, targets) if not t]),
         "corrupted_share": n_corrupt / max(n_corrupt + n_clean, 1),
     }
+
+
+def ranking_auc(high: Sequence[float], low: Sequence[float]) -> float | None:
+    """ROC AUC: the probability that a random `high` value outranks a random `low` one (ties count half);
+    None unless both are non-empty. Non-finite values are left out."""
+    high = [v for v in high if math.isfinite(v)]
+    low = [v for v in low if math.isfinite(v)]
+    if not high or not low:
+        return None
+    values = torch.tensor([*high, *low], dtype=torch.float64)
+    return float(binary_auroc(values, torch.tensor([1] * len(high) + [0] * len(low))))
 
 
 def stat(values: Sequence[float | None]) -> dict[str, Any] | None:
