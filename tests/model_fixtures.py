@@ -6,6 +6,10 @@ import pytest
 import torch
 
 from lit_tokensel.builtin.models import ASSETS, build_model_dir
+from lit_tokensel.data import SFTDataModule
+
+QUICKSTART_TRAIN = ASSETS / "quickstart" / "train.jsonl"
+"""The embedded quickstart rows; tests train on the first few."""
 
 TINY_SPEC = {
     "seed": 0,
@@ -27,7 +31,7 @@ TINY_SPEC = {
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A saved 2-layer Llama (GQA) plus tokenizer; built once per test session."""
     target = tmp_path_factory.mktemp("models") / "tiny-llama"
-    build_model_dir(TINY_SPEC, ASSETS / "quickstart" / "train.jsonl", target)
+    build_model_dir(TINY_SPEC, QUICKSTART_TRAIN, target)
     return str(target)
 
 
@@ -70,3 +74,12 @@ def save_perturbed_copy(model_dir: str, target, seed: int, scale: float = 0.3) -
     model.save_pretrained(target)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(target)
     return str(target)
+
+
+def setup_datamodule(model_dir: str, workdir, **kwargs) -> SFTDataModule:
+    """An `SFTDataModule` over `workdir/train.jsonl` with the model's tokenizer, batch 8, set up for fit."""
+    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=8,
+                       cache_dir=str(workdir / "hf"), **kwargs)
+    dm.setup("fit")
+    return dm
+

@@ -23,9 +23,14 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.inspection import inspect_selection
 from lit_tokensel.methods.forgetting import ForgettingSFT
 from lit_tokensel.selection.forgetting import forgetting_weights
-from tests.model_fixtures import pad_batch, save_perturbed_copy, synthetic_rows
+from tests.model_fixtures import (
+    QUICKSTART_TRAIN,
+    pad_batch,
+    save_perturbed_copy,
+    setup_datamodule,
+    synthetic_rows,
+)
 
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 RECIPE = Path(__file__).parents[1] / "configs" / "recipes" / "forgetting"
 LR = 0.5
 
@@ -344,26 +349,19 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _datamodule(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=8,
-                       cache_dir=str(workdir / "hf"), **kwargs)
-    dm.setup("fit")
-    return dm
-
-
 @pytest.fixture(scope="module")
 def caches(tiny_model_dir: str, workdir: Path) -> dict[str, str]:
     """Base = the tiny model; reference = the tiny model with perturbed weights."""
     reference_dir = save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=5)
     out = {}
     for name, model_dir in (("base", tiny_model_dir), ("reference", str(reference_dir))):
-        out[name] = str(score_to_cache(FullSFT(model=model_dir), _datamodule(model_dir, workdir),
+        out[name] = str(score_to_cache(FullSFT(model=model_dir), setup_datamodule(model_dir, workdir),
                                        workdir / f"cache-{name}", shard_size=16, progress=False))
     return out
 
 
 def test_partition_threshold_equals_sorting_all_cached_scores(tiny_model_dir, caches, workdir):
-    dm = _datamodule(tiny_model_dir, workdir, cached_losses=caches)
+    dm = setup_datamodule(tiny_model_dir, workdir, cached_losses=caches)
     module = ForgettingSFT(model=tiny_model_dir, rho=0.7)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=0)
@@ -431,7 +429,7 @@ def _fit_epochs(model_dir, workdir, caches, tmp_path, callbacks, ckpt_path=None)
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, limit_train_batches=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path, callbacks=callbacks)
-    trainer.fit(module, datamodule=_datamodule(model_dir, workdir, cached_losses=caches), ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=setup_datamodule(model_dir, workdir, cached_losses=caches), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -487,7 +485,7 @@ def test_without_caches_the_error_names_the_fix(tiny_model_dir, workdir):
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="data.cached_losses"):
-        trainer.fit(ForgettingSFT(model=tiny_model_dir), datamodule=_datamodule(tiny_model_dir, workdir))
+        trainer.fit(ForgettingSFT(model=tiny_model_dir), datamodule=setup_datamodule(tiny_model_dir, workdir))
 
 
 def test_invalid_arguments_are_config_errors():

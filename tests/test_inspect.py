@@ -16,9 +16,7 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.inspection import inspect_selection
 from lit_tokensel.reference import FrozenModelReference
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
-from tests.model_fixtures import save_perturbed_copy
-
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
+from tests.model_fixtures import QUICKSTART_TRAIN, save_perturbed_copy
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,9 @@ from transformers import AutoModelForCausalLM
 
 from lit_tokensel import FullSFT, RandomTokenSFT, Rho1SFT, TokenCleaningSFT
 from lit_tokensel.cache import score_to_cache
-from lit_tokensel.data import SFTDataModule
 from lit_tokensel.reference import CachedReference, FrozenModelReference
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
-from tests.model_fixtures import save_perturbed_copy
-
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
+from tests.model_fixtures import QUICKSTART_TRAIN, save_perturbed_copy, setup_datamodule
 
 
 @pytest.fixture(scope="module")
@@ -34,19 +31,12 @@ def reference_dir(tiny_model_dir: str, workdir: Path) -> str:
     return save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=5)
 
 
-def _datamodule(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=8,
-                       cache_dir=str(workdir / "hf"), **kwargs)
-    dm.setup("fit")
-    return dm
-
-
 @pytest.fixture(scope="module")
 def caches(tiny_model_dir: str, reference_dir: str, workdir: Path) -> dict[str, str]:
     out = {}
     for name, model_dir in (("base", tiny_model_dir), ("reference", reference_dir)):
         module = FullSFT(model=model_dir)
-        out[name] = str(score_to_cache(module, _datamodule(model_dir, workdir), workdir / f"cache-{name}",
+        out[name] = str(score_to_cache(module, setup_datamodule(model_dir, workdir), workdir / f"cache-{name}",
                                        shard_size=16, progress=False))
     return out
 
@@ -67,7 +57,7 @@ def _top_k_by_sort(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> t
 
 
 def test_rho1_live_and_cached_reference_select_the_same_tokens(tiny_model_dir, reference_dir, caches, workdir):
-    dm = _datamodule(tiny_model_dir, workdir, cached_losses={"reference": caches["reference"]})
+    dm = setup_datamodule(tiny_model_dir, workdir, cached_losses={"reference": caches["reference"]})
     batch = next(iter(dm.train_dataloader()))
     live = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir)
     cached = Rho1SFT(reference=CachedReference(name="reference"), model=tiny_model_dir)
@@ -92,7 +82,7 @@ def test_rho1_reference_is_outside_parameters_and_checkpoint(tiny_model_dir, ref
 
 
 def test_token_cleaning_global_threshold_equals_sorting_all_scores(tiny_model_dir, reference_dir, caches, workdir):
-    dm = _datamodule(tiny_model_dir, workdir, cached_losses=caches)
+    dm = setup_datamodule(tiny_model_dir, workdir, cached_losses=caches)
     module = TokenCleaningSFT(model=tiny_model_dir, ratio=0.6)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=0)
@@ -115,7 +105,7 @@ def test_token_cleaning_global_threshold_equals_sorting_all_scores(tiny_model_di
 
 
 def test_token_cleaning_without_caches_names_the_fix(tiny_model_dir, workdir):
-    dm = _datamodule(tiny_model_dir, workdir)
+    dm = setup_datamodule(tiny_model_dir, workdir)
     module = TokenCleaningSFT(model=tiny_model_dir)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -130,7 +120,7 @@ def test_short_fit_keeps_the_ratio_and_logs_selection_stats(method, tiny_model_d
     else:
         module = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir, ratio=0.5,
                          learning_rate=1e-3)
-    dm = _datamodule(tiny_model_dir, workdir)
+    dm = setup_datamodule(tiny_model_dir, workdir)
     trainer = L.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, log_every_n_steps=1,
                         logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
@@ -151,13 +141,13 @@ def test_rho1_checkpoint_stores_plain_reference_config_and_exports(tiny_model_di
     module = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir, learning_rate=1e-3)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=_datamodule(tiny_model_dir, workdir))
+    trainer.fit(module, datamodule=setup_datamodule(tiny_model_dir, workdir))
     checkpoint_path = tmp_path / "rho1.ckpt"
     trainer.save_checkpoint(checkpoint_path)
     stored = torch.load(checkpoint_path, weights_only=True)["hyper_parameters"]["reference"]  # plain data only
     assert stored["init_args"]["model"] == reference_dir
     out = export_checkpoint(str(checkpoint_path), str(tmp_path / "export"))
-    batch = next(iter(_datamodule(tiny_model_dir, workdir).val_dataloader() or
+    batch = next(iter(setup_datamodule(tiny_model_dir, workdir).val_dataloader() or
                       torch.utils.data.DataLoader(module.trainer.datamodule.train_dataset, batch_size=4,
                                                   collate_fn=module.trainer.datamodule.collator)))
     module.model.eval()

@@ -16,8 +16,8 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.recipes import RecipeError, RecipeOptions, run_recipe, stages
 from lit_tokensel.recipes.registry import CONFIGS
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from tests.model_fixtures import QUICKSTART_TRAIN
 
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 NUM_ROWS = 16
 
 

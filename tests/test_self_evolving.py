@@ -17,8 +17,8 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.data.chunks import ChunkSampler, chunk_partition, train_chunks
 from lit_tokensel.methods.self_evolving import SelfEvolvingTokenCleaningSFT
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
+from tests.model_fixtures import QUICKSTART_TRAIN
 
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
 NUM_ROWS, CHUNKS, BATCH = 24, 3, 4  # 8 samples per chunk, 2 steps per round
 
 

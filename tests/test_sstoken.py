@@ -15,9 +15,7 @@ from lit_tokensel.data import SFTDataModule
 from lit_tokensel.reference import FrozenModelReference, HistoryReference, ReferenceModel
 from lit_tokensel.selection.scorers import minmax_per_sequence
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
-from tests.model_fixtures import save_perturbed_copy
-
-QUICKSTART_TRAIN = Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl"
+from tests.model_fixtures import QUICKSTART_TRAIN, save_perturbed_copy
 
 
 @pytest.fixture(scope="module")
