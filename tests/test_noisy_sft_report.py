@@ -414,24 +414,50 @@ def test_token_html_renders_in_headless_chromium(tmp_path):
 # ------------------------------------------------------------------------------------------ everything
 
 
-def test_write_outputs_writes_every_file_and_the_readme(tmp_path):
-    readme = _readme(tmp_path)
-    out = tmp_path / "results" / "noisy_sft"
+def test_write_outputs_writes_every_file_the_page_and_the_readme_summary(tmp_path):
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.write_bytes(_readme(tmp_path).read_bytes())
+    readme = tmp_path / "README.md"
+    start, end = report.readme_markers("noisy-sft-results-summary")
+    readme.write_bytes((BEFORE + start + "\nold summary\n" + end + AFTER).encode())
+    out = tmp_path / "benchmarks" / "results" / "noisy_sft"
     results = _results()
-    paths = report.write_outputs(results, _samples(), out, readme)
+    paths = report.write_outputs(results, _samples(), out, page, summary_readme=readme)
     assert paths == {
         "results_json": out / "results.json", "results_md": out / "results.md",
         "auc_curves": out / "auc_curves.png", "accuracy_vs_cost": out / "accuracy_vs_cost.png",
-        "tokens_html": out / "tokens.html", "readme": readme,
+        "tokens_html": out / "tokens.html", "page": page, "readme": readme,
     }
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths.values() if p != readme)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in paths.values() if p not in (page, readme))
     assert json.loads(paths["results_json"].read_text()) == results
     md = paths["results_md"].read_text()
     assert report.results_table(results).strip() in md and COMMAND in md
-    text = readme.read_text()
+    text = page.read_text()
     assert report.results_table(results).strip() in text
-    assert "(results/noisy_sft/auc_curves.png)" in text  # links to the plots, relative to the README
-    before = readme.read_bytes()
-    report.write_outputs(results, _samples(), out, readme)
-    assert readme.read_bytes() == before
+    # links to the plots, relative to the page's folder
+    assert "(../benchmarks/results/noisy_sft/auc_curves.png)" in text
+    summary = readme.read_bytes().decode()
+    assert report.summary_table(results).strip() in summary and "old summary" not in summary
+    assert summary.startswith(BEFORE) and summary.endswith(AFTER)
+    before = page.read_bytes(), readme.read_bytes()
+    report.write_outputs(results, _samples(), out, page, summary_readme=readme)
+    assert (page.read_bytes(), readme.read_bytes()) == before
     assert report.write_outputs(results, _samples(), tmp_path / "elsewhere", None)["tokens_html"].exists()
+
+
+def test_summary_table_keeps_default_settings_and_shows_the_difference_to_full_sft():
+    results = _results()
+    results["rows"].append(_row("scratch", "Rho-1 (0.8)", "rho1", "method", 0.8, gen_acc=_stat(0.9, 0.9)))
+    table = report.summary_table(results)
+    lines = table.splitlines()
+    assert lines[0] == ("| Method | scratch: gen acc | scratch: answer NLL | pretrained: gen acc | "
+                        "pretrained: answer NLL |")
+    assert "Rho-1 (0.8)" not in table  # sweeps stay in the full table
+    assert ORACLE not in table and REFERENCE not in table
+    full = next(line for line in lines if line.startswith("| Full SFT |"))
+    assert full == "| Full SFT | 56.0 ± 1.4% | 1.51 ± 0.01 | 66.0 ± 1.4% | 1.51 ± 0.01 |"
+    rho = next(line for line in lines if line.startswith("| Rho-1 (0.6) |"))
+    # Rho-1: gen 62.5% vs 56.0% in scratch (+6.5 points), NLL 1.30 vs 1.51 (-0.21)
+    assert rho.split(" | ")[1:3] == ["62.5 ± 3.5% (+6.5)", "1.30 ± 0.14 (-0.21)"]

@@ -64,9 +64,11 @@ order is kept.
 All per-token lists of a sample have len(tokens) entries; a mismatch is a ValueError naming the sample
 and method.
 
-Outputs (`write_outputs`): results.json, results.md, auc_curves.png, accuracy_vs_cost.png, tokens.html
-and, when given, the README section between `<!-- noisy-sft-results:start -->` and
-`<!-- noisy-sft-results:end -->`. Every file is written atomically (temp file + rename).
+Outputs (`write_outputs`): results.json, results.md, auc_curves.png, accuracy_vs_cost.png, tokens.html;
+when given, the full tables into the benchmark page (docs/benchmarks.md) between
+`<!-- noisy-sft-results:start -->` and `<!-- noisy-sft-results:end -->`, and a short summary (each method
+at its default setting against full SFT) into the README between `<!-- noisy-sft-results-summary:start -->`
+and `<!-- noisy-sft-results-summary:end -->`. Every file is written atomically (temp file + rename).
 """
 
 from __future__ import annotations
@@ -236,6 +238,46 @@ def results_table(results: dict) -> str:
         lines += ["", f"_{legend}_"]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+SUMMARY_RATIO = 0.6
+"""Methods with a keep ratio appear in the summary at this one, the papers' default."""
+
+
+def summary_table(results: dict) -> str:
+    """Markdown: one row per baseline or method at its default setting (ratio 0.6 or none), one pair of
+    columns (gen accuracy, answer NLL, each with its difference to full SFT) per regime."""
+    rows = [row for row in _rows(results)
+            if row["kind"] in _BOLD_KINDS and row.get("ratio") in (None, SUMMARY_RATIO)]
+    if not rows:
+        return "_No results._\n"
+    regimes = _regimes(rows)
+    full = {row["regime"]: row for row in rows if row["kind"] == "baseline" and row.get("family") == "full"}
+    methods = list(dict.fromkeys(row["method"] for row in _ordered(rows)))
+    by_key = {(row["regime"], row["method"]): row for row in rows}
+    header = ["Method"] + [f"{regime}: {what}" for regime in regimes for what in ("gen acc", "answer NLL")]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+
+    def cell(row: dict | None, key: str, percent: bool) -> str:
+        if row is None or not _has_mean(row.get(key)):
+            return MISSING
+        text = format_stat(row[key], percent=percent, digits=1 if percent else 2)
+        base = full.get(row["regime"])
+        if base is not None and base is not row and _has_mean(base.get(key)):
+            delta = (row[key]["mean"] - base[key]["mean"]) * (100.0 if percent else 1.0)
+            text += f" ({delta:+.1f})" if percent else f" ({delta:+.2f})"
+        return text
+
+    for method in methods:
+        cells = [method]
+        for regime in regimes:
+            row = by_key.get((regime, method))
+            cells += [cell(row, "gen_acc", True), cell(row, "nll", False)]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    spread = "; ± is the standard deviation over seeds" if any(len(r.get("seeds") or []) > 1 for r in rows) else ""
+    lines += ["", f"_{_seeds_text(rows)}{spread}; in brackets the difference to full SFT (accuracy in points, "
+              "NLL in nats: lower is better)._"]
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -635,12 +677,27 @@ def _results_md(results: dict, table_md: str) -> str:
     )
 
 
+def _with_plot_links(table_md: str, out_dir: Path, page: Path) -> str:
+    """`table_md` followed by links to the plots and token page, relative to `page`'s folder."""
+    try:
+        rel = Path(os.path.relpath(out_dir.resolve(), page.resolve().parent)).as_posix()
+    except ValueError:  # another drive on Windows
+        return table_md
+    return table_md.strip() + (
+        f"\n\nPlots: [selection AUC during training]({rel}/auc_curves.png), "
+        f"[accuracy against cost]({rel}/accuracy_vs_cost.png); "
+        f"tokens each method keeps: [{rel}/tokens.html]({rel}/tokens.html).\n"
+    )
+
+
 def write_outputs(results: dict, samples_by_regime: list[dict], out_dir: Path,
-                  readme: Path | None, readme_section: str = "noisy-sft-results") -> dict[str, Path]:
-    """Write every output into `out_dir` (created if needed) and update `readme`'s section when given.
+                  page: Path | None, section: str = "noisy-sft-results",
+                  summary_readme: Path | None = None) -> dict[str, Path]:
+    """Write every output into `out_dir` (created if needed), the full tables into `page`'s `section`
+    and the summary into `summary_readme`'s `<section>-summary`, each when given.
 
     Returns the written paths under the keys `results_json`, `results_md`, `auc_curves`,
-    `accuracy_vs_cost`, `tokens_html` and, with a README, `readme`.
+    `accuracy_vs_cost`, `tokens_html` and, when written, `page` and `readme`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -657,19 +714,13 @@ def write_outputs(results: dict, samples_by_regime: list[dict], out_dir: Path,
     plot_auc_curves(results, paths["auc_curves"])
     plot_accuracy_vs_cost(results, paths["accuracy_vs_cost"])
     token_html(samples_by_regime, paths["tokens_html"])
-    if readme is not None:
-        readme = Path(readme)
-        section = table_md
-        try:
-            rel = Path(os.path.relpath(out_dir.resolve(), readme.resolve().parent)).as_posix()
-        except ValueError:  # another drive on Windows
-            rel = None
-        if rel is not None and not rel.startswith(".."):
-            section = table_md.strip() + (
-                f"\n\nPlots: [selection AUC during training]({rel}/auc_curves.png), "
-                f"[accuracy against cost]({rel}/accuracy_vs_cost.png); "
-                f"tokens each method keeps: [{rel}/tokens.html]({rel}/tokens.html).\n"
-            )
-        update_readme(readme, section, results.get("command", ""), readme_section)
-        paths["readme"] = readme
+    command = results.get("command", "")
+    if page is not None:
+        page = Path(page)
+        update_readme(page, _with_plot_links(table_md, out_dir, page), command, section)
+        paths["page"] = page
+    if summary_readme is not None:
+        summary_readme = Path(summary_readme)
+        update_readme(summary_readme, summary_table(results), command, f"{section}-summary")
+        paths["readme"] = summary_readme
     return paths

@@ -391,8 +391,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="rows whose key starts with one of these")
     parser.add_argument("--readme", type=Path, default=None,
-                        help="README to write the table into (default: the repo README for full runs, none for --quick)")
-    parser.add_argument("--no-readme", action="store_true")
+                        help="README to write the summary into (default: the repo README for full runs, none for "
+                             "--quick); the full tables go to docs/benchmarks.md beside it")
+    parser.add_argument("--no-readme", action="store_true", help="write neither the README nor docs/benchmarks.md")
     parser.add_argument("--report-dir", type=Path, default=None,
                         help="where the report goes (default benchmarks/results/<mode> for full and --smollm2 runs, "
                              "<workdir>/report for --quick)")
@@ -433,8 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     readme = None if args.no_readme else (args.readme or (None if args.quick else REPO / "README.md"))
     report_dir = args.report_dir or (paths.root / "report" if args.quick else REPO / "benchmarks" / "results" /
                                      f"noisy_sft{suffix}")
-    outputs = write_outputs(results, samples, report_dir, readme,
-                            readme_section=f"noisy-sft{suffix.replace('_', '-')}-results")
+    page = None if readme is None else readme.resolve().parent / "docs" / "benchmarks.md"
+    outputs = write_outputs(results, samples, report_dir, page, section=f"noisy-sft{suffix.replace('_', '-')}-results",
+                            summary_readme=readme)
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     for name, path in outputs.items():
         console.print(f"{name:<18} {path}")
