@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lit_tokensel.checkpoint_io import load_checkpoint_file
+
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
     from lit_tokensel.methods.base import SelectedBatch, TokenSelectionModule
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 def load_training_state(module: TokenSelectionModule, checkpoint_path: str | os.PathLike) -> int:
     """Load a Lightning checkpoint's weights and the module's own callbacks' state; return its global step."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(checkpoint_path)  # plain data, allowed classes, sha256 checked
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     saved = checkpoint.get("callbacks", {})
