@@ -259,3 +259,18 @@ def test_fit_resumes_from_its_own_checksummed_checkpoint(checkpoint, tmp_path, m
           "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
           "--trainer.callbacks", "[]", "--export.output_dir", str(tmp_path / "export")])
     assert (tmp_path / "export" / "export_manifest.json").is_file()
+
+
+def test_export_cli_trusts_a_class_given_on_the_command_line(checkpoint, tmp_path):
+    state = _plain(checkpoint)
+    state["method_class"] = f"{MyMethod.__module__}.MyMethod"
+    custom = tmp_path / "custom.ckpt"
+    torch.save(state, custom)
+    try:
+        main(["export", "--checkpoint", str(custom), "--output_dir", str(tmp_path / "export"),
+              "--trust_class", f"[{MyMethod.__module__}.MyMethod]"])
+    finally:
+        unregister_trusted_class(MyMethod)
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    with pytest.raises(UntrustedClassError):
+        load_module_from_checkpoint(custom)
