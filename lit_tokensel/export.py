@@ -112,6 +112,7 @@ def export_pretrained(
             fresh.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_export_manifest(tmp, source)
+            _fsync_files(tmp)  # on disk before the rename makes them the export
             _replace_dir(tmp, output)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,6 +155,13 @@ def check_export_target(output: Path, source: str | None, overwrite: bool) -> No
         f"export target {output} already holds {held}; two runs never share an export directory. Pick "
         f"another output dir, or pass overwrite=True (`--overwrite true`, `--export.overwrite true`) to replace it."
     )
+
+
+def _fsync_files(directory: Path) -> None:
+    for file in directory.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 def _replace_dir(new: Path, output: Path) -> None:
