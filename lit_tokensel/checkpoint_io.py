@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,13 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint holds pickled Python objects beyond tensors and plain data; it was not loaded."""
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """A checkpoint dict read safely: checksum verified (if recorded), plain data only, classes allowed."""
+def load_checkpoint_file(
+    path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, also_trusted: Iterable[str] = ()
+) -> dict[str, Any]:
+    """A checkpoint dict read safely: checksum verified (if recorded), plain data only, classes allowed.
+
+    `also_trusted`: class names allowed for this file only, besides the allow-list.
+    """
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory, not a checkpoint file")
@@ -50,7 +56,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mma
         ) from None
     if not isinstance(checkpoint, dict):
         raise UnsafeCheckpointError(f"{path}: not a Lightning checkpoint (a {type(checkpoint).__name__}, not a dict)")
-    check_checkpoint_classes(checkpoint, str(path))
+    check_checkpoint_classes(checkpoint, str(path), also_trusted)
     return checkpoint
 
 

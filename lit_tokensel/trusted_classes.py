@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 ENV_VAR = "LIT_TOKENSEL_TRUSTED_CLASSES"
@@ -49,6 +49,11 @@ class UntrustedClassError(ValueError):
     """A file names a class that is not on the allow-list; nothing was imported."""
 
 
+def dotted_name(cls: type) -> str:
+    """`module.QualName` of `cls`: how a checkpoint written by `cls` names it (`method_class`)."""
+    return _dotted(cls)
+
+
 def _dotted(cls_or_name: type | str) -> str:
     if isinstance(cls_or_name, str):
         return cls_or_name
@@ -70,9 +75,9 @@ def trusted_names() -> frozenset[str]:
     return PROJECT_CLASSES | _registered | from_env
 
 
-def check_trusted_name(name: Any, where: str) -> str:
-    """`name` itself when it is allowed; otherwise an `UntrustedClassError` saying where it came from."""
-    allowed = trusted_names()
+def check_trusted_name(name: Any, where: str, also: Iterable[str] = ()) -> str:
+    """`name` itself when it is allowed (or in `also`); otherwise an `UntrustedClassError` saying where it came from."""
+    allowed = trusted_names() | set(also)
     if not isinstance(name, str) or name not in allowed:
         public = {f"lit_tokensel.{n}" for n in _METHODS} | {f"lit_tokensel.reference.{n}" for n in _REFERENCES}
         listing = ", ".join(sorted(public | (allowed - PROJECT_CLASSES)))
@@ -96,7 +101,7 @@ def resolve_trusted_class(name: Any, where: str, base: type | None = None) -> ty
     return cls
 
 
-def check_plain_config(value: Any, where: str) -> None:
+def check_plain_config(value: Any, where: str, also: Iterable[str] = ()) -> None:
     """Refuse any `class_path`/`_class_path` or `_instantiator` nested in `value` that is not allowed.
 
     Walks dicts and lists (a checkpoint's `hyper_parameters`); nothing is imported.
@@ -104,24 +109,27 @@ def check_plain_config(value: Any, where: str) -> None:
     if isinstance(value, Mapping):
         for key in ("class_path", "_class_path"):
             if key in value:
-                check_trusted_name(value[key], f"{where}.{key}")
+                check_trusted_name(value[key], f"{where}.{key}", also)
         if "_instantiator" in value and value["_instantiator"] not in TRUSTED_INSTANTIATORS:
             raise UntrustedClassError(
                 f"{where}._instantiator is {value['_instantiator']!r}; only {sorted(TRUSTED_INSTANTIATORS)} "
                 f"is accepted (a checkpoint must not choose code to run)."
             )
         for key, item in value.items():
-            check_plain_config(item, f"{where}.{key}")
+            check_plain_config(item, f"{where}.{key}", also)
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
-            check_plain_config(item, f"{where}[{i}]")
+            check_plain_config(item, f"{where}[{i}]", also)
 
 
-def check_checkpoint_classes(checkpoint: Mapping[str, Any], where: str) -> None:
-    """Every class a checkpoint dict names (`method_class`, anything in `hyper_parameters`) is allowed."""
+def check_checkpoint_classes(checkpoint: Mapping[str, Any], where: str, also: Iterable[str] = ()) -> None:
+    """Every class a checkpoint dict names (`method_class`, anything in `hyper_parameters`) is allowed.
+
+    `also`: names trusted for this check only (e.g. the class of the module the caller loads into).
+    """
     if "method_class" in checkpoint:
-        check_trusted_name(checkpoint["method_class"], f"{where}: method_class")
-    check_plain_config(checkpoint.get("hyper_parameters", {}), f"{where}: hyper_parameters")
+        check_trusted_name(checkpoint["method_class"], f"{where}: method_class", also)
+    check_plain_config(checkpoint.get("hyper_parameters", {}), f"{where}: hyper_parameters", also)
 
 
 def trust_config_classes(config: Any) -> list[str]:

@@ -274,3 +274,19 @@ def test_export_cli_trusts_a_class_given_on_the_command_line(checkpoint, tmp_pat
     assert (tmp_path / "export" / "model.safetensors").is_file()
     with pytest.raises(UntrustedClassError):
         load_module_from_checkpoint(custom)
+
+
+def test_inspect_api_trusts_the_class_of_the_module_it_loads_into(checkpoint, tmp_path):
+    from lit_tokensel.inspection import load_training_state
+
+    state = _plain(checkpoint)
+    state["method_class"] = f"{MyMethod.__module__}.MyMethod"  # e.g. the noisy-SFT benchmark's OracleSFT
+    custom = tmp_path / "custom.ckpt"
+    torch.save(state, custom)
+    module = MyMethod(**{k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")})
+    module.configure_model()
+    assert load_training_state(module, custom) == 2
+    plain = FullSFT(**{k: v for k, v in state["hyper_parameters"].items() if not k.startswith("_")})
+    plain.configure_model()
+    with pytest.raises(UntrustedClassError, match="MyMethod"):
+        load_training_state(plain, custom)
