@@ -124,3 +124,46 @@ def check_cli_checkpoint(config: Any) -> None:
     ckpt_path = section.get("ckpt_path")
     if ckpt_path and Path(ckpt_path).is_file():
         load_checkpoint_file(ckpt_path)
+    elif ckpt_path and (Path(ckpt_path) / ".metadata").is_file():
+        check_sharded_checkpoint(ckpt_path)
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file allowing only its dataclasses, enums and torch's dtypes/Size.
+
+    torch's own `FileSystemReader.read_metadata` uses plain `pickle.load`, so a crafted `.metadata`
+    would run code the moment a sharded checkpoint folder is opened.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        import dataclasses
+        import enum
+
+        if module.startswith("torch.distributed.checkpoint."):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+                return obj
+        elif module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return getattr(torch, name)
+        elif (module, name) == ("torch.serialization", "_get_layout"):  # str -> torch.layout, as torch pickles it
+            return super().find_class(module, name)
+        elif (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
+
+
+def check_sharded_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a sharded (DCP) checkpoint folder whose `.metadata` or `meta.pt` holds anything but plain data."""
+    path = Path(path)
+    metadata = path / ".metadata"
+    try:
+        with open(metadata, "rb") as handle:
+            _DcpMetadataUnpickler(handle).load()
+    except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, TypeError, ValueError) as e:
+        raise UnsafeCheckpointError(
+            f"{metadata}: refused to load the sharded checkpoint {path}: its metadata is not plain DCP "
+            f"metadata ({e}). lit_tokensel never unpickles code from a checkpoint."
+        ) from None
+    if (path / "meta.pt").is_file():
+        load_checkpoint_file(path / "meta.pt")

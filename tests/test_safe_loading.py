@@ -290,3 +290,23 @@ def test_inspect_api_trusts_the_class_of_the_module_it_loads_into(checkpoint, tm
     plain.configure_model()
     with pytest.raises(UntrustedClassError, match="MyMethod"):
         load_training_state(plain, custom)
+
+
+def test_sharded_checkpoint_with_a_pickle_payload_in_its_metadata_is_refused(tmp_path, monkeypatch):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from lit_tokensel.checkpoint_io import check_sharded_checkpoint
+
+    good = tmp_path / "good.ckpt"
+    dcp.save({"state_dict": {"w": torch.arange(4.0)}}, checkpoint_id=good, no_dist=True)
+    check_sharded_checkpoint(good)  # real DCP metadata passes
+    marker = tmp_path / "pwned"
+    hostile = Path(shutil.copytree(good, tmp_path / "hostile.ckpt"))
+    (hostile / ".metadata").write_bytes(pickle.dumps(TouchPayload(marker)))
+    monkeypatch.chdir(tmp_path)
+    for reader in (run_export, run_fit):
+        with pytest.raises(UnsafeCheckpointError, match=r"hostile\.ckpt/\.metadata: refused to load the sharded"):
+            reader(hostile, tmp_path)
+    assert not marker.exists()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lit_tokensel.checkpoint_io import load_checkpoint_file
+from lit_tokensel.checkpoint_io import check_sharded_checkpoint, load_checkpoint_file
 from lit_tokensel.distributed.callback_state import DCP_KEY, fill_markers
 from lit_tokensel.integrity import write_sidecar
 from lit_tokensel.trusted_classes import check_checkpoint_classes
@@ -53,6 +53,7 @@ def consolidate_checkpoint(path: str | Path, output_file: str | Path | None = No
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise ValueError(f"{path} is not a distributed (DCP) checkpoint folder: it has no .metadata file")
+    check_sharded_checkpoint(path)  # torch unpickles .metadata with plain pickle: check it first
     tensors: dict[str, Any] = {}
     _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
