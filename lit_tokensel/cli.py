@@ -16,6 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
 
 from lit_tokensel.callbacks.export import ExportOnFitEnd
+from lit_tokensel.checkpoint_io import check_cli_checkpoint, use_checksummed_checkpoints
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.methods.base import TokenSelectionModule
 
@@ -25,6 +26,15 @@ class TokenSelCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ExportOnFitEnd, "export")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        check_cli_checkpoint(self.config)  # before LightningCLI reads --ckpt_path's hyper-parameters
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        use_checksummed_checkpoints(trainer)  # atomic .ckpt files with a sha256 sidecar
+        return trainer
 
     def after_fit(self) -> None:
         trainer = self.trainer

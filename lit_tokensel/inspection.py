@@ -23,14 +23,21 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lit_tokensel.checkpoint_io import load_checkpoint_file
+from lit_tokensel.trusted_classes import dotted_name
+
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
     from lit_tokensel.methods.base import SelectedBatch, TokenSelectionModule
 
 
 def load_training_state(module: TokenSelectionModule, checkpoint_path: str | os.PathLike) -> int:
-    """Load a Lightning checkpoint's weights and the module's own callbacks' state; return its global step."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    """Load a Lightning checkpoint's weights and the module's own callbacks' state; return its global step.
+
+    The file is read safely (`load_checkpoint_file`); besides the allow-list it may name `module`'s
+    own class, which the caller chose.
+    """
+    checkpoint = load_checkpoint_file(checkpoint_path, also_trusted=[dotted_name(type(module))])
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     saved = checkpoint.get("callbacks", {})

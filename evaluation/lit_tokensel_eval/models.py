@@ -106,6 +106,9 @@ def open_model(
 
     device = device or default_device()
     if isinstance(model, InMemoryModel):
+        from lit_tokensel.export_files import check_finite
+
+        check_finite(model.model.named_parameters(), model.name)  # NaN weights give meaningless scores
         if needs_chat_template:
             _check_chat_template(model.tokenizer, model.name)
         was_training = model.model.training
@@ -138,6 +141,10 @@ def open_model(
         raise FileNotFoundError(f"model {text!r} not found: pass an exported model directory, a .ckpt "
                                 f"checkpoint, or builtin:<name>")
     _check_model_dir(path)
+    from lit_tokensel.export_files import check_finite_dir, verify_export_dir
+
+    verify_export_dir(path)  # the sha256 of every file, when exported by lit_tokensel
+    check_finite_dir(path)
     lm = HFLM(pretrained=str(path), device=device, batch_size=batch_size, **hflm_kwargs)
     if needs_chat_template:
         _check_chat_template(lm.tokenizer, str(path))

@@ -90,18 +90,19 @@ def score_to_cache(
         **datamodule.loss_cache_fingerprint(split),
         "model": model_fingerprint(module.model, module.model_name_or_path),
     }
-    writer = TokenLossCacheWriter(output_dir, fingerprint, split, shard_size, num_samples=len(dataset))
-    todo = [i for i in range(writer.num_shards) if not writer.is_complete(i)]
-    done_samples = len(dataset) - sum(len(_positions(i, shard_size, len(dataset))) for i in todo)
-    with tqdm(total=len(dataset), initial=done_samples, desc=f"Scoring {split}", unit="sample",
-              disable=not progress) as bar:
-        for count, index in enumerate(todo):
-            if max_shards is not None and count >= max_shards:
-                break
-            positions = _positions(index, shard_size, len(dataset))
-            ids, rows = _score_shard(module, dataset, positions, datamodule)
-            writer.write_shard(index, ids, rows)
-            bar.update(len(positions))
+    # The writer locks the directory: a second process scoring into it waits, then finds the shards done.
+    with TokenLossCacheWriter(output_dir, fingerprint, split, shard_size, num_samples=len(dataset)) as writer:
+        todo = [i for i in range(writer.num_shards) if not writer.is_complete(i)]
+        done_samples = len(dataset) - sum(len(_positions(i, shard_size, len(dataset))) for i in todo)
+        with tqdm(total=len(dataset), initial=done_samples, desc=f"Scoring {split}", unit="sample",
+                  disable=not progress) as bar:
+            for count, index in enumerate(todo):
+                if max_shards is not None and count >= max_shards:
+                    break
+                positions = _positions(index, shard_size, len(dataset))
+                ids, rows = _score_shard(module, dataset, positions, datamodule)
+                writer.write_shard(index, ids, rows)  # refuses NaN/inf losses, naming the samples
+                bar.update(len(positions))
     return writer.path
 
 

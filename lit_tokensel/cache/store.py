@@ -10,7 +10,11 @@ Shard `i` holds the split's samples at positions `[i * shard_size, (i + 1) * sha
 order. A row's `losses` has `len(input_ids) - 1` entries in the `[T-1]` frame (entry `j` is the loss of
 predicting token `j + 1`), 0 where `labels[j + 1] == -100`. Shards are written to a temporary file and
 renamed; a shard counts as done only once the manifest (also written tmp + rename) lists it with its
-size and sha256, so an interrupted pass leaves no half-written shard that looks finished.
+size and sha256, so an interrupted pass leaves no half-written shard that looks finished. Temporary
+names are unique per process, and a writer holds an exclusive lock (`.<dir name>.lock` next to the
+directory) for its lifetime: a second `score` into the same directory waits for the first, then
+resumes (finding every shard done, it only verifies them). A manifest whose structure is damaged
+is a `CacheError` naming the field; a shard with NaN or inf losses is refused before it is written.
 
 Reading loads every row into memory (`dict[sample_id, float32 array]`, views into one buffer per
 shard): 4 bytes per token, e.g. 100k samples x 1k tokens = 400 MB. Parquet, never pickle.
@@ -18,9 +22,10 @@ shard): 4 bytes per token, e.g. 100k samples x 1k tokens = 400 MB. Parquet, neve
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lit_tokensel.cache.fingerprint import ALL_PARTS, DATA_PARTS, compare
+from lit_tokensel.integrity import atomic_write_bytes, sha256_file, unique_tmp
 
 MANIFEST = "manifest.json"
 FORMAT = "lit_tokensel.token_losses"
@@ -46,21 +52,44 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_sha256 = sha256_file
+_INT = (int,)
+_SHARD_FIELDS = {"index": _INT, "file": (str,), "rows": _INT, "bytes": _INT, "sha256": (str,),
+                 "first_sample_id": (int, type(None)), "last_sample_id": (int, type(None))}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _damaged(file: Path, field: str, problem: str) -> CacheError:
+    return CacheError(f"{file} is damaged: {field} {problem}. Delete the directory and re-run `lit-tokensel score`.")
+
+
+def check_manifest_structure(manifest: Any, file: Path) -> None:
+    """Every field a reader uses is present with the right type; a shard's `file` is its own name (no path)."""
+    if not isinstance(manifest, dict):
+        raise _damaged(file, "the top level", f"is a {type(manifest).__name__}, not an object")
+    fingerprint = manifest.get("fingerprint")
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("model"), str):
+        raise _damaged(file, "'fingerprint'", "is not an object with a 'model' string")
+    if manifest.get("split") not in ("train", "val"):
+        raise _damaged(file, "'split'", f"is {manifest.get('split')!r}, not 'train' or 'val'")
+    for key, minimum in (("shard_size", 1), ("num_samples", 0), ("num_shards", 0)):
+        value = manifest.get(key)
+        if type(value) is not int or value < minimum:
+            raise _damaged(file, repr(key), f"is {value!r}, not an integer >= {minimum}")
+    if manifest["num_shards"] != -(-manifest["num_samples"] // manifest["shard_size"]):
+        raise _damaged(file, "'num_shards'", "does not match num_samples / shard_size")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise _damaged(file, "'shards'", f"is {type(shards).__name__}, not a list")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise _damaged(file, f"shards[{i}]", "is not an object")
+        for key, types in _SHARD_FIELDS.items():
+            if key not in entry or type(entry[key]) not in types:
+                raise _damaged(file, f"shards[{i}].{key}", f"is {entry.get(key)!r} (missing or of the wrong type)")
+        if not 0 <= entry["index"] < manifest["num_shards"] or entry["file"] != shard_name(entry["index"]):
+            raise _damaged(file, f"shards[{i}]", f"has index {entry['index']} and file {entry['file']!r}")
+    if len({e["index"] for e in shards}) != len(shards):
+        raise _damaged(file, "'shards'", "lists a shard twice")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -72,11 +101,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{file} is corrupted ({e}); delete the directory and re-run `lit-tokensel score`.") from e
+    if not isinstance(manifest, dict):
+        raise _damaged(file, "the top level", f"is a {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise CacheError(
             f"{file}: not a version-{VERSION} token-loss cache (format={manifest.get('format')!r}, "
             f"version={manifest.get('version')!r}); re-create it with `lit-tokensel score`."
         )
+    check_manifest_structure(manifest, file)
     return manifest
 
 
@@ -208,17 +240,32 @@ class TokenLossCacheWriter:
             "num_shards": -(-num_samples // shard_size),
             "shards": [],
         }
-        if (self.path / MANIFEST).exists():
-            self.manifest = self._resume(read_manifest(self.path), wanted)
-        elif self.path.exists() and any(self.path.iterdir()):
-            raise CacheError(
-                f"{self.path} exists and is not empty but has no {MANIFEST}; refusing to write a token-loss "
-                f"cache into it. Pick a new output dir."
-            )
-        else:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.manifest = wanted
-            self._save_manifest()
+        self._lock = _DirectoryLock(self.path)
+        try:
+            if (self.path / MANIFEST).exists():
+                self.manifest = self._resume(read_manifest(self.path), wanted)
+            elif self.path.exists() and any(self.path.iterdir()):
+                raise CacheError(
+                    f"{self.path} exists and is not empty but has no {MANIFEST}; refusing to write a token-loss "
+                    f"cache into it. Pick a new output dir."
+                )
+            else:
+                self.path.mkdir(parents=True, exist_ok=True)
+                self.manifest = wanted
+                self._save_manifest()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the directory lock (also done when the process exits)."""
+        self._lock.release()
+
+    def __enter__(self) -> TokenLossCacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _resume(self, existing: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
         hint = "Refusing to overwrite it: pick a new output dir, or delete this one to re-score."
@@ -249,7 +296,18 @@ class TokenLossCacheWriter:
         return any(entry["index"] == index for entry in self.manifest["shards"])
 
     def write_shard(self, index: int, sample_ids: Sequence[int], losses: Sequence[np.ndarray]) -> Path:
-        """Write shard `index` (tmp file + rename), then record it in the manifest."""
+        """Write shard `index` (tmp file + rename), then record it in the manifest.
+
+        Rows holding NaN or inf are refused (a `CacheError` naming their sample ids) and nothing is written.
+        """
+        bad = [int(i) for i, row in zip(sample_ids, losses, strict=True) if not np.isfinite(row).all()]
+        if bad:
+            raise CacheError(
+                f"refusing to write shard {index} of token-loss cache {self.path}: the losses of "
+                f"{len(bad)} sample(s) are NaN or inf (sample_id {', '.join(map(str, bad[:10]))}"
+                f"{', ...' if len(bad) > 10 else ''}). The scored model is broken (diverged or NaN weights); "
+                f"the cache stays incomplete, so nothing will use it."
+            )
         lengths = np.fromiter((len(row) for row in losses), dtype=np.int64, count=len(losses))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         values = np.concatenate([np.asarray(r, dtype=np.float32) for r in losses]) if len(losses) else np.zeros(0)
@@ -261,9 +319,12 @@ class TokenLossCacheWriter:
             schema=SCHEMA,
         )
         file = self.path / shard_name(index)
-        tmp = file.with_name(f".{file.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, file)
+        tmp = unique_tmp(file)
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
         entry = {
             "index": index,
             "file": file.name,
@@ -279,4 +340,36 @@ class TokenLossCacheWriter:
         return file
 
     def _save_manifest(self) -> None:
-        _atomic_write(self.path / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode("utf-8"))
+        atomic_write_bytes(self.path / MANIFEST, (json.dumps(self.manifest, indent=2) + "\n").encode("utf-8"))
+
+
+_HELD: set[Path] = set()  # directories this process holds a writer lock on
+
+
+class _DirectoryLock:
+    """An exclusive `flock` on `.<name>.lock` next to `path`; waits (saying so) while another process holds it."""
+
+    handle = None
+
+    def __init__(self, path: Path) -> None:
+        self.key = path.absolute()
+        if self.key in _HELD:
+            raise CacheError(f"token-loss cache {path} is already open for writing in this process; close that "
+                             f"writer first.")
+        self.key.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.key.with_name(f".{self.key.name}.lock"), "a+")  # noqa: SIM115 - held until release
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"lit-tokensel: another process is writing the token-loss cache {path}; waiting for it to "
+                  f"finish, then resuming it.", file=sys.stderr, flush=True)
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        _HELD.add(self.key)
+
+    def release(self) -> None:
+        if self.handle is not None and not self.handle.closed:
+            _HELD.discard(self.key)
+            self.handle.close()  # closing the file releases the flock
+
+    def __del__(self) -> None:
+        self.release()

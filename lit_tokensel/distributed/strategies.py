@@ -18,6 +18,7 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.strategies import FSDPStrategy as _LightningFSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from lit_tokensel.checkpoint_io import check_sharded_checkpoint
 from lit_tokensel.distributed.callback_state import (
     DCP_KEY,
     extract_dtensors,
@@ -85,6 +86,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             torch.save(checkpoint, path / _METADATA_FILENAME)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if _is_sharded_checkpoint(Path(checkpoint_path)):
+            check_sharded_checkpoint(checkpoint_path)  # before torch unpickles its .metadata
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         path = Path(self.broadcast(checkpoint_path))
         paths = marker_paths(checkpoint.get("callbacks", {}))

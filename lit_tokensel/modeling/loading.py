@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.builtin.models import resolve_builtin
+from lit_tokensel.export_files import verify_export_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +55,8 @@ def load_causal_lm(
 
     With LoRA only the adapter weights are trainable; the base stays frozen, and the base without
     the adapter is available through peft's `disable_adapter()` (the reference providers use it).
+    A directory exported by lit_tokensel has its files' sha256 checked first. Remote code from the
+    hub is never run (`trust_remote_code` stays at transformers' default, off).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
@@ -60,6 +64,8 @@ def load_causal_lm(
     kwargs: dict[str, Any] = {"dtype": DTYPES[dtype], "attn_implementation": attn_implementation}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    if os.path.isdir(path):
+        verify_export_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns

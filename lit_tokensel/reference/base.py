@@ -6,7 +6,6 @@ its weights stay out of `parameters()`, the optimizer and the checkpoint's `stat
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ import lightning as L
 import torch
 
 from lit_tokensel.modeling.forward import response_token_losses
+from lit_tokensel.trusted_classes import resolve_trusted_class
 
 if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
@@ -72,9 +72,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def reference_from_config(config: ReferenceModel | dict[str, Any]) -> ReferenceModel:
-    """A provider from its `config()` (how checkpoints store it), or the provider itself."""
+    """A provider from its `config()` (how checkpoints store it), or the provider itself.
+
+    The `class_path` must be on the allow-list (`lit_tokensel.trusted_classes`): a checkpoint's
+    hyper-parameters must not choose which code runs.
+    """
     if isinstance(config, ReferenceModel):
         return config
-    module_name, _, class_name = config["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    if not isinstance(config, dict) or "class_path" not in config:
+        raise ValueError(f"a reference must be a ReferenceModel or a {{class_path, init_args}} dict, got {config!r}")
+    cls = resolve_trusted_class(config["class_path"], "reference config", base=ReferenceModel)
     return cls(**config.get("init_args", {}))
