@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -341,15 +342,19 @@ class SFTDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in the epoch, saved in checkpoints so a mid-epoch resume skips what was seen."""
+        """Where training is in the epoch, saved in every checkpoint written during `fit`, so a resume skips
+        exactly the batches already trained on: also checkpoints written during validation (e.g.
+        `val_check_interval: 0.5` with a monitored `ModelCheckpoint`), at an epoch's end, or after `fit`."""
         trainer = getattr(self, "trainer", None)
+        sampler = self._train_sampler
         # Multi-process: Lightning wraps the sampler in a DistributedSamplerWrapper that re-permutes
         # its output, so skipping inside it would not skip the right samples; epoch boundaries stay exact.
-        if trainer is None or not trainer.training or trainer.world_size > 1:
+        if trainer is None or sampler is None or trainer.state.fn != TrainerFn.FITTING or trainer.world_size > 1:
             return {}
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
-        return {"epoch": trainer.current_epoch,
-                "consumed_samples": processed * self.batch_size * trainer.world_size}
+        # The sampler's epoch, not `trainer.current_epoch`: the batch counter belongs to the epoch being
+        # iterated, and `current_epoch` already counts an epoch as done once it ended (or max_steps cut it).
+        return {"epoch": sampler.epoch, "consumed_samples": processed * self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
