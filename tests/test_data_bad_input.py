@@ -66,6 +66,26 @@ def test_cutting_long_conversations_before_tokenizing_changes_no_kept_token(
     assert result.truncated and result.num_tokens > max_length
 
 
+def test_a_budget_that_does_not_hold_enough_tokens_falls_back_to_the_whole_conversation(
+    chat_tokenizer, monkeypatch
+):
+    """A tokenizer whose tokens cover more characters than its vocabulary entries (a normalizer deleting
+    characters) would leave too few tokens after the cut: detected by counting, then tokenized in full."""
+    import lit_tokensel.data.tokenization as tokenization
+
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": LONG}]
+    monkeypatch.setattr(tokenization, "max_token_chars", lambda tokenizer: 1)  # budget: 80 characters
+    calls = []
+    original = tokenization.assistant_token_mask
+    monkeypatch.setattr(tokenization, "assistant_token_mask",
+                        lambda tok, msgs, train_on: calls.append(sum(len(m["content"]) for m in msgs))
+                        or original(tok, msgs, train_on))
+    result = tokenization.tokenize_conversation(chat_tokenizer, messages, 16)
+    assert calls == [80, 2 + len(LONG)]  # the cut render had < 16 + 64 tokens, so the whole one was tokenized
+    ids, labels = _unbounded(chat_tokenizer, messages, 16, "all_turns")
+    assert result.input_ids == ids and result.labels == labels
+
+
 def test_conversations_within_the_budget_are_not_touched(chat_tokenizer):
     messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
     bounded = bound_messages(messages, char_budget(chat_tokenizer, 8))

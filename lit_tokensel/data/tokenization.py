@@ -255,12 +255,19 @@ def tokenize_conversation(
     A result with `num_label_tokens == 0` has nothing left to train on; the pipeline drops and counts it.
     A conversation longer than `char_budget(tokenizer, max_length)` content characters is cut to that
     before rendering (`bound_messages`), so memory and time stay bounded for any row; its `num_tokens` is
-    then the length of the cut render (still more than `max_length`), not of the whole conversation.
+    then the length of the cut render (at least `max_length + BOUNDARY_TOKENS`, which is checked: when a
+    tokenizer breaks that bound, the whole conversation is tokenized), not of the whole conversation.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    bounded = bound_messages(messages, char_budget(tokenizer, max_length))
+    budget = char_budget(tokenizer, max_length)
+    bounded = bound_messages(messages, budget)
     input_ids, mask = assistant_token_mask(tokenizer, bounded, train_on)
+    if len(input_ids) < max_length + BOUNDARY_TOKENS and sum(len(m["content"]) for m in messages) > budget:
+        # Cut, yet fewer tokens than the budget guarantees: this tokenizer's tokens cover more characters than
+        # its vocabulary entries (a normalizer that deletes characters). Correctness first: tokenize it all.
+        bounded = list(messages)
+        input_ids, mask = assistant_token_mask(tokenizer, bounded, train_on)
     if train_on == "last_turn" and any(m["role"] == "assistant" for m in messages[len(bounded):]):
         mask = [0] * len(mask)  # the last turn starts past the budget, so past the first max_length tokens
     num_tokens = len(input_ids)
