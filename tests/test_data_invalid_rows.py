@@ -53,7 +53,7 @@ def test_bad_row_error_names_file_row_and_field(make_sft_datamodule, chat_tokeni
     assert f"train.jsonl row 3, field '{field}': {reason}" in message
     assert str(info.value.row) == "3" and info.value.field == field
     assert info.value.source.endswith("train.jsonl") and info.value.source in message
-    assert "on_invalid='skip'" in message
+    assert "--data.on_invalid skip" in message and "--data.train_file: " in message
 
 
 def test_invalid_json_line_names_row_and_line(make_sft_datamodule, chat_tokenizer):

@@ -156,7 +156,7 @@ def test_chatml_fallback_refused_when_tokenizer_lacks_its_tokens():
     )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>")
     with pytest.raises(
-        ValueError, match=r"default ChatML template uses <\|im_start\|>, <\|im_end\|>.*chat_template="
+        ValueError, match=r"default ChatML template uses <\|im_start\|>, <\|im_end\|>.*--data\.chat_template"
     ):
         ensure_chat_template(tokenizer)
     assert tokenizer.chat_template is None

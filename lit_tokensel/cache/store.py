@@ -193,6 +193,7 @@ class TokenLossCache:
             losses = table.column("losses").combine_chunks()
             offsets = losses.offsets.to_numpy()
             values = losses.values.to_numpy(zero_copy_only=False)
+            _check_finite(self.path / entry["file"], self.path, ids, offsets, values)
             for i, sample_id in enumerate(ids.tolist()):
                 yield sample_id, values[offsets[i] : offsets[i + 1]]
 
@@ -215,6 +216,19 @@ class TokenLossCache:
                     f"sample has {n} tokens (expected {n - 1}). The cache was made with another "
                     f"tokenization; re-run `lit-tokensel score`."
                 )
+
+
+def _check_finite(file: Path, path: Path, ids: np.ndarray, offsets: np.ndarray, values: np.ndarray) -> None:
+    """Refuse a shard holding NaN/inf losses, naming the file and the first affected sample and position."""
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size == 0:
+        return
+    row = int(np.searchsorted(offsets, bad[0], side="right")) - 1
+    raise CacheError(
+        f"token-loss cache shard {file} holds {bad.size} non-finite losses (first: {values[bad[0]]} at "
+        f"sample_id {int(ids[row])}, position {int(bad[0] - offsets[row])}): the scored model produced NaN/inf. "
+        f"Check that model, then delete {path} and re-run `lit-tokensel score`."
+    )
 
 
 class TokenLossCacheWriter:

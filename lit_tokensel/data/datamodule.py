@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -22,7 +23,7 @@ from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
 from lit_tokensel.data.samplers import EpochShuffleSampler, ResumableSampler
-from lit_tokensel.data.sources import BUILTIN_PREFIX, Source
+from lit_tokensel.data.sources import BUILTIN_PREFIX, Source, local_path
 from lit_tokensel.data.tokenization import ensure_chat_template, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,14 @@ class SFTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
-            raise ValueError("pass either train_file or dataset_name, not both")
+            raise ValueError("pass either --data.train_file or --data.dataset_name, not both")
         if val_split is not None and dataset_name is None:
-            raise ValueError("val_split selects a split of dataset_name; for a local file use val_file")
+            raise ValueError("--data.val_split selects a split of --data.dataset_name; for a local file use "
+                             "--data.val_file")
         if sum([val_file is not None, val_split is not None, val_fraction > 0]) > 1:
-            raise ValueError("pass at most one of val_file, val_split and val_fraction")
+            raise ValueError("pass at most one of --data.val_file, --data.val_split and --data.val_fraction")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
         if format not in ("auto", "messages", "prompt_completion", "alpaca"):
             raise ValueError(f"format must be auto, messages, prompt_completion or alpaca, got {format!r}")
         if train_on not in ("all_turns", "last_turn"):
@@ -129,9 +131,10 @@ class SFTDataModule(L.LightningDataModule):
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be error or skip, got {on_invalid!r}")
         if epoch_chunks is not None and (isinstance(epoch_chunks, bool) or epoch_chunks < 1):
-            raise ValueError(f"epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
+            raise ValueError(f"--data.epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
         if max_length < 1 or batch_size < 1:
-            raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
+            raise ValueError(f"--data.max_length and --data.batch_size must be >= 1, got {max_length} and "
+                             f"{batch_size}")
         self.train_file = train_file
         self.dataset_name = dataset_name
         self.dataset_config = dataset_config
@@ -183,8 +186,11 @@ class SFTDataModule(L.LightningDataModule):
             return
         if self.train_file is None and self.dataset_name is None:
             raise ValueError(
-                "no training data: pass train_file (a local .jsonl/.json/.parquet) or dataset_name"
+                "no training data: pass --data.train_file (a local .jsonl/.json/.parquet) or --data.dataset_name"
             )
+        for setting, path in (("train_file", self.train_file), ("val_file", self.val_file)):
+            if path is not None:
+                local_path(path, f"--data.{setting}")  # missing, a directory, or an unsupported type: say which
         self.tokenizer = self._resolve_tokenizer()
         template = ensure_chat_template(self.tokenizer, self.chat_template, self.override_chat_template)
         self.collator = DataCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of)
@@ -236,6 +242,12 @@ class SFTDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
         )
 
+    def _setting(self, source: Source, name: str) -> str:
+        """The option that names `source` in error messages, as a CLI flag."""
+        if source.path is not None:
+            return f"--data.{name}_file"
+        return "--data.dataset_name" + (f" (--data.{name}_split {source.split})" if source.split else "")
+
     def _tokenize(self, source: Source, name: str) -> TokenizedSource:
         return tokenize_source(
             source,
@@ -247,6 +259,7 @@ class SFTDataModule(L.LightningDataModule):
             cache_dir=self.cache_dir,
             name=name,
             fail_on_invalid=self.on_invalid == "error",
+            setting=self._setting(source, name),
         )
 
     def _build(self) -> None:
@@ -273,7 +286,8 @@ class SFTDataModule(L.LightningDataModule):
         if len(self.train_dataset) == 0:
             raise ValueError(
                 f"no trainable samples in {train.source.display}: {self.stats['train'].as_dict()}. Check "
-                f"on_invalid/rejects, or raise max_length if samples lost their response to truncation."
+                f"--data.on_invalid and the rejects file, or raise --data.max_length if samples lost their "
+                f"response to truncation."
             )
         if self.trainer is None or self.trainer.is_global_zero:
             self._write_rejects(rejects)
@@ -341,15 +355,19 @@ class SFTDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in the epoch, saved in checkpoints so a mid-epoch resume skips what was seen."""
+        """Where training is in the epoch, saved in every checkpoint written during `fit`, so a resume skips
+        exactly the batches already trained on: also checkpoints written during validation (e.g.
+        `val_check_interval: 0.5` with a monitored `ModelCheckpoint`), at an epoch's end, or after `fit`."""
         trainer = getattr(self, "trainer", None)
+        sampler = self._train_sampler
         # Multi-process: Lightning wraps the sampler in a DistributedSamplerWrapper that re-permutes
         # its output, so skipping inside it would not skip the right samples; epoch boundaries stay exact.
-        if trainer is None or not trainer.training or trainer.world_size > 1:
+        if trainer is None or sampler is None or trainer.state.fn != TrainerFn.FITTING or trainer.world_size > 1:
             return {}
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
-        return {"epoch": trainer.current_epoch,
-                "consumed_samples": processed * self.batch_size * trainer.world_size}
+        # The sampler's epoch, not `trainer.current_epoch`: the batch counter belongs to the epoch being
+        # iterated, and `current_epoch` already counts an epoch as done once it ended (or max_steps cut it).
+        return {"epoch": sampler.epoch, "consumed_samples": processed * self.batch_size * trainer.world_size}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:

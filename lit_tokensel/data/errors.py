@@ -21,8 +21,9 @@ class RowError(ValueError):
 class InvalidRowError(ValueError):
     """A row of a data file is not a valid SFT example.
 
-    The message reads like `data/train.jsonl row 3, field 'messages[1].role': unknown role 'bot'
-    (expected one of system, user, assistant)`. `row` is 0-based and equals the row's `sample_id`.
+    The message reads like `--data.train_file: data/train.jsonl row 3, field 'messages[1].role': unknown role
+    'bot' (expected one of system, user, assistant)`, naming the setting when known. `row` is 0-based and
+    equals the row's `sample_id`.
     """
 
     def __init__(
@@ -33,7 +34,9 @@ class InvalidRowError(ValueError):
         reason: str,
         raw: Any = None,
         total_invalid: int = 1,
+        setting: str | None = None,
     ) -> None:
+        self.setting = setting
         self.source = source
         self.row = row
         self.field = field
@@ -44,6 +47,8 @@ class InvalidRowError(ValueError):
 
     def _message(self) -> str:
         where = f"{self.source} row {self.row}"
+        if self.setting is not None:
+            where = f"{self.setting}: {where}"
         if self.field is not None:
             where += f", field '{self.field}'"
         msg = f"{where}: {self.reason}"
@@ -51,5 +56,5 @@ class InvalidRowError(ValueError):
             msg += f" ({self.total_invalid} invalid rows in this split in total)"
         return (
             msg
-            + ". Fix the row, or pass on_invalid='skip' to skip invalid rows and log them to a rejects file."
+            + ". Fix the row, or pass --data.on_invalid skip to skip invalid rows and write them to a rejects file."
         )

@@ -192,6 +192,7 @@ class TokenizedSource:
     dataset: datasets.Dataset
     max_length: int
     columns: dict[str, list]  # per-row sample_id, num_tokens, num_label_tokens, truncated, error_*
+    setting: str | None = None  # the option naming the source in errors, e.g. `--data.train_file`
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -212,6 +213,7 @@ class TokenizedSource:
             self.columns["error_reason"][position],
             json.loads(raw) if raw is not None else None,
             total_invalid,
+            self.setting,
         )
 
     def reject_records(self, positions: Iterable[int], split: str) -> Iterator[dict[str, Any]]:
@@ -258,11 +260,12 @@ def tokenize_source(
     cache_dir: str | None,
     name: str = "train",
     fail_on_invalid: bool = True,
+    setting: str | None = None,
 ) -> TokenizedSource:
     """Read, validate, tokenize and label every row of `source`, reusing the on-disk cache when it matches.
 
     With `fail_on_invalid`, the first invalid row raises `InvalidRowError` (before tokenizing, when it
-    is a data error; after, when the chat template fails on it). Otherwise invalid rows stay in the
+    is a data error; after, when the chat template fails on it), naming `setting` (e.g. `--data.train_file`). Otherwise invalid rows stay in the
     result, marked, for the caller to count and log.
     """
     resolved = resolve_format(source, fmt)
@@ -280,6 +283,7 @@ def tokenize_source(
                 row["error_reason"],
                 json.loads(row["raw"]),
                 len(invalid),
+                setting,
             )
     fp = fingerprint_of(
         "tokenized",
@@ -303,7 +307,7 @@ def tokenize_source(
     )
     stat_columns = ["sample_id", "num_tokens", "num_label_tokens", "truncated", "error_field", "error_reason"]
     columns = tokenized.select_columns(stat_columns, new_fingerprint=fingerprint_of(fp, "stats")).to_dict()
-    result = TokenizedSource(source, content_id, resolved, tokenized, max_length, columns)
+    result = TokenizedSource(source, content_id, resolved, tokenized, max_length, columns, setting)
     if fail_on_invalid and (invalid := result.invalid_rows()):
         raise result.row_error(invalid[0], len(invalid))
     return result

@@ -16,6 +16,7 @@ from typing import Any
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN_PREFIX = "builtin:"
+UTF8_BOM = b"\xef\xbb\xbf"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 """`builtin:<relative path>` names a data file shipped in the package, e.g. `builtin:quickstart/train.jsonl`."""
 
@@ -67,16 +68,25 @@ def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def local_path(path: str) -> Path:
-    """The file behind a local data path, checked to exist and have a supported suffix.
+def local_path(path: str, setting: str | None = None) -> Path:
+    """The file behind a local data path, checked to exist, to be a file and to have a supported suffix.
 
-    `builtin:<relative path>` resolves into the package's `assets/` folder.
+    `builtin:<relative path>` resolves into the package's `assets/` folder. `setting` (e.g.
+    `--data.train_file`) starts the error messages, so the user knows which option to fix.
     """
     p = ASSETS / path.removeprefix(BUILTIN_PREFIX) if path.startswith(BUILTIN_PREFIX) else Path(path)
+    where = f"{setting}: " if setting else ""
+    shown = path + (f" ({p})" if str(p) != path else "")
+    if p.is_dir():
+        found = sorted(f.name for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES)[:5]
+        raise IsADirectoryError(
+            f"{where}{shown} is a directory, not a data file; pass one .jsonl, .json or .parquet file"
+            + (f" (this directory has: {', '.join(found)})" if found else "")
+        )
     if not p.is_file():
-        raise FileNotFoundError(f"data file not found: {path}" + (f" ({p})" if str(p) != path else ""))
+        raise FileNotFoundError(f"{where}data file not found: {shown}")
     if p.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{path}: unsupported file type; expected one of {', '.join(LOCAL_SUFFIXES)}")
+        raise ValueError(f"{where}{path}: unsupported file type {p.suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}")
     return p
 
 
@@ -84,6 +94,8 @@ def _iter_jsonl_lines(lines: Iterator[bytes]) -> Iterator[RawRow]:
     """Rows of JSON Lines; blank lines are not rows. Bad lines become rows with `error` set."""
     index = 0
     for line_no, line in enumerate(lines, start=1):
+        if line_no == 1:
+            line = line.removeprefix(UTF8_BOM)  # editors on Windows start UTF-8 files with one
         if not line.strip():
             continue
         try:
@@ -106,7 +118,7 @@ def _iter_jsonl_lines(lines: Iterator[bytes]) -> Iterator[RawRow]:
 
 def _iter_json(path: Path) -> Iterator[RawRow]:
     """Rows of a .json file holding a list of objects (or, leniently, JSON Lines named .json)."""
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(UTF8_BOM)
     try:
         value = json.loads(data)
     except json.JSONDecodeError as e:
@@ -162,7 +174,7 @@ def load_hub_split(source: Source) -> Any:
         raise ValueError(
             f"{source.display}: datasets.load_dataset could not read the data ({type(cause).__name__}: "
             f"{str(cause)[:300]}). For local JSON files (where mixed types across rows break the loader), "
-            f"pass train_file/val_file instead: those are validated row by row with errors naming the row."
+            f"pass --data.train_file/--data.val_file instead: those are validated row by row with errors naming the row."
         ) from e
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -73,7 +74,7 @@ def ensure_chat_template(tokenizer: Any, chat_template: str | None = None, overr
         which = "the default ChatML template" if chat_template is None else "the given chat_template"
         raise ValueError(
             f"{which} uses {', '.join(missing)}, which the tokenizer ({type(tokenizer).__name__}, "
-            f"{len(tokenizer)} tokens) does not have as single tokens. Pass chat_template=... with a template "
+            f"{len(tokenizer)} tokens) does not have as single tokens. Pass --data.chat_template with a template "
             f"that fits this tokenizer's special tokens (or add these tokens to the tokenizer and resize the "
             f"model's embeddings)."
         )
@@ -134,7 +135,7 @@ def assistant_char_spans(
                 raise TemplateNotPrefixStableError(
                     f"the chat template is not prefix-stable: rendering {name} (k={k}) does not give a prefix of "
                     f"the full conversation, so assistant turns cannot be located by rendering prefixes. Use a "
-                    f"template with {{% generation %}} tags, or pass chat_template=... with a prefix-stable one."
+                    f"template with {{% generation %}} tags, or pass --data.chat_template with a prefix-stable one."
                 )
         start, end = len(before), len(through)
         while end > start and full[end - 1].isspace():
@@ -196,6 +197,52 @@ def assistant_token_mask(
     return list(enc["input_ids"]), _mask_from_spans(enc["offset_mapping"], spans)
 
 
+BOUNDARY_TOKENS = 64
+"""Tokens' worth of characters kept past what `max_length` tokens can cover, so cutting the text there cannot
+change how the kept tokens are split (BPE merges and pre-tokenization are local to a few words)."""
+
+_MAX_TOKEN_CHARS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of `tokenizer` can cover (its longest vocabulary entry), cached per object."""
+    try:
+        return _MAX_TOKEN_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    longest = max(longest, *(len(str(t)) for t in tokenizer.all_special_tokens), 1)
+    try:
+        _MAX_TOKEN_CHARS[tokenizer] = longest
+    except TypeError:  # not weak-referenceable: recompute next time
+        pass
+    return longest
+
+
+def char_budget(tokenizer: Any, max_length: int) -> int:
+    """Characters of message content that always hold the first `max_length` tokens, plus a boundary margin."""
+    return (max_length + BOUNDARY_TOKENS) * max_token_chars(tokenizer)
+
+
+def bound_messages(messages: Sequence[dict[str, str]], budget: int) -> list[dict[str, str]]:
+    """The conversation cut to its first `budget` characters of content, so tokenizing it costs bounded memory.
+
+    Rendering puts every content character in the text, in order, so the first `max_length` tokens (at most
+    `max_length * max_token_chars` characters) lie inside the first `budget` content characters. The message
+    that crosses the budget is cut there and later messages are dropped: templates are prefix-stable (the
+    render of `messages[:k]` starts the render of `messages`), so the text before the cut is unchanged.
+    A conversation within the budget is returned unchanged (the same objects).
+    """
+    used = 0
+    for k, message in enumerate(messages):
+        content = message["content"]
+        if used + len(content) > budget:
+            cut = {**message, "content": content[: budget - used]}
+            return [*messages[:k], cut]
+        used += len(content)
+    return list(messages)
+
+
 def tokenize_conversation(
     tokenizer: Any,
     messages: Sequence[dict[str, str]],
@@ -206,10 +253,23 @@ def tokenize_conversation(
 
     Labels are the token ids on assistant tokens (content and end-of-turn token) and -100 elsewhere.
     A result with `num_label_tokens == 0` has nothing left to train on; the pipeline drops and counts it.
+    A conversation longer than `char_budget(tokenizer, max_length)` content characters is cut to that
+    before rendering (`bound_messages`), so memory and time stay bounded for any row; its `num_tokens` is
+    then the length of the cut render (at least `max_length + BOUNDARY_TOKENS`, which is checked: when a
+    tokenizer breaks that bound, the whole conversation is tokenized), not of the whole conversation.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    input_ids, mask = assistant_token_mask(tokenizer, messages, train_on)
+    budget = char_budget(tokenizer, max_length)
+    bounded = bound_messages(messages, budget)
+    input_ids, mask = assistant_token_mask(tokenizer, bounded, train_on)
+    if len(input_ids) < max_length + BOUNDARY_TOKENS and sum(len(m["content"]) for m in messages) > budget:
+        # Cut, yet fewer tokens than the budget guarantees: this tokenizer's tokens cover more characters than
+        # its vocabulary entries (a normalizer that deletes characters). Correctness first: tokenize it all.
+        bounded = list(messages)
+        input_ids, mask = assistant_token_mask(tokenizer, bounded, train_on)
+    if train_on == "last_turn" and any(m["role"] == "assistant" for m in messages[len(bounded):]):
+        mask = [0] * len(mask)  # the last turn starts past the budget, so past the first max_length tokens
     num_tokens = len(input_ids)
     input_ids, mask = input_ids[:max_length], mask[:max_length]
     labels = [tok if m else IGNORE_INDEX for tok, m in zip(input_ids, mask, strict=True)]

@@ -26,6 +26,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from lit_tokensel.callbacks.finite import FiniteGuard
 from lit_tokensel.modeling.forward import response_token_losses
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.stats import selection_statistics
@@ -182,8 +183,12 @@ class TokenSelectionModule(L.LightningModule):
         return []
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Callbacks the references need, e.g. the history-model update schedule."""
-        return [cb for reference in self.reference_models() for cb in reference.callbacks()]
+        """Callbacks the references need, e.g. the history-model update schedule, and in a Trainer a
+        `FiniteGuard` (NaN/inf loss or gradient stops the run) unless the Trainer already has one."""
+        callbacks = [cb for reference in self.reference_models() for cb in reference.callbacks()]
+        if self._trainer is not None and not any(isinstance(c, FiniteGuard) for c in self._trainer.callbacks):
+            callbacks.append(FiniteGuard())
+        return callbacks
 
     # ------------------------------------------------------------------ the method's hooks
     def select_samples(self, batch: Batch) -> torch.Tensor | None:

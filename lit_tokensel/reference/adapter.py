@@ -27,7 +27,8 @@ class AdapterDisabledReference(ReferenceModel):
     def token_losses(self, module: TokenSelectionModule, batch: Batch) -> torch.Tensor:
         model = _require_adapter(module)
         with model.disable_adapter():
-            return model_token_losses(model, batch)  # [B, T-1]
+            losses = model_token_losses(model, batch)  # [B, T-1]
+        return self.checked(module, batch, losses)
 
 
 def _require_adapter(module: TokenSelectionModule) -> torch.nn.Module:

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 
 from lit_tokensel.modeling.forward import response_token_losses
+from lit_tokensel.selection.finite import check_finite
 from lit_tokensel.trusted_classes import resolve_trusted_class
 
 if TYPE_CHECKING:
@@ -41,6 +42,19 @@ class ReferenceModel(ABC):
     def callbacks(self) -> list[L.Callback]:
         """Callbacks this provider needs in the Trainer (none by default)."""
         return []
+
+    def describe(self, module: TokenSelectionModule | None = None) -> str:
+        """Which reference this is, for error messages: `FrozenModelReference(model='...')`."""
+        args = ", ".join(f"{k}={v!r}" for k, v in getattr(self, "_init_args", {}).items() if v is not None)
+        return f"{type(self).__name__}({args})"
+
+    def checked(self, module: TokenSelectionModule, batch: Batch, losses: torch.Tensor) -> torch.Tensor:
+        """`losses` (`[B, T-1]`) after refusing NaN/inf at response positions: a `NonFiniteError` naming the
+        step, the samples and this reference (a NaN reference would silently decide what is trained)."""
+        check_finite(losses, what="reference token losses", source=self.describe(module),
+                     mask=batch["labels"][:, 1:] != -100, sample_ids=batch.get("sample_id"),
+                     step=module.global_step if getattr(module, "_trainer", None) is not None else None)
+        return losses
 
     def config(self) -> dict[str, Any]:
         """Plain-data description (class_path, init_args) for a checkpoint's hyper-parameters."""

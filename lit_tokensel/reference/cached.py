@@ -39,4 +39,10 @@ class CachedReference(ReferenceModel):
         if tuple(losses.shape) != expected:
             raise ValueError(f"batch[{self.key!r}] has shape {tuple(losses.shape)}, expected [B, T-1] = {expected}")
         valid = batch["labels"][:, 1:] != -100  # [B, T-1]
-        return losses.detach().float().masked_fill(~valid, 0.0)
+        return self.checked(module, batch, losses.detach().float().masked_fill(~valid, 0.0))
+
+    def describe(self, module: TokenSelectionModule | None = None) -> str:
+        """This reference and the cache directory it reads (`data.cached_losses.<name>`)."""
+        datamodule = getattr(module._trainer, "datamodule", None) if module is not None else None
+        path = getattr(datamodule, "cached_losses", {}).get(self.name)
+        return f"CachedReference(name={self.name!r})" + (f", token-loss cache {path}" if path else "")

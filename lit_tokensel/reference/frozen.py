@@ -63,7 +63,7 @@ class FrozenModelReference(ReferenceModel):
         losses = model_token_losses(self.model, batch)  # [B, T-1]
         if is_fsdp(self.model):
             reshard_root(self.model)  # free the gathered embeddings and head until the next batch
-        return losses
+        return self.checked(module, batch, losses)
 
     def _shard(self, module: TokenSelectionModule) -> None:
         from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model

@@ -107,9 +107,10 @@ class HistoryReference(ReferenceModel):
             torch._foreach_copy_(live, _local(self.shadow))
             # FSDP2: the root keeps live unsharded values after the training forward; gather afresh.
             with fresh_root_gather(module.model):
-                return model_token_losses(module.model, batch)  # [B, T-1]
+                losses = model_token_losses(module.model, batch)  # [B, T-1]
         finally:
             torch._foreach_copy_(live, saved)  # bit-identical restore
+        return self.checked(module, batch, losses)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,11 @@ micro-batch, so `ForgettingSFT` accumulates the negative term's gradient apart i
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from lit_tokensel.selection.finite import NonFiniteError, check_finite
 
 
 def lambda_schedule(lambda_max: float, step: int, total_steps: int) -> float:
@@ -27,7 +31,13 @@ def lambda_schedule(lambda_max: float, step: int, total_steps: int) -> float:
 def partition_tokens(
     scores: torch.Tensor, valid: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive tokens (`score >= threshold`) and negative tokens (every other response token), `[B, T-1]` each."""
+    """Positive tokens (`score >= threshold`) and negative tokens (every other response token), `[B, T-1]` each.
+
+    Non-finite scores or threshold are refused (`NonFiniteError`): `>=` would make a NaN token negative,
+    i.e. a token to unlearn."""
+    if not math.isfinite(threshold):
+        raise NonFiniteError(f"partition_tokens: the threshold is {threshold}; it must be finite")
+    check_finite(scores, what="Forgetting scores at response positions", source="the token-loss caches", mask=valid)
     positive = (scores >= threshold) & valid  # [B, T-1]
     return positive, valid & ~positive
 

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 import torch
 
+from lit_tokensel.selection.finite import NonFiniteError, check_finite, describe_nonfinite
+
 Scope = Literal["sequence", "batch", "global"]
 SCOPES: tuple[str, ...] = ("sequence", "batch", "global")
 
@@ -43,8 +45,8 @@ def _ranks_descending(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_scores(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    if torch.isnan(scores[valid]).any():
-        raise ValueError("selection scores contain NaN at response positions")
+    check_finite(scores, what="selection scores at response positions", source="the method's token scores",
+                 mask=valid)
     return scores.float().masked_fill(~valid, -math.inf)
 
 
@@ -80,6 +82,11 @@ def global_threshold(all_scores: torch.Tensor, ratio: float) -> float:
     flat = all_scores.flatten().double()
     if flat.numel() == 0:
         raise ValueError("global_threshold needs at least one score")
+    if not bool(torch.isfinite(flat).all()):  # topk ranks NaN highest: the threshold would keep the wrong tokens
+        raise NonFiniteError(
+            f"global_threshold: {describe_nonfinite(flat)} among the dataset's {flat.numel()} token scores; "
+            "the losses they come from (token-loss caches or models) must be finite."
+        )
     k = int(keep_count(torch.tensor(flat.numel()), ratio))
     return float(torch.topk(flat, k).values[-1])
 
