@@ -13,7 +13,6 @@ state (e.g. an EMA history) come from that checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -120,29 +119,4 @@ def inspect_selection(
                 handle.write(json.dumps(record) + "\n")
             bar.update(batch["input_ids"].shape[0])
     partial.replace(output)
-    return output
-
-
-def run_inspect(argv: list[str]) -> Path:
-    """`lit-tokensel inspect`: our options are parsed here, the rest (`-c`, `--model...`, `--data...`) by LightningCLI."""
-    from rich.console import Console
-
-    from lit_tokensel.cli import TokenSelCLI
-    from lit_tokensel.data import SFTDataModule
-    from lit_tokensel.methods.base import TokenSelectionModule
-
-    parser = argparse.ArgumentParser(
-        prog="lit-tokensel inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Other arguments (-c, --model.*, --data.*) are those of `lit-tokensel fit`.",
-    )
-    parser.add_argument("--output", required=True, help="JSON-lines file to write")
-    parser.add_argument("--limit", type=int, default=None, help="inspect only the first N samples")
-    parser.add_argument("--split", choices=("train", "val"), default="train")
-    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to take weights and history from")
-    options, rest = parser.parse_known_args(argv)
-    cli = TokenSelCLI(TokenSelectionModule, SFTDataModule, subclass_mode_model=True, run=False, args=rest,
-                      save_config_callback=None)
-    output = inspect_selection(cli.model, cli.datamodule, options.output, limit=options.limit,
-                               split=options.split, ckpt_path=options.ckpt_path)
-    Console(stderr=True).print(f"selection of {type(cli.model).__name__} written to {output}")
     return output
