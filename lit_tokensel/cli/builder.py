@@ -5,12 +5,17 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from lit_tokensel.callbacks.export import ExportOnFitEnd
+from lit_tokensel.cli.errors import RaisesWithOptions
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.methods.base import TokenSelectionModule
+
+
+class TokenSelParser(RaisesWithOptions, LightningArgumentParser):
+    """LightningCLI's parser, raising its errors for the CLI's one-line report."""
 
 
 class TokenSelCLI(LightningCLI):
@@ -58,6 +63,7 @@ def build_cli(args: list[str] | None, *, run: bool = False, description: str | N
             subclass_mode_model=True,
             run=run,
             args=args,
-            parser_kwargs={"description": description} if description else None,
+            parser_class=TokenSelParser,
+            parser_kwargs={"exit_on_error": False, **({"description": description} if description else {})},
             **extra,
         )

@@ -11,17 +11,22 @@ from pathlib import Path
 from rich.console import Console
 
 from lit_tokensel.cli.builder import build_cli
+from lit_tokensel.cli.errors import RaisesWithOptions
 
 REST = "Other arguments (-c, --model.*, --data.*) are those of `lit-tokensel fit`."
 
 
 def run_export(argv: list[str]) -> Path:
     """`lit-tokensel export --checkpoint CKPT --output_dir DIR`."""
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentParser
 
     from lit_tokensel.export import export_checkpoint
 
-    output = CLI(export_checkpoint, args=argv, as_positional=False, prog="lit-tokensel export")
+    class ExportParser(RaisesWithOptions, ArgumentParser):
+        """Raises its errors for the CLI's one-line report."""
+
+    output = CLI(export_checkpoint, args=argv, as_positional=False, prog="lit-tokensel export",
+                 parser_class=ExportParser, exit_on_error=False)
     Console(stderr=True).print(f"exported to {output}")
     return output
 
