@@ -62,7 +62,10 @@ def run_inspect(argv: list[str]) -> Path:
     cli = build_cli(rest)
     output = inspection.inspect_selection(cli.model, cli.datamodule, options.output, limit=options.limit,
                                           split=options.split, ckpt_path=options.ckpt_path)
-    Console(stderr=True).print(f"selection of {type(cli.model).__name__} written to {output}")
+    console = Console(stderr=True)
+    console.print(f"selection of {type(cli.model).__name__} written to {output}", soft_wrap=True)
+    for line in inspection.format_summary(inspection.selection_summary(output)):
+        console.print(line, soft_wrap=True, highlight=False)
     return output
 
 
