@@ -120,3 +120,13 @@ def _warn_three() -> None:
     warnings.warn("The number of training batches (4) is smaller than the logging interval Trainer(...)",
                   UserWarning, stacklevel=1)
     warnings.warn("some other deprecation", DeprecationWarning, stacklevel=1)  # same category: still shown
+
+
+def test_eval_compare_writes_beside_the_runs_not_into_the_cwd(tmp_path, monkeypatch):
+    from lit_tokensel_eval.compare import default_output
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs" / "eval"
+    assert default_output([runs / "a", runs / "b" / "results.csv"]) == runs / "comparison.md"
+    assert default_output([runs / "a"]) == runs / "comparison.md"
+    assert default_output([tmp_path / "x" / "a", runs / "b"]) == tmp_path / "comparison.md"

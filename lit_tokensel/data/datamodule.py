@@ -183,7 +183,7 @@ class SFTDataModule(L.LightningDataModule):
             return
         if self.train_file is None and self.dataset_name is None:
             raise ValueError(
-                "no training data: pass train_file (a local .jsonl/.json/.parquet) or dataset_name"
+                "no training data: pass --data.train_file (a local .jsonl/.json/.parquet) or --data.dataset_name"
             )
         self.tokenizer = self._resolve_tokenizer()
         template = ensure_chat_template(self.tokenizer, self.chat_template, self.override_chat_template)

@@ -51,5 +51,6 @@ class InvalidRowError(ValueError):
             msg += f" ({self.total_invalid} invalid rows in this split in total)"
         return (
             msg
-            + ". Fix the row, or pass on_invalid='skip' to skip invalid rows and log them to a rejects file."
+            + ". Fix the row, or skip invalid rows (logged to a rejects file) with --data.on_invalid skip "
+            "(on_invalid='skip' in Python)."
         )

@@ -39,11 +39,11 @@ def detect_format(keys: Iterable[str], source: str) -> Format:
     if not matches:
         raise ValueError(
             f"{source}: cannot detect the row format from the keys seen ({seen}). Expected the keys of one "
-            f"of the formats ({expected}); rename the columns or pass format=... explicitly."
+            f"of the formats ({expected}); rename the columns or pass --data.format (format=... in Python)."
         )
     raise ValueError(
         f"{source}: the row format is ambiguous, the keys seen ({seen}) fit {' and '.join(matches)}. "
-        f"Pass format=... explicitly."
+        f"Pass --data.format (format=... in Python)."
     )
 
 
