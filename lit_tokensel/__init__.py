@@ -1,17 +1,24 @@
 """lit_tokensel: token-level data selection for LLM supervised fine-tuning."""
 
-from lit_tokensel.methods import (
-    ForgettingSFT,
-    FullSFT,
-    ProFitSFT,
-    QTuningSFT,
-    RandomTokenSFT,
-    Rho1SFT,
-    SelfEvolvingTokenCleaningSFT,
-    SsTokenSFT,
-    TokenCleaningSFT,
-    TokenSelectionModule,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lit_tokensel.data import SFTDataModule
+    from lit_tokensel.methods import (
+        ForgettingSFT,
+        FullSFT,
+        ProFitSFT,
+        QTuningSFT,
+        RandomTokenSFT,
+        Rho1SFT,
+        SelfEvolvingTokenCleaningSFT,
+        SsTokenSFT,
+        TokenCleaningSFT,
+        TokenSelectionModule,
+    )
 
 __version__ = "0.1.0"
 
@@ -30,10 +37,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The DataModule imports `datasets`, which is heavy; load it on first use.
-    if name == "SFTDataModule":
-        from lit_tokensel.data import SFTDataModule
-
-        return SFTDataModule
+def __getattr__(name: str) -> Any:
+    # Loaded on first use: torch, Lightning and `datasets` are heavy, and `lit-tokensel --help` needs none.
+    if name in __all__:
+        package = "lit_tokensel.data" if name == "SFTDataModule" else "lit_tokensel.methods"
+        value = getattr(importlib.import_module(package), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'lit_tokensel' has no attribute {name!r}")

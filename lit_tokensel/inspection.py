@@ -13,7 +13,6 @@ state (e.g. an EMA history) come from that checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from pathlib import Path
@@ -130,26 +129,40 @@ def inspect_selection(
     return output
 
 
-def run_inspect(argv: list[str]) -> Path:
-    """`lit-tokensel inspect`: our options are parsed here, the rest (`-c`, `--model...`, `--data...`) by LightningCLI."""
-    from rich.console import Console
+SUMMARY_QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 
-    from lit_tokensel.cli import TokenSelCLI
-    from lit_tokensel.data import SFTDataModule
-    from lit_tokensel.methods.base import TokenSelectionModule
 
-    parser = argparse.ArgumentParser(
-        prog="lit-tokensel inspect", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Other arguments (-c, --model.*, --data.*) are those of `lit-tokensel fit`.",
-    )
-    parser.add_argument("--output", required=True, help="JSON-lines file to write")
-    parser.add_argument("--limit", type=int, default=None, help="inspect only the first N samples")
-    parser.add_argument("--split", choices=("train", "val"), default="train")
-    parser.add_argument("--ckpt_path", default=None, help="Lightning checkpoint to take weights and history from")
-    options, rest = parser.parse_known_args(argv)
-    cli = TokenSelCLI(TokenSelectionModule, SFTDataModule, subclass_mode_model=True, run=False, args=rest,
-                      save_config_callback=None)
-    output = inspect_selection(cli.model, cli.datamodule, options.output, limit=options.limit,
-                               split=options.split, ckpt_path=options.ckpt_path)
-    Console(stderr=True).print(f"selection of {type(cli.model).__name__} written to {output}")
-    return output
+def selection_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """What an `inspect` file says in a few numbers: samples, response tokens, kept tokens and fraction,
+    and quantiles of the ranked score (the method's first score; none for methods without scores)."""
+    samples = tokens = kept = 0
+    name: str | None = None
+    values: list[float] = []
+    with Path(path).open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            samples += 1
+            tokens += len(record["keep"])
+            kept += sum(record["keep"])
+            if record["scores"]:
+                name = name or next(iter(record["scores"]))
+                values += record["scores"].get(name, [])
+    summary: dict[str, Any] = {"samples": samples, "tokens": tokens, "kept": kept,
+                               "kept_fraction": kept / tokens if tokens else 0.0, "score": name}
+    if values:
+        q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor(SUMMARY_QUANTILES, dtype=torch.float64))
+        summary["quantiles"] = dict(zip(SUMMARY_QUANTILES, q.tolist(), strict=True))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> list[str]:
+    """The summary as lines for the terminal."""
+    lines = [f"{summary['samples']} samples, {summary['tokens']} response tokens, kept {summary['kept']} "
+             f"({100 * summary['kept_fraction']:.1f}%)"]
+    if "quantiles" in summary:
+        spread = "  ".join(f"q{round(100 * q)}={v:.4g}" for q, v in summary["quantiles"].items())
+        lines.append(f"score {summary['score']}: {spread}")
+        if summary["quantiles"][1.0] - summary["quantiles"][0.0] < 1e-4:
+            lines.append("every score is equal (within 1e-4): the keep flags are ties broken by position "
+                         "(is the reference the model itself?)")
+    return lines

@@ -294,3 +294,21 @@ def test_float32_under_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         scores = run_scores(model, batch, layer=0)
     torch.testing.assert_close(scores, reference_scores(eager, batch, spans, 0), atol=ATOL, rtol=0)
+
+
+def test_a_second_forward_inside_one_capture_is_an_error() -> None:
+    model, _ = make_models("llama")
+    batch, _ = make_batch(RAGGED, "right")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    scorer = PromptAttentionScore(model)
+    with scorer.capture(batch):
+        model(**inputs)
+    first = scorer.scores
+    with pytest.raises(RuntimeError, match="second forward through the scored layer"), scorer.capture(batch):
+        model(**inputs)
+        with torch.no_grad():
+            model(**inputs)  # e.g. a reference sharing these weights
+    assert scorer.calls == 2 and torch.equal(scorer.scores, first)  # the first forward's scores stand
+    with scorer.capture(batch):  # a fresh block starts over
+        model(**inputs)
+    assert scorer.calls == 1

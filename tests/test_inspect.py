@@ -107,3 +107,28 @@ def test_inspect_rejects_a_bad_limit(tiny_model_dir, workdir):
     with pytest.raises(ValueError, match="limit=0"):
         inspect_selection(FullSFT(model=tiny_model_dir), _datamodule(tiny_model_dir, workdir), workdir / "x.jsonl",
                           limit=0)
+
+
+def test_inspect_prints_a_summary_that_matches_its_file(tiny_model_dir, reference_dir, workdir, tmp_path, capsys,
+                                                        monkeypatch):
+    import numpy as np
+
+    from lit_tokensel.inspection import SUMMARY_QUANTILES
+
+    monkeypatch.setattr("sys.argv", ["lit-tokensel"])
+    args = ["--model.class_path", "lit_tokensel.Rho1SFT", "--model.init_args.model", tiny_model_dir,
+            "--model.init_args.ratio", "0.5", "--data.train_file", str(workdir / "train.jsonl"),
+            "--data.batch_size", "8", "--data.cache_dir", str(workdir / "hf"), "--trainer.logger", "false"]
+    for reference, out in ((reference_dir, tmp_path / "rho1.jsonl"), (tiny_model_dir, tmp_path / "same.jsonl")):
+        main(["inspect", *args, "--model.init_args.reference", json.dumps(
+            {"class_path": "lit_tokensel.reference.FrozenModelReference", "init_args": {"model": reference}}),
+            "--output", str(out), "--limit", "8"])
+        records = _read(out)
+        keep = [k for r in records for k in r["keep"]]
+        scores = np.array([s for r in records for s in r["scores"]["excess_loss"]])
+        err = capsys.readouterr().err
+        assert f"8 samples, {len(keep)} response tokens, kept {sum(keep)} ({100 * sum(keep) / len(keep):.1f}%)" in err
+        spread = "  ".join(f"q{round(100 * q)}={v:.4g}" for q, v in zip(SUMMARY_QUANTILES,
+                                                                        np.quantile(scores, SUMMARY_QUANTILES)))
+        assert f"score excess_loss: {spread}" in err
+        assert ("every score is equal" in err) == (reference == tiny_model_dir)  # the README's old example

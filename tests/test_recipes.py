@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_tokensel.cache import TokenLossCache
-from lit_tokensel.cli import main
+from lit_tokensel.cli import build_cli, main
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.recipes import RecipeError, RecipeOptions, run_recipe, stages
 from lit_tokensel.recipes.registry import CONFIGS
@@ -57,18 +57,18 @@ def test_fixed_recipe_end_to_end_continues_after_an_interruption_and_skips_finis
     options = RecipeOptions(workdir=str(workdir), warmup_size=6, shard_size=8)
     real_score = stages.score
 
-    def interrupted(args, output, *rest):
+    def interrupted(cli, output, *rest):
         if output.name == "reference":
             raise KeyboardInterrupt("simulated crash while scoring the reference")
-        return real_score(args, output, *rest)
+        return real_score(cli, output, *rest)
 
     monkeypatch.setattr(stages, "score", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_recipe("token-cleaning", base_args, options)
+        run_recipe("token-cleaning", base_args, options, build_cli)
     assert json.loads((workdir / "recipe.json").read_text())["stages"]["cache_reference"]["status"] == "running"
     before = mtimes(workdir)
     monkeypatch.setattr(stages, "score", real_score)
-    summary = run_recipe("token-cleaning", base_args, options)  # continues: stages 1-3 are done
+    summary = run_recipe("token-cleaning", base_args, options, build_cli)  # continues: stages 1-3 are done
     after = mtimes(workdir)
     assert all(after[name] == stamp for name, stamp in before.items()), "finished stages must not be redone"
 
@@ -119,7 +119,7 @@ def test_fixed_recipe_end_to_end_continues_after_an_interruption_and_skips_finis
     monkeypatch.setattr(sys, "argv", ["lit-tokensel"])
     for file in Path(summary["export"]).iterdir():
         file.unlink()
-    again = run_recipe("token-cleaning", base_args, options)
+    again = run_recipe("token-cleaning", base_args, options, build_cli)
     assert again["stages"]["train"]["resumed_from"] == summary["checkpoint"]
     assert again["stages"]["train"]["global_step"] == 3 and (Path(summary["export"]) / "model.safetensors").is_file()
 
@@ -127,18 +127,18 @@ def test_fixed_recipe_end_to_end_continues_after_an_interruption_and_skips_finis
     changed = [*base_args, "--model.init_args.learning_rate", "1e-3"]
     with pytest.raises(RecipeError, match=r"reference was run with another configuration \(differs in: "
                                           r"model.init_args.learning_rate\)"):
-        run_recipe("token-cleaning", changed, options)
+        run_recipe("token-cleaning", changed, options, build_cli)
     # an earlier stage that must run again while later outputs exist is refused, not run over them
     (workdir / "warmup.jsonl").unlink()
     with pytest.raises(RecipeError, match=r"stage warmup_data must run, but outputs of later stages exist .*"
                                           r"reference.*cache/base.*cache/reference.*train"):
-        run_recipe("token-cleaning", base_args, options)
+        run_recipe("token-cleaning", base_args, options, build_cli)
 
 
 def test_self_evolving_recipe_scores_only_the_base_and_trains_one_round_per_chunk(base_args, tmp_path):
     workdir = tmp_path / "se"
     summary = run_recipe("token-cleaning", base_args, RecipeOptions(workdir=str(workdir), variant="self-evolving",
-                                                                   chunks=2, shard_size=8))
+                                                                   chunks=2, shard_size=8), build_cli)
     assert list(summary["stages"]) == ["cache_base", "train"]
     assert summary["reference_export"] is None and list(summary["caches"]) == ["base"]
     assert not (workdir / "reference").exists() and not (workdir / "cache" / "reference").exists()
@@ -165,19 +165,19 @@ def test_self_evolving_recipe_scores_only_the_base_and_trains_one_round_per_chun
 )
 def test_recipe_misuse_is_a_clear_error_before_any_work(variant, options, message, base_args, tmp_path):
     with pytest.raises((RecipeError, ValueError), match=message):
-        run_recipe("token-cleaning", base_args, RecipeOptions(workdir=str(tmp_path / "w"), variant=variant, **options))
+        run_recipe("token-cleaning", base_args, RecipeOptions(workdir=str(tmp_path / "w"), variant=variant, **options), build_cli)
     assert not (tmp_path / "w").exists()
 
 
 def test_a_workdir_of_another_recipe_variant_is_refused(base_args, tmp_path):
     (tmp_path / "recipe.json").write_text(json.dumps({"recipe": "token-cleaning", "variant": "fixed", "stages": {}}))
     with pytest.raises(RecipeError, match="holds a token-cleaning/fixed recipe"):
-        run_recipe("token-cleaning", base_args, RecipeOptions(workdir=str(tmp_path), variant="self-evolving"))
+        run_recipe("token-cleaning", base_args, RecipeOptions(workdir=str(tmp_path), variant="self-evolving"), build_cli)
 
 
 def test_unknown_recipe_and_help(capsys):
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: token-cleaning"):
-        run_recipe("nope", [], RecipeOptions(workdir="unused"))
+        run_recipe("nope", [], RecipeOptions(workdir="unused"), build_cli)
     with pytest.raises(SystemExit) as exit_info:
         main(["recipe", "--help"])
     assert exit_info.value.code == 0

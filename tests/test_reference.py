@@ -8,7 +8,6 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from lit_tokensel.callbacks.history import HistoryUpdate
 from lit_tokensel.methods.base import Selection, TokenSelectionModule
 from lit_tokensel.modeling.loading import LoraSettings
 from lit_tokensel.reference import (
@@ -18,6 +17,7 @@ from lit_tokensel.reference import (
     HistoryReference,
     ReferenceModel,
 )
+from lit_tokensel.reference.history_update import HistoryUpdate
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
 from tests.model_fixtures import pad_batch, synthetic_rows
 
@@ -315,3 +315,53 @@ def test_resume_restores_weights_and_history(tiny_model_dir, tmp_path):
     assert max((a - p).abs().max() for a, p in zip(full_history.shadow, full_history.params, strict=True)) > 1e-4
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert max((a - initial[n]).abs().max() for a, n in zip(full_history.shadow, full_history.names, strict=True)) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- orderings (issue 19)
+
+
+class _BackwardWitness(L.Callback):
+    """At every backward: the history is not swapped in and the live weights are those of the batch's start."""
+
+    def __init__(self, history: HistoryReference) -> None:
+        self.history, self.checked = history, 0
+        self._start: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = [p.detach().clone() for p in self.history.params]
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        assert not self.history.swapped_in
+        assert all(torch.equal(p, q) for p, q in zip(self.history.params, self._start, strict=True))
+        self.checked += 1
+
+
+def test_history_weights_are_back_in_place_before_every_backward(tiny_model_dir):
+    L.seed_everything(0)
+    history = HistoryReference(decay=0.5)
+    module = _RefModule(history, model=tiny_model_dir, optimizer=_sgd, **CONSTANT)
+    witness = _BackwardWitness(history)
+    _trainer(max_steps=3, callbacks=[witness]).fit(module, train_dataloaders=DataLoader(_batches(3), batch_size=None))
+    assert witness.checked == 3 and history.updates == 3
+    assert any(not torch.equal(s, p) for s, p in zip(history.shadow, history.params, strict=True))  # they differ
+
+
+def test_a_backward_while_the_history_is_swapped_in_is_refused(tiny_model_dir, monkeypatch):
+    import lit_tokensel.reference.history as history_module
+
+    module = _module(tiny_model_dir, HistoryReference())
+    _perturb(module)
+    guard = HistoryUpdate(module.reference)
+    real = history_module.model_token_losses
+    seen = []
+
+    def backward_inside_the_swap(model, batch):
+        with pytest.raises(RuntimeError, match="backward while the history weights are swapped into the model"):
+            guard.on_before_backward(None, module, None)  # what Lightning calls right before backward
+        seen.append(True)
+        return real(model, batch)
+
+    monkeypatch.setattr(history_module, "model_token_losses", backward_inside_the_swap)
+    module.reference.token_losses(module, pad_batch(synthetic_rows(2, vocab=300), pad_id=0))
+    assert seen == [True] and not module.reference.swapped_in
+    guard.on_before_backward(None, module, None)  # restored: allowed

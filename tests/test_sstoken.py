@@ -207,3 +207,89 @@ def test_gamma_zero_selects_by_attention_alone_and_keeps_no_history(tiny_model_d
         positions = valid[b].nonzero().flatten().tolist()
         order = sorted(positions, key=lambda t: (-float(selection.scores["sstoken"][b, t]), t))
         assert selection.keep[b].nonzero().flatten().tolist() == sorted(order[: math.ceil(0.5 * len(positions))])
+
+
+# ------------------------------------------------------------------ warm-up length (issue 19)
+
+
+@pytest.mark.parametrize(
+    ("batches", "accumulate", "total", "unit", "expected"),
+    [
+        (15, 1, 40, "epoch", 3),  # max_steps=40 past the first epoch: 20% of its 15 steps
+        (15, 1, 20, "epoch", 3),  # max_epochs=3 + max_steps=20
+        (15, 1, 45, "epoch", 3),  # three full epochs
+        (15, 1, 10, "epoch", 2),  # max_steps=10 ends training inside the first epoch: 20% of 10
+        (30, 2, 40, "epoch", 3),  # 30 micro-batches, 2 per step: 15 optimizer steps per epoch
+        (31, 2, 40, "epoch", 4),  # the incomplete last window also steps: 16 per epoch, ceil(3.2)
+        (15, 1, 40, "training", 8),  # 20% of all 40 steps
+    ],
+)
+def test_warmup_length_counts_optimizer_steps_of_the_first_epoch(batches, accumulate, total, unit, expected):
+    from lit_tokensel.methods.sstoken import optimizer_steps_per_epoch, warmup_length
+
+    epoch_steps = optimizer_steps_per_epoch(batches, accumulate)
+    assert warmup_length(0.2, unit, total, epoch_steps) == expected
+    assert warmup_length(0.2, "epoch", total, optimizer_steps_per_epoch(float("inf"), accumulate)) == math.ceil(
+        0.2 * total - 1e-9)  # epoch length unknown (iterable data): all training
+
+
+class _WarmupRecorder(L.Callback):
+    """`(global_step, in_warmup)` at every micro-batch."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, bool]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.steps.append((trainer.global_step, pl_module.in_warmup()))
+
+
+def _fit_warmup(model_dir, tmp_path, *, rows, batch_size, accumulate=1, max_epochs=None, max_steps=-1,
+                **method) -> tuple[SsTokenSFT, list[tuple[int, bool]]]:
+    (tmp_path / "train.jsonl").write_text("\n".join(QUICKSTART_TRAIN.read_text().splitlines()[:rows]) + "\n")
+    module = SsTokenSFT(model=model_dir, gamma=0.0, rho=0.5, learning_rate=1e-3, warmup=0.2, **method)
+    dm = SFTDataModule(train_file=str(tmp_path / "train.jsonl"), tokenizer=model_dir, batch_size=batch_size,
+                       cache_dir=str(tmp_path / "hf"), seed=0, max_length=64)
+    recorder = _WarmupRecorder()
+    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                        default_root_dir=tmp_path, callbacks=[recorder])
+    trainer.fit(module, datamodule=dm)
+    return module, recorder.steps
+
+
+def _warm_steps(steps: list[tuple[int, bool]]) -> list[int]:
+    return sorted({step for step, warm in steps if warm})
+
+
+def test_warmup_with_max_steps_is_a_fifth_of_the_real_first_epoch(tiny_model_dir, tmp_path):
+    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=15, batch_size=1, max_steps=40)
+    assert (module.epoch_steps, module.warmup_steps, steps[-1][0]) == (15, 3, 39)
+    assert _warm_steps(steps) == [0, 1, 2]  # was 8: all 40 steps taken as the epoch
+
+
+def test_warmup_with_max_epochs_and_max_steps(tiny_model_dir, tmp_path):
+    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=15, batch_size=1, max_epochs=3, max_steps=20)
+    assert (module.epoch_steps, module.warmup_steps, len(steps)) == (15, 3, 20)
+    assert _warm_steps(steps) == [0, 1, 2]
+
+
+def test_warmup_counts_optimizer_steps_under_accumulation(tiny_model_dir, tmp_path):
+    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=30, batch_size=1, accumulate=2, max_steps=20)
+    assert (module.epoch_steps, module.warmup_steps) == (15, 3)
+    assert [warm for _, warm in steps[:8]] == [True] * 6 + [False] * 2  # 3 steps = 6 micro-batches
+
+
+def test_warmup_over_several_epochs_once_or_every_epoch(tiny_model_dir, tmp_path):
+    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3)
+    assert (module.epoch_steps, module.warmup_steps, len(steps)) == (10, 2, 30)
+    assert _warm_steps(steps) == [0, 1]
+    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3,
+                                warmup_every_epoch=True)
+    assert _warm_steps(steps) == [0, 1, 10, 11, 20, 21]  # the released code's repeat
+    _, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3, warmup_unit="training")
+    assert _warm_steps(steps) == [0, 1, 2, 3, 4, 5]  # 20% of all 30 steps
+
+
+def test_warmup_every_epoch_needs_the_epoch_unit():
+    with pytest.raises(ValueError, match="warmup_every_epoch"):
+        SsTokenSFT(warmup_every_epoch=True, warmup_unit="training")

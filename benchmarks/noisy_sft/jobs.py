@@ -97,7 +97,7 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
     `job`: `args` (LightningCLI arguments), `run_dir`, `threads`, `result` (file to write), and optionally
     `evaluate` (bool), `inspect` (`{"points", "limit", "labels", "score"}`).
     """
-    from lit_tokensel.recipes.stages import build_cli
+    from lit_tokensel.cli import build_cli
 
     run_dir = Path(job["run_dir"])
     quiet_worker(job["threads"], run_dir / "worker.log")

@@ -1,7 +1,7 @@
 """`lit-tokensel-eval`: evaluate models with lm-eval, and compare runs in the papers' table layout.
 
     lit-tokensel-eval run --model DIR|CKPT|builtin:NAME [--suite NAME] [--tasks a,b] [--limit N] ...
-    lit-tokensel-eval compare RUN_DIR... [--output comparison.md]
+    lit-tokensel-eval compare RUN_DIR... [--output FILE]   (default FILE: comparison.md beside the runs)
     lit-tokensel-eval list
 """
 
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="markdown table of runs (rows) by tasks (columns), with averages")
     compare.add_argument("runs", nargs="+", help="run directories written by `run`, or their results.csv files")
-    compare.add_argument("--output", default="comparison.md", help="also write the table here (default comparison.md)")
+    compare.add_argument("--output", default=None,
+                         help="also write the table here (default: comparison.md beside the run directories)")
     compare.add_argument("--digits", type=int, default=1, help="decimals of the percentages (default 1)")
 
     commands.add_parser("list", help="the shipped suites and tasks")
@@ -98,10 +99,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.command == "run":
             _run(args)
         elif args.command == "compare":
-            from lit_tokensel_eval.compare import compare
+            from lit_tokensel_eval.compare import compare, default_output
 
-            print(compare(args.runs, output=args.output, digits=args.digits))
-            print(f"Written to {Path(args.output)}")
+            output = Path(args.output) if args.output else default_output(args.runs)
+            print(compare(args.runs, output=output, digits=args.digits))
+            print(f"Written to {output}")
         else:
             _list()
     except (DatasetUnavailableError, UnknownTaskError, FileNotFoundError, ValueError) as err:

@@ -6,6 +6,7 @@ unweighted mean over the table's tasks, shown only for runs that have all of the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -52,3 +53,13 @@ def compare(paths: Iterable[str | Path], output: str | Path | None = None, digit
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(table, encoding="utf-8")
     return table
+
+
+def default_output(paths: Iterable[str | Path]) -> Path:
+    """Where `compare` writes without `--output`: `comparison.md` in the deepest directory that holds every
+    run (a run is its directory; a `results.csv` stands for the directory it is in), never the cwd by accident."""
+    runs = [Path(p).resolve() for p in paths]
+    dirs = [p.parent if p.suffix == ".csv" else p for p in runs]
+    parents = [d.parent for d in dirs]
+    return Path(os.path.commonpath(parents)) / "comparison.md"
+

@@ -10,7 +10,6 @@ for other data, tokenizer or model is refused.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,30 +120,3 @@ def _refuse_nonfinite(module: TokenSelectionModule, ids: list[int], rows: list[n
 
 def _positions(index: int, shard_size: int, total: int) -> range:
     return range(index * shard_size, min((index + 1) * shard_size, total))
-
-
-def run_score(argv: list[str]) -> Path:
-    """`lit-tokensel score`: our options are parsed here, the rest (`-c`, `--model...`, `--data...`) by LightningCLI."""
-    from lit_tokensel.cli import TokenSelCLI
-    from lit_tokensel.data import SFTDataModule
-    from lit_tokensel.methods.base import TokenSelectionModule
-
-    parser = argparse.ArgumentParser(
-        prog="lit-tokensel score",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Other arguments (-c, --model.*, --data.*) are those of `lit-tokensel fit`.",
-    )
-    parser.add_argument("--output_dir", required=True, help="cache directory to create or resume")
-    parser.add_argument("--split", choices=("train", "val"), default="train")
-    parser.add_argument("--shard_size", type=int, default=256, help="samples per parquet shard")
-    options, rest = parser.parse_known_args(argv)
-    cli = TokenSelCLI(
-        TokenSelectionModule, SFTDataModule, subclass_mode_model=True, run=False, args=rest,
-        save_config_callback=None,
-    )
-    output = score_to_cache(cli.model, cli.datamodule, options.output_dir, options.split, options.shard_size)
-    from rich.console import Console
-
-    Console(stderr=True).print(f"token losses of {cli.model.model_name_or_path} written to {output}")
-    return output

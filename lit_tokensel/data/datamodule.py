@@ -349,6 +349,10 @@ class SFTDataModule(L.LightningDataModule):
                 f"dropped samples with no response token left after truncation to max_length={self.max_length}: "
                 f"{dropped}"
             )
+        trailing = {name: s.trailing_turn for name, s in self.stats.items() if s.trailing_turn}
+        if trailing:
+            rank_zero_warn(f"rows ending in turns after their last assistant turn (unanswered, not trained on): "
+                           f"{trailing}")
         log.debug("chat template in use: %s", template)
 
     # ----------------------------------------------------------------------------------------- loaders

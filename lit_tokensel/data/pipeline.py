@@ -28,7 +28,7 @@ from lit_tokensel.data.formats import Format, detect_format, to_messages
 from lit_tokensel.data.sources import Source, file_hash, first_keys, iter_rows, load_hub_split, local_path
 from lit_tokensel.data.tokenization import TrainOn, tokenize_conversation, tokenizer_fingerprint
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"  # 2: trailing_turns column
 """Bump when the normalization or tokenization code changes what it produces, to invalidate caches."""
 
 NORMALIZED_FEATURES = datasets.Features(
@@ -48,6 +48,7 @@ TOKENIZED_FEATURES = datasets.Features(
         "num_tokens": datasets.Value("int32"),
         "num_label_tokens": datasets.Value("int32"),
         "truncated": datasets.Value("bool"),
+        "trailing_turns": datasets.Value("int32"),
         "error_field": datasets.Value("string"),
         "error_reason": datasets.Value("string"),
         "raw": datasets.Value("string"),
@@ -71,12 +72,14 @@ class SplitStats:
 
     `dropped_no_response`: valid rows with no labeled token left after truncation (never trained on).
     `truncated`: valid rows longer than `max_length` (kept or dropped).
+    `trailing_turn`: valid rows that end in turns after the last assistant turn (never trained on).
     """
 
     rows_read: int = 0
     rejected: int = 0
     dropped_no_response: int = 0
     truncated: int = 0
+    trailing_turn: int = 0
     samples: int = 0
     tokens: int = 0
     label_tokens: int = 0
@@ -144,6 +147,12 @@ def load_normalized(
     )
 
 
+def trailing_turns(messages: list[dict[str, str]]) -> int:
+    """Turns after the conversation's last assistant turn (a user turn left unanswered): nothing trains on them."""
+    roles = [m["role"] for m in messages]
+    return roles[::-1].index("assistant") if "assistant" in roles else 0
+
+
 def _tokenize_batch(
     batch: dict[str, list], tokenizer: Any, max_length: int, train_on: TrainOn
 ) -> dict[str, list]:
@@ -173,6 +182,7 @@ def _tokenize_batch(
             num_tokens=num_tokens,
             num_label_tokens=num_label_tokens,
             truncated=truncated,
+            trailing_turns=trailing_turns(messages) if reason is None else 0,
             error_field=field,
             error_reason=reason,
             raw=raw,
@@ -237,6 +247,7 @@ class TokenizedSource:
                 stats.rejected += 1
                 continue
             stats.truncated += bool(cols["truncated"][p])
+            stats.trailing_turn += cols["trailing_turns"][p] > 0
             if cols["num_label_tokens"][p] == 0:
                 stats.dropped_no_response += 1
                 continue
@@ -305,7 +316,8 @@ def tokenize_source(
         new_fingerprint=fp,
         desc=f"Tokenizing {name} ({source.display})",
     )
-    stat_columns = ["sample_id", "num_tokens", "num_label_tokens", "truncated", "error_field", "error_reason"]
+    stat_columns = ["sample_id", "num_tokens", "num_label_tokens", "truncated", "trailing_turns", "error_field",
+                    "error_reason"]
     columns = tokenized.select_columns(stat_columns, new_fingerprint=fingerprint_of(fp, "stats")).to_dict()
     result = TokenizedSource(source, content_id, resolved, tokenized, max_length, columns, setting)
     if fail_on_invalid and (invalid := result.invalid_rows()):

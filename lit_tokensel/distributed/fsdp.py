@@ -151,12 +151,13 @@ def _register_root_unshard_hook(model: torch.nn.Module) -> None:
 
 
 def check_fsdp1_references(strategy: Any, references: list[Any]) -> None:
-    """Refuse the EMA history under Lightning's FSDP1 strategy (its shadows would not match the flat shards)."""
+    """Refuse the EMA history under Lightning's FSDP1 strategy (its shadows would not match the flat shards).
+
+    A reference says so with its `shadows_parameters` flag (`ReferenceModel.shadows_parameters`).
+    """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lit_tokensel.reference.history import HistoryReference
-
-    if isinstance(strategy, FSDPStrategy) and any(isinstance(r, HistoryReference) for r in references):
+    if isinstance(strategy, FSDPStrategy) and any(getattr(r, "shadows_parameters", False) for r in references):
         raise ValueError(
             "HistoryReference (the EMA/lagged history) is not supported under FSDPStrategy (FSDP1). "
             "Use FSDP2: `-c configs/presets/fsdp2.yaml` (strategy lit_tokensel.distributed.FSDP2Strategy)."

@@ -14,6 +14,8 @@ Each micro-batch backpropagates its *sum*; the gradients are rescaled once in
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -24,9 +26,10 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.callbacks.finite import FiniteGuard
+from lit_tokensel.methods.optim import check_optimizer_settings, lr_factor
 from lit_tokensel.modeling.forward import response_token_losses
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.stats import selection_statistics
@@ -88,9 +91,14 @@ class TokenSelectionModule(L.LightningModule):
         lora: LoRA adapter settings; None trains all weights.
         learning_rate: Peak learning rate of the default AdamW optimizer.
         weight_decay: AdamW weight decay.
+        betas: AdamW's `(beta1, beta2)`.
+        eps: AdamW's epsilon.
         lr_schedule: `cosine`, `linear` or `constant`, each after a linear warmup.
         warmup_ratio: Fraction of the optimizer steps spent warming up.
-        optimizer: Replaces the default AdamW (a class_path with init_args in YAML).
+        min_lr_ratio: Floor of the `cosine`/`linear` decay, as a fraction of the peak (0: decay to 0).
+        optimizer: Replaces the default AdamW (a class_path with init_args in YAML). Its settings are
+            its own: the four above may then be left at their defaults or set to the block's values,
+            anything else is an error rather than silently overridden.
         lr_scheduler: Replaces the default warmup schedule (a class_path with init_args in YAML).
     """
 
@@ -106,8 +114,11 @@ class TokenSelectionModule(L.LightningModule):
         lora: LoraSettings | dict | None = None,
         learning_rate: float = 2e-5,
         weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
         lr_schedule: str = "cosine",
         warmup_ratio: float = 0.03,
+        min_lr_ratio: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -116,6 +127,17 @@ class TokenSelectionModule(L.LightningModule):
             raise ValueError(f"lr_schedule={lr_schedule!r}: use cosine, linear or constant")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={warmup_ratio} must lie in [0, 1)")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={min_lr_ratio} must lie in [0, 1]")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas={betas} must be two numbers in [0, 1)")
+        if eps <= 0:
+            raise ValueError(f"eps={eps} must be > 0")
+        settings = {"learning_rate": learning_rate, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        check_optimizer_settings(optimizer, settings, _signature_defaults(settings))
+        if lr_scheduler is not None and min_lr_ratio != 0.0:
+            raise ValueError(f"--model.init_args.min_lr_ratio {min_lr_ratio} applies to the built-in schedule; the "
+                             "`lr_scheduler` block replaces it: set the floor in the block instead")
         if isinstance(lora, dict):  # from a checkpoint's hyper-parameters
             lora = LoraSettings(**lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "lora"])
@@ -332,17 +354,17 @@ class TokenSelectionModule(L.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(params)
         else:
-            optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+            hp = self.hparams
+            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                          betas=tuple(hp.betas), eps=hp.eps)
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
-            total = int(self.trainer.estimated_stepping_batches)
-            scheduler = get_scheduler(
-                self.hparams.lr_schedule,
-                optimizer,
-                num_warmup_steps=math.ceil(self.hparams.warmup_ratio * total),
-                num_training_steps=total,
-            )
+            hp, total = self.hparams, int(self.trainer.estimated_stepping_batches)
+            warmup = math.ceil(hp.warmup_ratio * total)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+                lr_factor, schedule=hp.lr_schedule, warmup_steps=warmup, total_steps=total,
+                min_lr_ratio=hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
@@ -356,3 +378,10 @@ class TokenSelectionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("chat_template"):
             self.tokenizer.chat_template = checkpoint["chat_template"]
+
+
+def _signature_defaults(names: dict[str, Any]) -> dict[str, Any]:
+    """`TokenSelectionModule.__init__`'s defaults for `names` (read from the signature, written once)."""
+    parameters = inspect.signature(TokenSelectionModule.__init__).parameters
+    return {name: parameters[name].default for name in names}
+

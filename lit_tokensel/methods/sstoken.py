@@ -34,7 +34,13 @@ class SsTokenSFT(TokenSelectionModule):
     - Warm-up: at step 0 the history equals the model, so REL is noise. For the first `warmup` of
       training only the attention score selects (with `gamma=1` there is no attention score, and the
       warm-up trains on every response token). The default, 20% of the first epoch's optimizer
-      steps, is the released recipe's first 20% of its single epoch.
+      steps, is the released recipe's first 20% of its single epoch. An epoch is counted in optimizer
+      steps as run: `ceil(batches / accumulate_grad_batches)`, cut short by `max_steps` when that ends
+      training inside the first epoch; `max_steps` beyond the first epoch does not lengthen it.
+    - `warmup_every_epoch`: the released code restarts its warm-up at the start of every epoch; this
+      module warms up once unless the option is on. The paper's published runs train one epoch, where
+      both behaviours are the same step for step, so its numbers cannot tell them apart and the paper
+      preset leaves the option off; turn it on to mirror the released code over several epochs.
 
     Args:
         history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
@@ -45,6 +51,8 @@ class SsTokenSFT(TokenSelectionModule):
             paper; on trained models that attention sink takes most of each row's mass.
         warmup: Fraction of `warmup_unit` spent selecting by attention only.
         warmup_unit: `epoch` (fraction of the first epoch's optimizer steps) or `training` (of all).
+        warmup_every_epoch: Repeat the warm-up at the start of every epoch, as the released code does
+            (only with `warmup_unit="epoch"`).
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
@@ -57,6 +65,7 @@ class SsTokenSFT(TokenSelectionModule):
         exclude_sink: bool = False,
         warmup: float = 0.2,
         warmup_unit: Literal["epoch", "training"] = "epoch",
+        warmup_every_epoch: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,11 +75,14 @@ class SsTokenSFT(TokenSelectionModule):
             raise ValueError(f"warmup={warmup} must lie in [0, 1)")
         if warmup_unit not in ("epoch", "training"):
             raise ValueError(f"warmup_unit={warmup_unit!r}: use 'epoch' or 'training'")
+        if warmup_every_epoch and warmup_unit != "epoch":
+            raise ValueError("warmup_every_epoch=True needs warmup_unit='epoch' (a warm-up per epoch)")
         self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
         self.rho = check_ratio(rho, "rho")
         self.gamma = float(gamma)
         self.warmup_steps = 0
+        self.epoch_steps = 0  # optimizer steps per epoch, set at fit start
         self.attention: PromptAttentionScore | None = None
 
     # ------------------------------------------------------------------ setup
@@ -87,15 +99,28 @@ class SsTokenSFT(TokenSelectionModule):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        total = int(self.trainer.estimated_stepping_batches)
-        epochs = self.trainer.max_epochs
-        span = total if self.hparams.warmup_unit == "training" or not epochs or epochs < 1 else total / epochs
-        self.warmup_steps = math.ceil(self.hparams.warmup * span)
-        rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} of {total} steps")
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # `max_epochs=-1` skips the loader in the estimate below
+            trainer.fit_loop.setup_data()
+        total = trainer.estimated_stepping_batches
+        if math.isinf(total) and (self.hparams.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
+            raise ValueError("SsTokenSFT's warm-up needs a known training length: set --trainer.max_steps, or "
+                             "--trainer.max_epochs with a dataset of known length")
+        total = int(total)
+        self.epoch_steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        self.warmup_steps = warmup_length(self.hparams.warmup, self.hparams.warmup_unit, total, self.epoch_steps)
+        every = " of every epoch" if self.hparams.warmup_every_epoch else ""
+        rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} steps{every} "
+                       f"({total} optimizer steps in all, {self.epoch_steps} per epoch)")
 
     def in_warmup(self) -> bool:
         """True while training is in the attention-only warm-up (never outside `fit`)."""
-        return self._trainer is not None and self.trainer.training and self.trainer.global_step < self.warmup_steps
+        if self._trainer is None or not self.trainer.training:
+            return False
+        step = self.trainer.global_step
+        if self.hparams.warmup_every_epoch and self.epoch_steps > 0:
+            step -= self.trainer.current_epoch * self.epoch_steps  # steps into the current epoch
+        return step < self.warmup_steps
 
     # ------------------------------------------------------------------ selection
     def forward_context(self, batch: Batch) -> AbstractContextManager[Any]:
@@ -131,3 +156,17 @@ def rel_diagnostics(rel: torch.Tensor, losses: torch.Tensor, valid: torch.Tensor
     if values.numel() > 1:
         out["rel_spearman_neg_loss"] = spearman_corrcoef(values, negative_losses)
     return out
+
+
+def optimizer_steps_per_epoch(num_batches: float, accumulate: int) -> int:
+    """Optimizer steps in one epoch of `num_batches` micro-batches: Lightning also steps on an
+    epoch's last, incomplete accumulation window. 0 when the epoch length is unknown (`inf`)."""
+    return 0 if math.isinf(num_batches) else math.ceil(int(num_batches) / accumulate)
+
+
+def warmup_length(fraction: float, unit: str, total_steps: int, epoch_steps: int) -> int:
+    """Warm-up optimizer steps: `fraction` of all `total_steps` (`unit="training"`) or of the first
+    epoch as it runs, `min(epoch_steps, total_steps)` (`unit="epoch"`; all training when the epoch
+    length is unknown)."""
+    span = total_steps if unit == "training" or epoch_steps == 0 else min(epoch_steps, total_steps)
+    return math.ceil(round(fraction * span, 9))

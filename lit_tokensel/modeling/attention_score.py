@@ -85,9 +85,10 @@ class PromptAttentionScore:
     cached mask is `None` for unpadded batches.
 
     Works with the full model (`model(...)`) and the decoder alone (`model.get_decoder()(...)`), plain
-    or peft-wrapped. Only the first call of the chosen layer inside a `capture` block is scored: gradient
-    checkpointing calls the layer again in backward, and that recomputation is skipped. Make sure the
-    first forward in the block is the one to score (not, say, a reference model sharing these weights).
+    or peft-wrapped. One forward per `capture` block: gradient checkpointing calls the layer again in
+    backward, and that recomputation is skipped, but a second forward inside the block (say, a
+    reference model sharing these weights) is an error, since its scores would silently replace or
+    be mistaken for the training forward's.
     `q_proj`/`k_proj` are evaluated in eval mode (no LoRA dropout): the score is deterministic and the
     random stream of training is untouched, so the model's outputs are identical with and without
     the capture. The score math runs in float32 with autocast off, whatever the model's dtype.
@@ -140,8 +141,13 @@ class PromptAttentionScore:
     def _hook(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Forward pre-hook: score on the first call, leave the call's inputs untouched."""
         self.calls += 1
-        if self.calls > 1:  # recomputation under gradient checkpointing
-            return
+        if self.calls > 1:
+            if torch._C._current_graph_task_id() != -1:  # inside backward: gradient checkpointing's recomputation
+                return
+            raise RuntimeError(
+                "a second forward through the scored layer inside one PromptAttentionScore.capture block: "
+                "capture exactly the forward to score (run other forwards, e.g. a reference's, outside it)"
+            )
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # [B, T, D]
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is None:

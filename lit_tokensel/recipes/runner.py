@@ -28,7 +28,6 @@ LoRA, max_steps...), the warm-up run with max_epochs = --reference_epochs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from typing import Any
 from rich.console import Console
 
 from lit_tokensel.recipes import stages
-from lit_tokensel.recipes.registry import RecipeSpec, describe, resolve
+from lit_tokensel.recipes.registry import RecipeSpec, resolve
 from lit_tokensel.recipes.state import RecipeError, RecipeState
 
 
@@ -71,14 +70,18 @@ class Stage:
     started: Callable[[], bool] = field(default=lambda: False)
 
 
-def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, console: Console | None = None) -> dict:
-    """Run (or continue) recipe `name` in `options.workdir`; return the `recipe.json` contents."""
+def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, build: stages.CliBuilder,
+               console: Console | None = None) -> dict:
+    """Run (or continue) recipe `name` in `options.workdir`; return the `recipe.json` contents.
+
+    `build` parses LightningCLI arguments into model, DataModule and Trainer (`lit_tokensel.cli.build_cli`).
+    """
     console = console or Console(stderr=True)
     variant, spec = resolve(name, options.variant)
     _check_options(f"{name}/{variant}", spec, options)
     method_config = Path(options.method_config).resolve() if options.method_config else spec.config_path()
     stages.check_method_config(method_config)
-    base = stages.build_cli(lightning_args)  # the base run as configured: data source, tokenizer, devices
+    base = build(lightning_args)  # the base run as configured: data source, tokenizer, devices
     if base.trainer.world_size > 1:
         raise RecipeError(
             "the recipe runs its stages in this one process, and a multi-process strategy would run every stage "
@@ -87,7 +90,7 @@ def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, con
         )
     workdir = Path(options.workdir).resolve()
     state = RecipeState(workdir, name, variant)
-    plan, outputs = _plan(workdir, spec, method_config, lightning_args, options, state, base)
+    plan, outputs = _plan(workdir, spec, method_config, lightning_args, options, state, base, build)
     for index, stage in enumerate(plan, start=1):
         tag = f"[bold][{index}/{len(plan)}] {stage.name}[/bold]"
         if stage.complete():
@@ -121,7 +124,7 @@ def _check_options(recipe: str, spec: RecipeSpec, options: RecipeOptions) -> Non
 
 
 def _plan(workdir: Path, spec: RecipeSpec, method_config: Path, args: list[str], options: RecipeOptions,
-          state: RecipeState, base: Any) -> tuple[list[Stage], dict[str, Any]]:
+          state: RecipeState, base: Any, build: stages.CliBuilder) -> tuple[list[Stage], dict[str, Any]]:
     """The recipe's stages in order, and the summary of their outputs."""
     caches = {"base": workdir / "cache" / "base"}
     if spec.needs_reference:
@@ -144,15 +147,15 @@ def _plan(workdir: Path, spec: RecipeSpec, method_config: Path, args: list[str],
             *args, "--model.class_path", "lit_tokensel.FullSFT", "--data.train_file", warmup,
             "--data.dataset_name", "null", "--data.val_file", "null", "--data.val_split", "null",
             "--data.val_fraction", "0", "--data.cached_losses", "{}", "--data.epoch_chunks", "null",
-            "--trainer.max_epochs", str(options.reference_epochs)], options.save_every_n_steps)
+            "--trainer.max_epochs", str(options.reference_epochs)], build, options.save_every_n_steps)
         plan.append(_train_stage("reference", "reference: full SFT of the base on the warm-up set", reference, state))
-    plan.append(_score_stage("cache_base", "scoring the base model", caches["base"], scoring, options, None))
+    plan.append(_score_stage("cache_base", "scoring the base model", caches["base"], scoring, options, build, None))
     if reference is not None:
         plan.append(_score_stage(
             "cache_reference", "scoring the reference model", caches["reference"],
             [*scoring, "--model.init_args.model", str(reference.export), "--model.init_args.gguf_file", "null",
-             "--model.init_args.tokenizer", "null"], options, lambda: base.model.tokenizer))
-    final = stages.TrainRun(workdir / "train", final_args, options.save_every_n_steps)
+             "--model.init_args.tokenizer", "null"], options, build, lambda: base.model.tokenizer))
+    final = stages.TrainRun(workdir / "train", final_args, build, options.save_every_n_steps)
     plan.append(_train_stage("train", f"final run: {method_config.name}", final, state))
     outputs = {
         "reference_export": str(reference.export) if reference is not None else None,
@@ -179,39 +182,10 @@ def _train_stage(name: str, title: str, run: stages.TrainRun, state: RecipeState
 
 
 def _score_stage(name: str, title: str, output: Path, args: list[str], options: RecipeOptions,
-                 tokenizer: Callable[[], Any] | None) -> Stage:
+                 build: stages.CliBuilder, tokenizer: Callable[[], Any] | None) -> Stage:
     def execute() -> dict[str, Any]:
-        path = stages.score(args, output, options.shard_size, tokenizer() if tokenizer else None)
+        path = stages.score(build(args), output, options.shard_size, tokenizer() if tokenizer else None)
         return {"path": str(path)}
 
     return Stage(name, title, output, complete=lambda: stages.cache_complete(output), execute=execute,
                  started=output.exists)
-
-
-def run_recipe_cli(argv: list[str]) -> dict:
-    """`lit-tokensel recipe NAME [options] [LightningCLI args]`."""
-    parser = argparse.ArgumentParser(
-        prog="lit-tokensel recipe NAME", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Recipes:\n{describe()}\n\nOther arguments (-c, --model.*, --data.*, --trainer.*) are those of "
-               f"`lit-tokensel fit` and describe the base run.",
-    )
-    parser.add_argument("--workdir", required=True, help="directory of every stage's outputs and recipe.json")
-    parser.add_argument("--variant", help="recipe variant (default: the recipe's first)")
-    warmup = parser.add_mutually_exclusive_group()
-    warmup.add_argument("--warmup_file", help="the high-quality warm-up set for the reference (a data file)")
-    warmup.add_argument("--warmup_size", type=int, help="warm-up set: this many training rows, seeded")
-    warmup.add_argument("--warmup_fraction", type=float, help="warm-up set: this fraction of the training rows")
-    parser.add_argument("--chunks", type=int, help="chunked recipes: number of chunks (rounds, epochs)")
-    parser.add_argument("--method_config", help="YAML of the final run, instead of the recipe's")
-    parser.add_argument("--reference_epochs", type=int, default=1, help="epochs of reference training (1)")
-    parser.add_argument("--shard_size", type=int, default=256, help="samples per cache shard")
-    parser.add_argument("--save_every_n_steps", type=int, help="also checkpoint every N steps (for resume)")
-    if not argv or argv[0].startswith("-"):
-        parser.print_help()
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    options, rest = parser.parse_known_args(argv[1:])
-    try:
-        return run_recipe(argv[0], rest, RecipeOptions(**vars(options)))
-    except RecipeError as e:
-        Console(stderr=True).print(f"[red]lit-tokensel recipe: {e}[/red]", soft_wrap=True)
-        raise SystemExit(1) from e

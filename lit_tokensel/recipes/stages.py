@@ -7,7 +7,7 @@ import inspect
 import json
 import os
 import random
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,8 @@ BASE_KEYS = frozenset(inspect.signature(TokenSelectionModule.__init__).parameter
 """init_args every method shares (model, learning rate, LoRA...): the base run's, set by the user's configs."""
 
 
-def build_cli(args: list[str]) -> Any:
-    """Parse and instantiate (`run=False`) model, DataModule and Trainer exactly as `lit-tokensel fit` would."""
-    from lit_tokensel.cli import TokenSelCLI
-    from lit_tokensel.data import SFTDataModule
-
-    with warnings.catch_warnings():  # `lit-tokensel recipe ...` is in sys.argv; these args are ours on purpose
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-        return TokenSelCLI(TokenSelectionModule, SFTDataModule, subclass_mode_model=True, run=False, args=args,
-                           save_config_callback=None)
+CliBuilder = Callable[[list[str]], Any]
+"""Parses LightningCLI arguments into an instantiated (not run) CLI: `lit_tokensel.cli.build_cli`."""
 
 
 def check_method_config(path: Path) -> None:
@@ -74,15 +67,15 @@ def cache_complete(path: Path) -> bool:
         return False
 
 
-def score(args: list[str], output: Path, shard_size: int, tokenizer: Any = None) -> Path:
-    """Score the `model:` block's model over the training data into the cache `output` (resumes a partial one).
+def score(cli: Any, output: Path, shard_size: int, tokenizer: Any = None) -> Path:
+    """Score `cli`'s model (built from the stage's args) over the training data into the cache `output`
+    (resumes a partial one).
 
     `tokenizer` replaces the module's tokenizer for the data (the base's, so that a reference exported
     with its own copy of the tokenizer is scored on identical tokens), unless the data config names one.
     """
     from lit_tokensel.cache.scoring import score_to_cache
 
-    cli = build_cli(args)
     if tokenizer is not None and cli.datamodule.tokenizer_source is None:
         cli.datamodule.tokenizer_source = tokenizer
     return score_to_cache(cli.model, cli.datamodule, output, "train", shard_size,
@@ -98,8 +91,10 @@ class TrainRun:
     or interrupted) is an error, never a silent resume or skip.
     """
 
-    def __init__(self, directory: Path, args: list[str], save_every_n_steps: int | None = None) -> None:
+    def __init__(self, directory: Path, args: list[str], build: CliBuilder,
+                 save_every_n_steps: int | None = None) -> None:
         self.directory = directory
+        self.build = build
         checkpointing = {"dirpath": str(directory / "resume"), "filename": "last", "save_top_k": 1,
                          "enable_version_counter": False, "every_n_train_steps": save_every_n_steps}
         self.args = [
@@ -124,7 +119,7 @@ class TrainRun:
     @property
     def cli(self) -> Any:
         if self._cli is None:
-            self._cli = build_cli(self.args)
+            self._cli = self.build(self.args)
         return self._cli
 
     def config_text(self) -> str:

@@ -32,6 +32,10 @@ class ReferenceModel(ABC):
     callbacks the provider needs (a method returns them from `configure_callbacks`).
     """
 
+    shadows_parameters: bool = False
+    """True when the provider keeps its own copy of each trainable parameter, tensor for tensor (the
+    EMA history): such a copy only matches per-parameter shards (FSDP2), never FSDP1's flat ones."""
+
     def setup(self, module: TokenSelectionModule) -> None:  # noqa: B027 - optional hook
         """Load weights or allocate state once `module.model` exists. Must be idempotent."""
 

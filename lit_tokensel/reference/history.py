@@ -18,6 +18,7 @@ import torch
 
 from lit_tokensel.distributed.fsdp import fresh_root_gather
 from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
+from lit_tokensel.reference.history_update import HistoryUpdate
 
 if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
@@ -38,6 +39,8 @@ class HistoryReference(ReferenceModel):
         lag: Optimizer steps of delay in `lagged` mode (>= 1); keeps `lag + 1` copies.
     """
 
+    shadows_parameters = True
+
     def __init__(self, mode: Literal["ema", "lagged"] = "ema", decay: float = 0.99, lag: int = 1) -> None:
         if mode not in ("ema", "lagged"):
             raise ValueError(f"mode={mode!r}: use 'ema' or 'lagged'")
@@ -52,6 +55,7 @@ class HistoryReference(ReferenceModel):
         self.shadow: Shadow = []  # the history used for losses
         self.pending: deque[Shadow] = deque()  # lagged: the newer snapshots, oldest first
         self.updates = 0
+        self.swapped_in = False  # True only while `token_losses` runs on the history's weights
         self._loaded: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -68,8 +72,6 @@ class HistoryReference(ReferenceModel):
             self._loaded = None
 
     def callbacks(self) -> list[L.Callback]:
-        from lit_tokensel.callbacks.history import HistoryUpdate
-
         return [HistoryUpdate(self)]
 
     @torch.no_grad()
@@ -105,11 +107,13 @@ class HistoryReference(ReferenceModel):
         torch._foreach_copy_(saved, live)
         try:
             torch._foreach_copy_(live, _local(self.shadow))
+            self.swapped_in = True  # `HistoryUpdate.on_before_backward` refuses a backward now
             # FSDP2: the root keeps live unsharded values after the training forward; gather afresh.
             with fresh_root_gather(module.model):
                 losses = model_token_losses(module.model, batch)  # [B, T-1]
         finally:
             torch._foreach_copy_(live, saved)  # bit-identical restore
+            self.swapped_in = False
         return self.checked(module, batch, losses)
 
     # ------------------------------------------------------------------ checkpointing

@@ -63,10 +63,10 @@ def top_k_per_batch(
     """Keep the top `ceil(ratio * n_response)` tokens of the whole batch. `[B, T-1]` in and out.
 
     With a process `group`, the batch is the global one: every rank's micro-batch, ranked together
-    (`lit_tokensel.distributed.global_top_k_per_batch`); each rank gets its own rows of the result.
+    (`lit_tokensel.selection.global_batch.global_top_k_per_batch`); each rank gets its own rows of the result.
     """
     if group is not None:
-        from lit_tokensel.distributed.topk import global_top_k_per_batch
+        from lit_tokensel.selection.global_batch import global_top_k_per_batch  # it builds on this function
 
         return global_top_k_per_batch(scores, valid, ratio, group)
     k = keep_count(valid.sum(), ratio)

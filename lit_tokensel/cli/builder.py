@@ -1,24 +1,22 @@
-"""`lit-tokensel`: LightningCLI over every method and the SFT DataModule, plus `export`, `score`, `inspect`.
-
-    lit-tokensel fit -c configs/quickstart.yaml
-    lit-tokensel fit -c configs/methods/full_sft.yaml -c configs/data/quickstart.yaml
-    lit-tokensel export --checkpoint runs/.../last.ckpt --output_dir exported/
-    lit-tokensel score -c configs/quickstart.yaml --model.init_args.model REF_DIR --output_dir ref_losses/
-    lit-tokensel inspect -c configs/quickstart.yaml -c configs/methods/rho1.yaml --output kept.jsonl --limit 20
-"""
+"""The one LightningCLI of the project: `TokenSelCLI` and `build_cli`, used by every subcommand and recipe."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import warnings
+from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from lit_tokensel.callbacks.export import ExportOnFitEnd
 from lit_tokensel.checkpoint_io import check_cli_checkpoint, use_checksummed_checkpoints
+from lit_tokensel.cli.errors import RaisesWithOptions
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.methods.base import TokenSelectionModule
+
+
+class TokenSelParser(RaisesWithOptions, LightningArgumentParser):
+    """LightningCLI's parser, raising its errors for the CLI's one-line report."""
 
 
 class TokenSelCLI(LightningCLI):
@@ -58,46 +56,24 @@ class TokenSelCLI(LightningCLI):
             console.print(f"export        {exporter.exported_to}  (AutoModelForCausalLM.from_pretrained)")
 
 
-def run_export(argv: list[str]) -> Path:
-    from jsonargparse import CLI
+def build_cli(args: list[str] | None, *, run: bool = False, description: str | None = None) -> TokenSelCLI:
+    """Parse `args` (None: `sys.argv`) into model, DataModule and Trainer exactly as `lit-tokensel fit` does.
 
-    from lit_tokensel.export import export_checkpoint
-
-    output = CLI(export_checkpoint, args=argv, as_positional=False)
-    Console(stderr=True).print(f"exported to {output}")
-    return output
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    cli_args = sys.argv[1:] if argv is None else argv
-    if cli_args and cli_args[0] == "export":
-        run_export(cli_args[1:])
-        return
-    if cli_args and cli_args[0] == "score":
-        from lit_tokensel.cache.scoring import run_score
-
-        run_score(cli_args[1:])
-        return
-    if cli_args and cli_args[0] == "inspect":
-        from lit_tokensel.inspection import run_inspect
-
-        run_inspect(cli_args[1:])
-        return
-    if cli_args and cli_args[0] == "recipe":
-        from lit_tokensel.recipes import run_recipe_cli
-
-        run_recipe_cli(cli_args[1:])
-        return
-    TokenSelCLI(
-        TokenSelectionModule,
-        SFTDataModule,
-        subclass_mode_model=True,
-        args=argv,  # None: LightningCLI reads sys.argv itself
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": __doc__},
+    `run=True` also runs the subcommand in `args` (fit, validate, ...) and saves its config; `run=False`
+    only instantiates (for `score`, `inspect` and recipe stages, which save no config of their own).
+    """
+    extra: dict[str, Any] = (
+        {"save_config_kwargs": {"overwrite": True}} if run else {"save_config_callback": None}
     )
-
-
-if __name__ == "__main__":
-    main()
+    with warnings.catch_warnings():  # our subcommands pass their remaining args on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return TokenSelCLI(
+            TokenSelectionModule,
+            SFTDataModule,
+            subclass_mode_model=True,
+            run=run,
+            args=args,
+            parser_class=TokenSelParser,
+            parser_kwargs={"exit_on_error": False, **({"description": description} if description else {})},
+            **extra,
+        )

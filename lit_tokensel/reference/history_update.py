@@ -6,11 +6,12 @@ the average in for validation, which is wrong for a history model that only scor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 
-from lit_tokensel.reference.history import HistoryReference
+if TYPE_CHECKING:
+    from lit_tokensel.reference.history import HistoryReference
 
 
 class HistoryUpdate(L.Callback):
@@ -30,6 +31,15 @@ class HistoryUpdate(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Any) -> None:
+        """The live weights must be back before backward: the swap goes through `.data`, which autograd
+        does not track, so a backward on swapped-in weights would give wrong gradients without an error."""
+        if self.history.swapped_in:
+            raise RuntimeError(
+                "backward while the history weights are swapped into the model: HistoryReference.token_losses "
+                "must return (restoring the live weights) before the loss is backpropagated"
+            )
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
