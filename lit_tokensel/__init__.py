@@ -1,6 +1,8 @@
 """lit_tokensel: token-level data selection for LLM supervised fine-tuning."""
 
 from lit_tokensel.methods import (
+    DFTSFT,
+    EAFTSFT,
     ForgettingSFT,
     FullSFT,
     ProFitSFT,
@@ -16,6 +18,8 @@ from lit_tokensel.methods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DFTSFT",
+    "EAFTSFT",
     "ForgettingSFT",
     "FullSFT",
     "ProFitSFT",

@@ -35,13 +35,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from lit_tokensel.modeling.forward import response_token_losses
+from lit_tokensel.modeling.forward import decoder_hidden_and_head, response_token_losses
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.stats import selection_statistics
 from lit_tokensel.selection.token_loss import (
     masked_sum,
     per_token_cross_entropy,
+    per_token_cross_entropy_chunked,
 )
+from lit_tokensel.selection.weighting import ResponseLogits
 
 Batch = dict[str, torch.Tensor]
 # Per-window sums behind the loss normalization and the logged step metrics.
@@ -282,8 +284,13 @@ class TokenSelectionModule(L.LightningModule):
         """Context entered around the training forward, e.g. to capture one layer's attention."""
         return nullcontext()
 
+    needs_logits: bool = False
+    """True for a method whose `select_tokens` takes a fourth argument, `logits`: the training forward's
+    `ResponseLogits` over the response positions (from the `[B, T, V]` logits, or projected chunk by chunk
+    from the last hidden state with `chunked_loss`), e.g. EAFT's top-k entropy."""
+
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
-        """Which response tokens enter the loss. The base keeps every one of them (full SFT).
+        """Which response tokens enter the loss, and how. The base keeps every one of them (full SFT).
 
         `token_losses` and `valid` are `[B, T-1]`; the losses carry the graph, so detach them
         before using them as scores.
@@ -298,6 +305,16 @@ class TokenSelectionModule(L.LightningModule):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 
+    def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
+        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
+        if self.hparams.chunked_loss:
+            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H]
+            losses, valid = per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
+            return losses, valid, ResponseLogits(hidden, valid, head.weight, head.bias)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, valid = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1] each
+        return losses, valid, ResponseLogits(logits, valid)
+
     def select_batch(self, batch: Batch) -> SelectedBatch:
         """Select samples, run the forward in the method's context, then select tokens (training and `inspect`).
 
@@ -308,13 +325,21 @@ class TokenSelectionModule(L.LightningModule):
             if not samples.any():
                 raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
             batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        logits = None
         with self.forward_context(batch):
-            token_losses, valid = self.token_losses(batch)  # [B', T-1] each
+            if self.needs_logits:
+                token_losses, valid, logits = self.token_losses_and_logits(batch)  # [B', T-1] each
+            else:
+                token_losses, valid = self.token_losses(batch)  # [B', T-1] each
         data_weights = batch.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
         if data_weights is not None:
             data_weights = data_weights.to(device=token_losses.device, dtype=token_losses.dtype)
             valid = valid & (data_weights != 0)
-        selection = self.select_tokens(batch, token_losses, valid)
+        if logits is not None:
+            logits.valid = valid
+            selection = self.select_tokens(batch, token_losses, valid, logits)
+        else:
+            selection = self.select_tokens(batch, token_losses, valid)
         return SelectedBatch(batch, samples, token_losses, valid, selection, data_weights)
 
     def objective_terms(self, selected: SelectedBatch) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:

@@ -1,0 +1,144 @@
+"""Token-weighting losses' math: DFT's probability, EAFT's top-k entropy, ASFT's KL to a reference.
+
+Everything works on the response positions only, a chunk of positions at a time, from either the
+trained model's `[B, T, V]` logits or its last hidden state and output projection (`chunked_loss`),
+so no second `[B, T, V]` tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class ResponseLogits:
+    """The logits at the response positions of a batch, projected a chunk of positions at a time.
+
+    Either `source` is the `[B, T, V]` logits (positions gathered per chunk), or it is the last hidden
+    state `[B, T, H]` and `weight` `[V, H]` (with `bias`) is the output projection applied per chunk.
+    Positions are those of `valid` `[B, T-1]` in row-major order, in the shared `[B, T-1]` frame (the
+    logits at position `j` predict token `j+1`).
+    """
+
+    source: torch.Tensor
+    valid: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def count(self) -> int:
+        return int(self.valid.sum())
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits `[n, V]` of `rows` (already logits, or hidden states to project)."""
+        if self.weight is None:
+            return rows.float()
+        return F.linear(rows, self.weight, self.bias).float()
+
+    def chunks(self, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[slice, torch.Tensor]]:
+        """`(slice into the N positions, float32 logits [n, V])`, no grad, one chunk at a time."""
+        index = self.valid.nonzero()  # [N, 2]
+        for start in range(0, index.shape[0], chunk_size):
+            b, t = index[start : start + chunk_size].unbind(1)
+            with torch.no_grad():
+                yield slice(start, start + b.numel()), self.project(self.source[b, t])
+
+
+def scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[N]` per-position values into the `[B, T-1]` frame (0 off `valid`)."""
+    frame = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+    return frame.masked_scatter(valid, values)
+
+
+def dft_weights(token_losses: torch.Tensor) -> torch.Tensor:
+    """DFT's per-token weight `sg(p_t) = exp(-CE_t)`, detached, `[B, T-1]`."""
+    return torch.exp(-token_losses.detach().float())
+
+
+def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Entropy `[n]` of the softmax over each row's `k` largest logits (`logits` `[n, V]`), in nats."""
+    top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).values  # [n, k]
+    logp = torch.log_softmax(top, dim=-1)  # [n, k]
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def eaft_weights(logits: ResponseLogits, k: int = 20, alpha: float = 1.0,
+                 chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAFT's `w_t = (H_topk / ln k) ** alpha` and the normalised entropy, both `[B, T-1]`, detached."""
+    entropy = torch.zeros(logits.count, dtype=torch.float32, device=logits.valid.device)  # [N]
+    for rows, chunk in logits.chunks(chunk_size):
+        entropy[rows] = topk_entropy(chunk, k)
+    normalised = entropy / math.log(k)  # [N], in [0, 1]
+    return scatter_rows(normalised.pow(alpha), logits.valid), scatter_rows(normalised, logits.valid)
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Per-position `KL(p_ref || p_theta)` `[N]` computed chunk by chunk of the positions `index` of
+    `source` (logits `[B, T, V]`, or hidden states `[B, T, H]` with the projection `weight`). The backward
+    recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so nothing of size `[N, V]` is kept."""
+
+    @staticmethod
+    def forward(ctx, source, index, weight, bias, ref_rows, ref_weight, ref_bias, chunk_size):  # noqa: D102
+        ctx.save_for_backward(source, index, weight, bias, ref_rows, ref_weight, ref_bias)
+        ctx.chunk_size = chunk_size
+        out = torch.zeros(index.shape[0], dtype=torch.float32, device=source.device)  # [N]
+        for start in range(0, index.shape[0], chunk_size):
+            stop = start + chunk_size
+            b, t = index[start:stop].unbind(1)
+            logp = torch.log_softmax(_logits(source[b, t], weight, bias), dim=-1)  # [n, V]
+            ref_logp = torch.log_softmax(_logits(ref_rows[start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
+            out[start:stop] = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        source, index, weight, bias, ref_rows, ref_weight, ref_bias = ctx.saved_tensors
+        grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
+        for start in range(0, index.shape[0], ctx.chunk_size):
+            stop = start + ctx.chunk_size
+            b, t = index[start:stop].unbind(1)
+            rows = source[b, t]  # [n, V or H]
+            p = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
+            ref_p = torch.softmax(_logits(ref_rows[start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
+            grad_logits = (p - ref_p) * grad_out[start:stop, None]  # [n, V], d KL / d z
+            if weight is None:
+                if grad_source is not None:
+                    grad_source[b, t] = grad_logits.to(source.dtype)
+                continue
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_source is not None:
+                grad_source[b, t] = grad_logits @ weight  # [n, H]
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ rows  # [V, H]
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_source, None, grad_weight, grad_bias, None, None, None, None
+
+
+def _logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    return (rows if weight is None else F.linear(rows, weight, bias)).float()
+
+
+def kl_to_reference(
+    logits: ResponseLogits, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """`KL(p_ref || p_theta)` per response position, `[B, T-1]` (0 off the response), with the graph.
+
+    `ref_hidden` `[B, T, H]` is the reference's last hidden state (no grad) and `ref_weight`/`ref_bias`
+    its output projection. Gradients reach the trained model's logits (or hidden state and projection).
+    """
+    ref_rows = ref_hidden[:, :-1][logits.valid].detach()  # [N, H]
+    index = logits.valid.nonzero()  # [N, 2], positions in the [B, T-1] frame (same in the source)
+    per_row = _ChunkedKL.apply(logits.source, index, logits.weight, logits.bias, ref_rows, ref_weight.detach(),
+                               None if ref_bias is None else ref_bias.detach(), chunk_size)  # [N]
+    return scatter_rows(per_row, logits.valid)
