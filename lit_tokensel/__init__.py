@@ -1,6 +1,7 @@
 """lit_tokensel: token-level data selection for LLM supervised fine-tuning."""
 
 from lit_tokensel.methods import (
+    ASFTSFT,
     DFTSFT,
     EAFTSFT,
     ForgettingSFT,
@@ -18,6 +19,7 @@ from lit_tokensel.methods import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASFTSFT",
     "DFTSFT",
     "EAFTSFT",
     "ForgettingSFT",

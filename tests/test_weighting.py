@@ -10,8 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from lit_tokensel import DFTSFT, EAFTSFT
-from tests.model_fixtures import pad_batch, synthetic_rows
+from lit_tokensel import ASFTSFT, DFTSFT, EAFTSFT
+from lit_tokensel.modeling.loading import LoraSettings
+from lit_tokensel.reference import AdapterDisabledReference, FrozenModelReference
+from tests.model_fixtures import pad_batch, save_perturbed_copy, synthetic_rows
 
 LR = 0.5
 
@@ -191,3 +193,95 @@ def test_eaft_rejects_bad_arguments():
         EAFTSFT(k=1)
     with pytest.raises(ValueError, match="alpha="):
         EAFTSFT(alpha=0)
+
+
+# ---------------------------------------------------------------------------------------------- ASFT
+
+
+@pytest.fixture(scope="module")
+def reference_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("asft") / "reference", seed=11)
+
+
+def _kl_float64(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`sum_v p_ref (log p_ref - log p_theta)` per response position from the papers' formula, in float64."""
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    ref_logp = torch.log_softmax(ref_logits[:, :-1].double(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    return kl * (labels[:, 1:] != -100)
+
+
+def _asft_reference_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, alpha: float):
+    """The authors' `asft` mode (zhuchichi56/ASFT train_v2.py), reimplemented: `p.detach() * CE + alpha *
+    kl_div(log_softmax(z), softmax(z_ref)).sum(-1)`, averaged over the response tokens."""
+    z = logits[:, :-1].flatten(0, 1).float()
+    targets = labels[:, 1:].flatten()
+    valid = targets != -100
+    ce = torch.nn.functional.cross_entropy(z, targets.clamp(min=0), reduction="none")
+    p = torch.softmax(z, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1).detach()
+    kl = torch.nn.functional.kl_div(torch.log_softmax(z, -1), torch.softmax(ref_logits[:, :-1].flatten(0, 1).float(), -1),
+                                    reduction="none").sum(-1)
+    return (p * ce + alpha * kl)[valid].sum() / valid.sum()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked_loss"])
+def test_asft_kl_loss_and_gradient_equal_float64_and_the_authors_formula(tiny_model_dir, reference_dir, chunked):
+    batch = _batch(multi_turn=True)
+    module = ASFTSFT(model=tiny_model_dir, reference=FrozenModelReference(model=reference_dir), alpha=0.3,
+                     chunk_size=5, chunked_loss=chunked)
+    module.configure_model()
+    selected = module.select_batch(batch)
+    with torch.no_grad():
+        _, ref_logits = _logits(reference_dir, batch)
+        _, logits = _logits(tiny_model_dir, batch)
+    expected = _kl_float64(logits, ref_logits, batch["labels"])
+    valid = batch["labels"][:, 1:] != -100
+    assert (expected[valid] > 1e-3).all()
+    torch.testing.assert_close(selected.selection.scores["kl"].double(), expected, rtol=1e-5, atol=1e-6)
+    ours = _module_loss(module, batch)
+    model, logits = _logits(tiny_model_dir, batch)
+    theirs = _asft_reference_loss(logits, ref_logits, batch["labels"], 0.3)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    for a, b in zip(_grads(ours, module.model), _grads(theirs, model), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_asft_default_reference_is_the_base_and_adapter_off_under_lora(tiny_model_dir):
+    batch = _batch()
+    full = ASFTSFT(model=tiny_model_dir)
+    assert isinstance(full.reference, FrozenModelReference) and full.reference.model_name_or_path == tiny_model_dir
+    full.configure_model()
+    torch.testing.assert_close(full.select_batch(batch).selection.scores["kl"], torch.zeros(4, batch["labels"].shape[1] - 1),
+                               atol=1e-6, rtol=0)  # at the start the model is its own anchor
+    lora = ASFTSFT(model=tiny_model_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), chunk_size=4)
+    assert isinstance(lora.reference, AdapterDisabledReference)
+    lora.configure_model()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora.model.parameters():
+            if p.requires_grad:  # lora_B starts at zero: make the adapter change the output
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    selected = lora.select_batch(batch)
+    with torch.no_grad():
+        _, base_logits = _logits(tiny_model_dir, batch)
+        adapted = lora.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = _kl_float64(adapted, base_logits, batch["labels"])
+    assert float(expected.max()) > 1e-2
+    torch.testing.assert_close(selected.selection.scores["kl"].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_asft_accumulated_step_is_the_step_on_the_whole_batch(tiny_model_dir, reference_dir):
+    batch = _batch()
+    module = ASFTSFT(model=tiny_model_dir, reference=FrozenModelReference(model=reference_dir), alpha=0.5,
+                     optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant", warmup_ratio=0.0)
+    snapshots = _fit_halves(module, batch, accumulate=2)
+    with torch.no_grad():
+        _, ref_logits = _logits(reference_dir, batch)
+    expected, loss = _sgd(tiny_model_dir, snapshots.before[0],
+                          lambda lg: _asft_reference_loss(lg, ref_logits, batch["labels"], 0.5), batch)
+    assert snapshots.metrics[1]["train/loss"] == pytest.approx(loss, abs=1e-6)
+    valid = batch["labels"][:, 1:] != -100
+    assert snapshots.metrics[1]["train/kl"] == pytest.approx(
+        float(_kl_float64(_logits(tiny_model_dir, batch)[1].detach(), ref_logits, batch["labels"])[valid].mean()), rel=1e-5)
+    for key, value in expected.items():
+        torch.testing.assert_close(snapshots.after[1][key], value, rtol=1e-5, atol=1e-6)

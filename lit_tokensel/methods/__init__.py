@@ -1,5 +1,6 @@
 """One LightningModule per token-selection method."""
 
+from lit_tokensel.methods.asft import ASFTSFT
 from lit_tokensel.methods.base import LossTerm, Selection, TokenSelectionModule
 from lit_tokensel.methods.dft import DFTSFT
 from lit_tokensel.methods.eaft import EAFTSFT
@@ -14,6 +15,7 @@ from lit_tokensel.methods.sstoken import SsTokenSFT
 from lit_tokensel.methods.token_cleaning import TokenCleaningSFT
 
 __all__ = [
+    "ASFTSFT",
     "DFTSFT",
     "EAFTSFT",
     "ForgettingSFT",
