@@ -76,6 +76,8 @@ def sample_records(
             record["scores"] = {name: _values(s[i], positions) for name, s in selected.selection.scores.items()}
             if weights is not None:
                 record["weight"] = _values(weights[i], positions)
+            if selected.data_weights is not None:
+                record["data_weight"] = _values(selected.data_weights[i], positions)
         else:
             record.update(loss=None, keep=[False] * len(target_ids), scores={})
         records.append(record)
