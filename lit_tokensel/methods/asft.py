@@ -61,5 +61,6 @@ class ASFTSFT(TokenSelectionModule):
         hidden, weight, bias = self.reference.hidden_and_head(self, batch)  # [B, T, H], [V, H], [V]
         kl = kl_to_reference(logits, hidden, weight, bias, self.chunk_size)  # [B, T-1], with the graph
         anchor = LossTerm(mask=valid, losses=kl, coefficient=self.alpha, shares_main_count=True)
-        return Selection(keep=valid, weights=dft_weights(token_losses), scores={"kl": kl.detach()},
+        probability = dft_weights(token_losses)  # [B, T-1]
+        return Selection(keep=valid, weights=probability, scores={"probability": probability, "kl": kl.detach()},
                          terms={"kl": anchor})

@@ -14,11 +14,12 @@ class DFTSFT(TokenSelectionModule):
 
     This is TRL's `loss_type="dft"` and LLaMA-Factory's `use_dft_loss`: the weight costs one `exp` of
     the losses already computed, no pass over the vocabulary, so it works with `chunked_loss` too.
-    `inspect` shows the weights.
+    The weight is also the method's score (`probability`), logged and written by `inspect`.
 
     Args:
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
-        return Selection(keep=valid, weights=dft_weights(token_losses))  # [B, T-1]
+        probability = dft_weights(token_losses)  # [B, T-1]
+        return Selection(keep=valid, weights=probability, scores={"probability": probability})
