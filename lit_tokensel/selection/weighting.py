@@ -8,7 +8,7 @@ so no second `[B, T, V]` tensor is ever built.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,23 +32,36 @@ class ResponseLogits:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
 
-    @property
-    def count(self) -> int:
-        return int(self.valid.sum())
-
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """Float32 logits `[n, V]` of `rows` (already logits, or hidden states to project)."""
         if self.weight is None:
             return rows.float()
         return F.linear(rows, self.weight, self.bias).float()
 
-    def chunks(self, chunk_size: int = DEFAULT_CHUNK) -> Iterator[tuple[slice, torch.Tensor]]:
-        """`(slice into the N positions, float32 logits [n, V])`, no grad, one chunk at a time."""
-        index = self.valid.nonzero()  # [N, 2]
-        for start in range(0, index.shape[0], chunk_size):
-            b, t = index[start : start + chunk_size].unbind(1)
-            with torch.no_grad():
-                yield slice(start, start + b.numel()), self.project(self.source[b, t])
+    def map_positions(self, fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = DEFAULT_CHUNK
+                      ) -> torch.Tensor:
+        """`fn(logits [n, V]) -> [n]` over the response positions, no grad, as a `[B, T-1]` frame (0 elsewhere).
+
+        From `[B, T, V]` logits each row's span of response positions is a view (no copy of the logits);
+        from a hidden state the response rows are gathered and projected `chunk_size` at a time.
+        """
+        frame = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)  # [B, T-1]
+        with torch.no_grad():
+            if self.weight is None:
+                for b in range(self.valid.shape[0]):
+                    positions = self.valid[b].nonzero().flatten()  # [n_b]
+                    if positions.numel() == 0:
+                        continue
+                    lo, hi = int(positions[0]), int(positions[-1]) + 1
+                    for start in range(lo, hi, chunk_size):
+                        stop = min(start + chunk_size, hi)
+                        frame[b, start:stop] = fn(self.source[b, start:stop]).float()  # a view [n, V]
+                return frame * self.valid
+            rows = self.source[:, :-1][self.valid]  # [N, H]
+            values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
+            for start in range(0, rows.shape[0], chunk_size):
+                values[start : start + chunk_size] = fn(self.project(rows[start : start + chunk_size])).float()
+            return frame.masked_scatter(self.valid, values)
 
 
 def scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -64,7 +77,7 @@ def dft_weights(token_losses: torch.Tensor) -> torch.Tensor:
 
 def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Entropy `[n]` of the softmax over each row's `k` largest logits (`logits` `[n, V]`), in nats."""
-    top = logits.float().topk(min(k, logits.shape[-1]), dim=-1).values  # [n, k]
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1, sorted=False).values.float()  # [n, k]
     logp = torch.log_softmax(top, dim=-1)  # [n, k]
     return -(logp.exp() * logp).sum(dim=-1)
 
@@ -72,11 +85,8 @@ def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
 def eaft_weights(logits: ResponseLogits, k: int = 20, alpha: float = 1.0,
                  chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """EAFT's `w_t = (H_topk / ln k) ** alpha` and the normalised entropy, both `[B, T-1]`, detached."""
-    entropy = torch.zeros(logits.count, dtype=torch.float32, device=logits.valid.device)  # [N]
-    for rows, chunk in logits.chunks(chunk_size):
-        entropy[rows] = topk_entropy(chunk, k)
-    normalised = entropy / math.log(k)  # [N], in [0, 1]
-    return scatter_rows(normalised.pow(alpha), logits.valid), scatter_rows(normalised, logits.valid)
+    normalised = logits.map_positions(lambda rows: topk_entropy(rows, k), chunk_size) / math.log(k)  # [B, T-1]
+    return normalised.pow(alpha), normalised
 
 
 class _ChunkedKL(torch.autograd.Function):
