@@ -35,10 +35,11 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler, Sampler  # noqa: E402
 
-from lit_tokensel import FullSFT, LossTerm, Rho1SFT, Selection, SsTokenSFT  # noqa: E402
+from lit_tokensel import FullSFT, Rho1SFT, SsTokenSFT  # noqa: E402
 from lit_tokensel.callbacks.export import ExportOnFitEnd  # noqa: E402
 from lit_tokensel.data import SFTDataModule  # noqa: E402
 from lit_tokensel.distributed import FSDP2Strategy  # noqa: E402
+from lit_tokensel.methods.base import LossTerm, Selection  # noqa: E402
 from lit_tokensel.modeling.loading import LoraSettings  # noqa: E402
 from lit_tokensel.reference import AdapterDisabledReference, FrozenModelReference, HistoryReference  # noqa: E402
 
@@ -155,8 +156,9 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
     common = {"model": spec["model"], "learning_rate": 1e-2, "lr_schedule": "cosine", "warmup_ratio": 0.0}
     if job["method"] == "full":
         return FullSFT(**common)
-    if job["method"] == "terms":
-        return SignedTermsSFT(**common)
+    if job["method"] in ("terms", "terms_full"):  # SGD: Adam would blow float noise on near-zero gradients up
+        sgd = {**common, "optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "lr_schedule": "constant"}
+        return SignedTermsSFT(**sgd) if job["method"] == "terms" else FullSFT(**sgd)
     if job["method"] == "rho1":
         return Rho1SFT(reference=FrozenModelReference(model=spec["reference"]), ratio=0.6, **common)
     if job["method"] == "rho1_ema":

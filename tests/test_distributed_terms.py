@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
 
     from tests.distributed_worker import run_job
 
-    for name, method in (("single_terms", "terms"), ("single_full", "full")):
+    for name, method in (("single_terms", "terms"), ("single_full", "terms_full")):
         run_job(spec, {"name": name, "strategy": "single", **job, "method": method})
     return out
 
