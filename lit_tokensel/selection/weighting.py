@@ -48,14 +48,8 @@ class ResponseLogits:
         frame = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)  # [B, T-1]
         with torch.no_grad():
             if self.weight is None:
-                for b in range(self.valid.shape[0]):
-                    positions = self.valid[b].nonzero().flatten()  # [n_b]
-                    if positions.numel() == 0:
-                        continue
-                    lo, hi = int(positions[0]), int(positions[-1]) + 1
-                    for start in range(lo, hi, chunk_size):
-                        stop = min(start + chunk_size, hi)
-                        frame[b, start:stop] = fn(self.source[b, start:stop]).float()  # a view [n, V]
+                for b, start, stop in response_spans(self.valid, chunk_size):
+                    frame[b, start:stop] = fn(self.source[b, start:stop]).float()  # from a view [n, V]
                 return frame * self.valid
             rows = self.source[:, :-1][self.valid]  # [N, H]
             values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
@@ -89,49 +83,62 @@ def eaft_weights(logits: ResponseLogits, k: int = 20, alpha: float = 1.0,
     return normalised.pow(alpha), normalised
 
 
+def response_spans(valid: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
+    """`(row, start, stop)` chunks of at most `chunk_size` positions covering each row's response span.
+
+    A span runs from a row's first to its last response position, so gaps (a multi-turn row's prompts)
+    are inside it; callers mask them. Slices of a span are views of `[B, T, ...]` tensors: no gather copy.
+    """
+    spans = []
+    for b in range(valid.shape[0]):
+        positions = valid[b].nonzero().flatten()  # [n_b]
+        if positions.numel():
+            lo, hi = int(positions[0]), int(positions[-1]) + 1
+            spans += [(b, start, min(start + chunk_size, hi)) for start in range(lo, hi, chunk_size)]
+    return spans
+
+
 class _ChunkedKL(torch.autograd.Function):
-    """Per-position `KL(p_ref || p_theta)` `[N]` computed chunk by chunk of the positions `index` of
-    `source` (logits `[B, T, V]`, or hidden states `[B, T, H]` with the projection `weight`). The backward
-    recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so nothing of size `[N, V]` is kept."""
+    """Per-position `KL(p_ref || p_theta)` `[B, T-1]` computed a chunk of positions at a time (`spans`) from
+    `source` (logits `[B, T, V]`, or hidden states `[B, T, H]` with the projection `weight`) and the
+    reference's hidden states. The backward recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so
+    nothing of size `[N, V]` is kept between the passes."""
 
     @staticmethod
-    def forward(ctx, source, index, weight, bias, ref_rows, ref_weight, ref_bias, chunk_size):  # noqa: D102
-        ctx.save_for_backward(source, index, weight, bias, ref_rows, ref_weight, ref_bias)
-        ctx.chunk_size = chunk_size
-        out = torch.zeros(index.shape[0], dtype=torch.float32, device=source.device)  # [N]
-        for start in range(0, index.shape[0], chunk_size):
-            stop = start + chunk_size
-            b, t = index[start:stop].unbind(1)
-            logp = torch.log_softmax(_logits(source[b, t], weight, bias), dim=-1)  # [n, V]
-            ref_logp = torch.log_softmax(_logits(ref_rows[start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
-            out[start:stop] = (ref_logp.exp() * (ref_logp - logp)).sum(dim=-1)
-        return out
+    def forward(ctx, source, weight, bias, ref_hidden, ref_weight, ref_bias, valid, spans, chunk_size):  # noqa: D102
+        ctx.save_for_backward(source, weight, bias, ref_hidden, ref_weight, ref_bias, valid)
+        ctx.spans = spans
+        out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
+        for b, start, stop in spans:
+            logp = torch.log_softmax(_logits(source[b, start:stop], weight, bias), dim=-1)  # [n, V]
+            ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)
+            out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)
+        return out * valid
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        source, index, weight, bias, ref_rows, ref_weight, ref_bias = ctx.saved_tensors
+        source, weight, bias, ref_hidden, ref_weight, ref_bias, valid = ctx.saved_tensors
+        grad = grad_out * valid  # [B, T-1]
         grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[2] else None
-        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[3] else None
-        for start in range(0, index.shape[0], ctx.chunk_size):
-            stop = start + ctx.chunk_size
-            b, t = index[start:stop].unbind(1)
-            rows = source[b, t]  # [n, V or H]
-            p = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
-            ref_p = torch.softmax(_logits(ref_rows[start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
-            grad_logits = (p - ref_p) * grad_out[start:stop, None]  # [n, V], d KL / d z
+        grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for b, start, stop in ctx.spans:
+            rows = source[b, start:stop]  # [n, V or H], a view
+            grad_logits = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
+            grad_logits.sub_(torch.softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1))
+            grad_logits.mul_(grad[b, start:stop, None])  # d KL / d z
             if weight is None:
                 if grad_source is not None:
-                    grad_source[b, t] = grad_logits.to(source.dtype)
+                    grad_source[b, start:stop] = grad_logits
                 continue
             grad_logits = grad_logits.to(weight.dtype)
             if grad_source is not None:
-                grad_source[b, t] = grad_logits @ weight  # [n, H]
+                grad_source[b, start:stop] = grad_logits @ weight  # [n, H]
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows  # [V, H]
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        return grad_source, None, grad_weight, grad_bias, None, None, None, None
+        return grad_source, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -147,8 +154,6 @@ def kl_to_reference(
     `ref_hidden` `[B, T, H]` is the reference's last hidden state (no grad) and `ref_weight`/`ref_bias`
     its output projection. Gradients reach the trained model's logits (or hidden state and projection).
     """
-    ref_rows = ref_hidden[:, :-1][logits.valid].detach()  # [N, H]
-    index = logits.valid.nonzero()  # [N, 2], positions in the [B, T-1] frame (same in the source)
-    per_row = _ChunkedKL.apply(logits.source, index, logits.weight, logits.bias, ref_rows, ref_weight.detach(),
-                               None if ref_bias is None else ref_bias.detach(), chunk_size)  # [N]
-    return scatter_rows(per_row, logits.valid)
+    spans = response_spans(logits.valid, chunk_size)
+    return _ChunkedKL.apply(logits.source, logits.weight, logits.bias, ref_hidden.detach(), ref_weight.detach(),
+                            None if ref_bias is None else ref_bias.detach(), logits.valid, spans, chunk_size)
