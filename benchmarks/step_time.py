@@ -4,6 +4,7 @@
     python benchmarks/step_time.py --quick    # fewer steps, smaller model
     python benchmarks/step_time.py --only QTuning ProFit   # FullSFT plus the methods matching a substring
     python benchmarks/step_time.py --only Forgetting --accumulate 2   # steps of 2 accumulated micro-batches
+    python benchmarks/step_time.py --only DFT EAFT ASFT   # the token-weighting losses
 
 Every method trains the same model (a Llama built here, random weights) on the same batches.
 Each method runs in its own child process, so its peak resident memory (CPU) or peak allocated
@@ -30,7 +31,7 @@ import torch
 METHODS = (
     "FullSFT", "Rho1SFT (live reference)", "Rho1SFT (cached reference)", "TokenCleaningSFT (cached)",
     "ForgettingSFT (cached)", "QTuningSFT (r_sample 0.25)", "QTuningSFT (r_sample 0.5)",
-    "QTuningSFT (r_sample 1.0)", "ProFitSFT",
+    "QTuningSFT (r_sample 1.0)", "ProFitSFT", "DFTSFT", "EAFTSFT", "ASFTSFT (live frozen reference)",
 )
 
 
@@ -64,7 +65,7 @@ def make_batches(n: int, batch_size: int, length: int, vocab: int) -> list[dict[
 
 
 def make_module(method: str, model_dir: str, batches: list[dict[str, torch.Tensor]]):
-    from lit_tokensel import FullSFT, Rho1SFT, TokenCleaningSFT
+    from lit_tokensel import ASFTSFT, DFTSFT, EAFTSFT, FullSFT, Rho1SFT, TokenCleaningSFT
     from lit_tokensel.methods import forgetting
     from lit_tokensel.methods.profit import ProFitSFT
     from lit_tokensel.methods.qtuning import QTuningSFT
@@ -87,6 +88,12 @@ def make_module(method: str, model_dir: str, batches: list[dict[str, torch.Tenso
         return QTuningSFT(sample_ratio=float(method.split()[-1].rstrip(")")), **common)
     if method == "ProFitSFT":
         return ProFitSFT(**common)
+    if method == "DFTSFT":
+        return DFTSFT(**common)
+    if method == "EAFTSFT":
+        return EAFTSFT(**common)
+    if method == "ASFTSFT (live frozen reference)":
+        return ASFTSFT(reference=FrozenModelReference(model=model_dir), **common)
     raise ValueError(method)
 
 

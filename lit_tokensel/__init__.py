@@ -8,6 +8,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lit_tokensel.data import SFTDataModule
     from lit_tokensel.methods import (
+        ASFTSFT,
+        DFTSFT,
+        EAFTSFT,
         ForgettingSFT,
         FullSFT,
         ProFitSFT,
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASFTSFT",
+    "DFTSFT",
+    "EAFTSFT",
     "ForgettingSFT",
     "FullSFT",
     "ProFitSFT",

@@ -47,9 +47,16 @@ def load_training_state(module: TokenSelectionModule, checkpoint_path: str | os.
 
 
 def sample_records(
-    selected: SelectedBatch, original: dict[str, torch.Tensor], tokenizer: Any, step: int | None
+    selected: SelectedBatch, original: dict[str, torch.Tensor], tokenizer: Any, step: int | None,
+    weights: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """One JSON-ready record per sample of `original`; samples the method dropped keep nothing."""
+    """One JSON-ready record per sample of `original`; samples the method dropped keep nothing.
+
+    `weights` `[B', T-1]` are the tokens' effective CE weights (`TokenSelectionModule.token_weights`),
+    the method's own times the data's; default: the selection's own weights.
+    """
+    if weights is None:
+        weights = selected.selection.weights
     rows = range(original["input_ids"].shape[0])
     kept_rows = selected.samples.nonzero().flatten().tolist() if selected.samples is not None else list(rows)
     position_in_selected = {row: i for i, row in enumerate(kept_rows)}
@@ -73,8 +80,10 @@ def sample_records(
             record["loss"] = _values(selected.token_losses[i], positions)
             record["keep"] = keep[positions].tolist()
             record["scores"] = {name: _values(s[i], positions) for name, s in selected.selection.scores.items()}
-            if selected.selection.weights is not None:
-                record["weight"] = _values(selected.selection.weights[i], positions)
+            if weights is not None:
+                record["weight"] = _values(weights[i], positions)
+            if selected.data_weights is not None:
+                record["data_weight"] = _values(selected.data_weights[i], positions)
         else:
             record.update(loss=None, keep=[False] * len(target_ids), scores={})
         records.append(record)
@@ -122,7 +131,9 @@ def inspect_selection(
                                            disable=not progress) as bar:
         for batch in loader:
             batch = {k: v.to(module.device) for k, v in batch.items()}
-            for record in sample_records(module.select_batch(batch), batch, module.tokenizer, step):
+            selected = module.select_batch(batch)
+            weights = module.token_weights(selected)  # [B', T-1] or None
+            for record in sample_records(selected, batch, module.tokenizer, step, weights):
                 handle.write(json.dumps(record) + "\n")
             bar.update(batch["input_ids"].shape[0])
     partial.replace(output)

@@ -23,6 +23,7 @@ _METHODS = {  # public name -> module under lit_tokensel.methods
     "FullSFT": "full_sft", "Rho1SFT": "rho1", "TokenCleaningSFT": "token_cleaning",
     "SelfEvolvingTokenCleaningSFT": "self_evolving", "SsTokenSFT": "sstoken", "ForgettingSFT": "forgetting",
     "QTuningSFT": "qtuning", "ProFitSFT": "profit", "RandomTokenSFT": "random_tokens",
+    "DFTSFT": "dft", "EAFTSFT": "eaft", "ASFTSFT": "asft",
 }
 _REFERENCES = {  # public name -> module under lit_tokensel.reference
     "AdapterDisabledReference": "adapter", "CachedReference": "cached", "FrozenModelReference": "frozen",

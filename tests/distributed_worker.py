@@ -4,7 +4,7 @@
     python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py JOBS.json
 
 JOBS.json: {"model": DIR, "reference": DIR, "train_file": FILE, "out": DIR, "world": 2, "jobs": [...]},
-each job a dict: name, method (full | rho1 | rho1_ema | rho1_lagged | rho1_lora | sstoken_ema), strategy (single | ddp | fsdp2),
+each job a dict: name, method (full | terms | rho1 | rho1_ema | rho1_lagged | rho1_lora | sstoken_ema), strategy (single | ddp | fsdp2),
 per_rank_batch, max_steps, and optionally accumulate, precision, checkpoint_every (ModelCheckpoint every n steps into
 `<out>/<name>/step=<n>.ckpt`), resume (a ckpt_path; with consolidate, from its consolidated single file),
 export (ExportOnFitEnd into `<out>/<name>_export`).
@@ -39,6 +39,7 @@ from lit_tokensel import FullSFT, Rho1SFT, SsTokenSFT  # noqa: E402
 from lit_tokensel.callbacks.export import ExportOnFitEnd  # noqa: E402
 from lit_tokensel.data import SFTDataModule  # noqa: E402
 from lit_tokensel.distributed import FSDP2Strategy  # noqa: E402
+from lit_tokensel.methods.base import LossTerm, Selection  # noqa: E402
 from lit_tokensel.modeling.loading import LoraSettings  # noqa: E402
 from lit_tokensel.reference import AdapterDisabledReference, FrozenModelReference, HistoryReference  # noqa: E402
 
@@ -140,10 +141,24 @@ def layout(tensor: torch.Tensor) -> dict[str, Any]:
     return {"dtensor": is_dtensor, "local": list(local.shape), "full": list(tensor.shape)}
 
 
+class SignedTermsSFT(FullSFT):
+    """Test-only use of the contract's own-count term: descend on most response tokens, ascend (coefficient
+    -0.3) on every third one, each mean over its own tokens of the window and all ranks."""
+
+    def select_tokens(self, batch, token_losses, valid):
+        third = valid & (torch.arange(valid.shape[1], device=valid.device) % 3 == 0)  # [B, T-1]
+        rest = valid & ~third
+        return Selection(keep=valid, weights=rest.float(), normalizer=rest.sum(),
+                         terms={"third": LossTerm(mask=third, coefficient=-0.3)})
+
+
 def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule:
     common = {"model": spec["model"], "learning_rate": 1e-2, "lr_schedule": "cosine", "warmup_ratio": 0.0}
     if job["method"] == "full":
         return FullSFT(**common)
+    if job["method"] in ("terms", "terms_full"):  # SGD: Adam would blow float noise on near-zero gradients up
+        sgd = {**common, "optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "lr_schedule": "constant"}
+        return SignedTermsSFT(**sgd) if job["method"] == "terms" else FullSFT(**sgd)
     if job["method"] == "rho1":
         return Rho1SFT(reference=FrozenModelReference(model=spec["reference"]), ratio=0.6, **common)
     if job["method"] == "rho1_ema":

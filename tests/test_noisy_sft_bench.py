@@ -95,6 +95,7 @@ def test_plan_rows_use_shipped_configs_and_unique_keys():
                    "qtuning"):
         assert {f"{family}-0.6", f"{family}-0.8"} <= full  # both keep ratios for every ratio-based method
     assert {"full", "profit", "oracle", "reference", "sstoken-gamma0-0.6", "sstoken-gamma1-0.6"} <= full
+    assert {"dft", "eaft", "asft"} <= full and {"dft", "eaft", "asft"} <= set(SMOLLM2.row_keys)
     assert [r.key for r in regime_rows(SMOLLM2, "pretrained")] == list(SMOLLM2.row_keys)
 
 

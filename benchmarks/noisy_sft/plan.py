@@ -78,9 +78,10 @@ SMOLLM2 = Settings(
     learning_rate={"pretrained": 1e-3}, inspect_points=2, inspect_limit=64,
     pretrained_model="builtin:smollm2-135m-instruct", extra_configs=("presets/smollm2_lora.yaml",),
     extra_args=("--trainer.accumulate_grad_batches", "1"),  # 60 optimizer steps of 8 rows: ~2.6 s each here
-    regimes=("pretrained",), row_keys=("full", "rho1-0.6", "sstoken-base-0.6", "forgetting-0.6", "reference"),
+    regimes=("pretrained",),
+    row_keys=("full", "rho1-0.6", "sstoken-base-0.6", "forgetting-0.6", "dft", "eaft", "asft", "reference"),
 )
-"""The real-model run: SmolLM2-135M-Instruct with LoRA, the papers' regime, four methods, one seed (CPU, ~30 min)."""
+"""The real-model run: SmolLM2-135M-Instruct with LoRA, the papers' regime, seven methods, one seed (CPU)."""
 
 
 @dataclass(frozen=True)
@@ -146,11 +147,16 @@ def _ratio_rows(ratio: float, ablations: bool) -> list[MethodRow]:
 
 
 def method_rows(settings: Settings) -> list[MethodRow]:
-    """Every row, in table order: full SFT, the methods at each ratio, ProFit, the oracle, the references."""
+    """Every row, in table order: full SFT, the methods at each ratio, ProFit, the token-weighting losses, the
+    oracle, the references."""
     rows = [MethodRow("full", "Full SFT", "full", "full_sft", kind="baseline")]
     for index, ratio in enumerate(settings.ratios):
         rows += _ratio_rows(ratio, ablations=settings.ablations and index == 0)
     rows.append(MethodRow("profit", "ProFit (τ=0.1)", "profit", "profit", None, (), ("probability", 1)))
+    # The token-weighting losses keep every token; their AUC is that of the weight they give it.
+    rows.append(MethodRow("dft", "DFT", "dft", "dft", None, (), ("probability", 1)))
+    rows.append(MethodRow("eaft", "EAFT (k=20, α=1)", "eaft", "eaft", None, (), ("topk_entropy", 1)))
+    rows.append(MethodRow("asft", "ASFT (α=0.1)", "asft", "asft", None, (), ("probability", 1)))
     rows.append(MethodRow("oracle", "Oracle (drops exactly the corrupted tokens)", "oracle", "oracle", None, (),
                           ("clean", 1), kind="oracle"))
     rows.append(MethodRow("reference", "Reference model alone (clean data only)", "reference", None,

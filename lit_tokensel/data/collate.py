@@ -45,6 +45,9 @@ class DataCollatorForSFT:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     cached: Mapping[str, LossLookup] = field(default_factory=dict)
+    token_weights: Mapping[int, Sequence[float]] = field(default_factory=dict)
+    """Per-token weights from the data by `sample_id` (`lit_tokensel.data.weights`); when any, every batch
+    gets `batch["token_weights"]`, float32 `[B, T-1]` aligned with `labels[:, 1:]`, 1 where none is given."""
 
     def __post_init__(self) -> None:
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -78,6 +81,12 @@ class DataCollatorForSFT:
         }
         for name, lookup in self.cached.items():
             batch[f"cached/{name}"] = self._join(name, lookup, sample_id.tolist(), lengths, max_len)
+        if self.token_weights:
+            weights = torch.ones((batch_size, max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
+            for i, (sid, length) in enumerate(zip(sample_id.tolist(), lengths, strict=True)):
+                if sid in self.token_weights:
+                    weights[i, : length - 1] = torch.tensor(self.token_weights[sid][1:length], dtype=torch.float32)
+            batch["token_weights"] = weights
         return batch
 
     @staticmethod

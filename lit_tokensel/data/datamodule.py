@@ -25,6 +25,7 @@ from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_spli
 from lit_tokensel.data.samplers import EpochShuffleSampler, ResumableSampler
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source, local_path
 from lit_tokensel.data.tokenization import ensure_chat_template, tokenizer_fingerprint
+from lit_tokensel.data.weights import collect_token_weights
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class SFTDataModule(L.LightningDataModule):
         self.data_fingerprints: dict[str, str] = {}
         self.stats: dict[str, SplitStats] = {}
         self.rejects_paths: list[str] = []
+        self._train_source: TokenizedSource | None = None  # the training split's source, for its data weights
 
     # ----------------------------------------------------------------------------------------- setup
 
@@ -179,6 +181,7 @@ class SFTDataModule(L.LightningDataModule):
         self.setup_data()
         if self.train_collator is None:
             self._join_cached_losses()
+            self._join_data_weights()
 
     def setup_data(self) -> None:
         """Resolve the tokenizer and its template, then build (or load from cache) the train/val datasets."""
@@ -264,6 +267,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def _build(self) -> None:
         train = self._tokenize(self._source(self.train_file, self.train_split), "train")
+        self._train_source = train
         parts: list[tuple[str, TokenizedSource, list[int]]] = []
         if self.val_fraction > 0:
             train_rows, val_rows = holdout_split(len(train), self.val_fraction, self.seed)
@@ -318,6 +322,16 @@ class SFTDataModule(L.LightningDataModule):
                 cache.check_covers(sample_ids, num_tokens)
                 self.loss_caches[name] = cache
         self.train_collator = dataclasses.replace(self.collator, cached=dict(self.loss_caches))
+
+    def _join_data_weights(self) -> None:
+        """Per-token weights from the training rows (`lit_tokensel.data.weights`), joined by the train collator."""
+        train = self._train_source
+        if train is None or self.train_collator is None:
+            return
+        weights = collect_token_weights(train.source, train.format, self.system_prompt, self.tokenizer,
+                                        self.train_dataset)
+        if weights:
+            self.train_collator = dataclasses.replace(self.train_collator, token_weights=weights)
 
     def _rejects_path(self, source: Source) -> str:
         if self.rejects_file is not None:

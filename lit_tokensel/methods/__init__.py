@@ -1,6 +1,9 @@
 """One LightningModule per token-selection method."""
 
-from lit_tokensel.methods.base import Selection, TokenSelectionModule
+from lit_tokensel.methods.asft import ASFTSFT
+from lit_tokensel.methods.base import LossTerm, Selection, TokenSelectionModule
+from lit_tokensel.methods.dft import DFTSFT
+from lit_tokensel.methods.eaft import EAFTSFT
 from lit_tokensel.methods.forgetting import ForgettingSFT
 from lit_tokensel.methods.full_sft import FullSFT
 from lit_tokensel.methods.profit import ProFitSFT
@@ -12,8 +15,12 @@ from lit_tokensel.methods.sstoken import SsTokenSFT
 from lit_tokensel.methods.token_cleaning import TokenCleaningSFT
 
 __all__ = [
+    "ASFTSFT",
+    "DFTSFT",
+    "EAFTSFT",
     "ForgettingSFT",
     "FullSFT",
+    "LossTerm",
     "ProFitSFT",
     "QTuningSFT",
     "RandomTokenSFT",

@@ -1,15 +1,24 @@
-"""The shared training step. Methods differ only in which response tokens enter the loss.
+"""The shared training step. Methods differ only in how their response tokens enter the loss.
 
 A method subclasses `TokenSelectionModule` and overrides `select_tokens`, which gets the live
-per-token losses and returns a `Selection` (keep-mask plus the named scores behind it). Everything
-else lives here, written once: model loading, the per-token loss, loss normalization across
-gradient accumulation, optimizer and schedule, selection statistics, metrics.
+per-token losses and returns a `Selection`: which tokens enter the objective (`keep`), signed
+per-token weights on their cross-entropy (default 1; a plain keep mask is the simple case), the
+named scores behind the decision, and optionally named extra `LossTerm`s. Everything else lives
+here, written once: model loading, the per-token loss, data-provided token weights, normalisation
+and exact gradient accumulation, optimizer and schedule, selection statistics, metrics.
 
-Normalization: the loss of an optimizer step is the sum of the kept tokens' losses over every
-micro-batch of the accumulation window divided by the kept-token count of the whole window (and
-of all ranks), so `batch_size=2, accumulate_grad_batches=4` gives the update of `batch_size=8`.
-Each micro-batch backpropagates its *sum*; the gradients are rescaled once in
-`on_before_optimizer_step`, when the window's count is known.
+The objective of one optimizer step (an accumulation window, every rank) is
+
+    sum(w * CE over the main tokens) / N_main  +  sum_k c_k * sum(w_k * l_k over term k's tokens) / N_k
+
+with each count `N` taken over the whole window and all ranks, so `batch_size=2,
+accumulate_grad_batches=4` gives the update of `batch_size=8`. Each micro-batch backpropagates its
+main *sum*; the gradients are rescaled once in `on_before_optimizer_step`, when `N_main` is known.
+A term normalised over its own tokens is exact too: without accumulation its count is all-reduced
+at once and it is folded into the same backward (factor `c_k * N_main / N_k`); with accumulation
+its gradient sum is collected apart (`torch.autograd.grad`, one extra backward per micro-batch, one
+buffer the size of the trainable parameters) and added as `c_k / N_k` times it at the step. A term
+counted over the main tokens (`shares_main_count`) never needs the buffer.
 """
 
 from __future__ import annotations
@@ -30,31 +39,61 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.callbacks.finite import FiniteGuard
 from lit_tokensel.methods.optim import check_optimizer_settings, lr_factor
-from lit_tokensel.modeling.forward import response_token_losses
+from lit_tokensel.modeling.forward import decoder_hidden_and_head, response_token_losses
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.stats import selection_statistics
 from lit_tokensel.selection.token_loss import (
     masked_sum,
     per_token_cross_entropy,
+    per_token_cross_entropy_chunked,
 )
+from lit_tokensel.selection.weighting import ResponseLogits
 
 Batch = dict[str, torch.Tensor]
 # Per-window sums behind the loss normalization and the logged step metrics.
 WINDOW_KEYS = ("loss_sum", "kept", "normalizer", "response", "tokens")
+# The collated `[B, T-1]` per-token weights taken from the data (`lit_tokensel.data.weights`).
+DATA_WEIGHTS_KEY = "token_weights"
+
+
+@dataclass
+class LossTerm:
+    """A named extra term `coefficient * sum(weights * losses over mask) / N`, N its own token count.
+
+    N is `mask`'s count over the whole accumulation window and all ranks (see the module docstring).
+
+    Attributes:
+        mask: `[B, T-1]` bool, the term's tokens (what its mean runs over).
+        weights: Optional `[B, T-1]` per-token factors (default 1); a 0 leaves a token in the count
+            but out of the sum (e.g. Forgetting's capped negatives).
+        losses: Optional `[B, T-1]` per-token values with the graph; None means the training CE.
+        coefficient: The term's signed factor (Forgetting's ascent: `-lambda`).
+        needs_main_tokens: The term contributes nothing in a window without main tokens
+            (Forgetting scales its ascent to the positives).
+        shares_main_count: The term is normalised by the main count instead of its own (its mask is
+            the main tokens, e.g. ASFT's KL over the same response tokens): no extra accumulation cost.
+    """
+
+    mask: torch.Tensor
+    weights: torch.Tensor | None = None
+    losses: torch.Tensor | None = None
+    coefficient: float = 1.0
+    needs_main_tokens: bool = False
+    shares_main_count: bool = False
 
 
 @dataclass
 class Selection:
-    """A method's decision for a micro-batch: `keep` `[B, T-1]` and the named scores behind it.
+    """A method's decision for a micro-batch: which tokens enter the objective, and how.
 
     The first score is the one ranked; its quantiles are logged as `select/score_q*`.
 
     Attributes:
-        keep: `[B, T-1]` bool, the tokens whose loss enters the objective.
+        keep: `[B, T-1]` bool, the tokens that enter the objective (any term); the main term's tokens.
         scores: Named `[B, T-1]` signals behind the decision (logged, and written by `inspect`).
-        weights: Optional `[B, T-1]` signed per-token loss weights (default 1): Forgetting's
-            gradient ascent on negative tokens is a negative weight.
-        normalizer: Token count this micro-batch adds to the window's divisor (default: kept count).
+        weights: Optional `[B, T-1]` signed weights on the kept tokens' CE in the main term (default 1).
+        normalizer: The main term's token count in this micro-batch (default: the kept count).
+        terms: Named extra loss terms, each normalised over its own tokens of the window.
         diagnostics: Scalars logged as `select/<name>` (e.g. ssToken's mean loss gap).
     """
 
@@ -62,6 +101,7 @@ class Selection:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: torch.Tensor | None = None
     normalizer: torch.Tensor | None = None
+    terms: dict[str, LossTerm] = field(default_factory=dict)
     diagnostics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
@@ -72,8 +112,44 @@ class SelectedBatch:
     batch: Batch
     samples: torch.Tensor | None  # [B] bool over the original batch, None when every sample stays
     token_losses: torch.Tensor  # [B', T-1], with the graph
-    valid: torch.Tensor  # [B', T-1]
+    valid: torch.Tensor  # [B', T-1], response tokens the data does not weight 0
     selection: Selection
+    data_weights: torch.Tensor | None = None  # [B', T-1] from the data, None when the data has none
+
+
+@dataclass
+class _TermSums:
+    """One term of one micro-batch: its weighted sum (with the graph) and its token count."""
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor
+
+
+def check_accumulation_support(
+    strategy: Any, device_mesh: Any, precision_plugin: Any, method: str = "A method with its own loss terms"
+) -> None:
+    """Refuse the settings under which a separately normalised term cannot be accumulated exactly.
+
+    With `accumulate_grad_batches > 1` such a term's gradient is taken per micro-batch with
+    `torch.autograd.grad` with respect to the trainable parameters and added to their `.grad` at the step.
+    That needs whole (unsharded) parameters, and a gradient that fp16 loss scaling does not have to check.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    if device_mesh is not None or isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        name = "FSDP2 (ModelParallelStrategy)" if device_mesh is not None else type(strategy).__name__
+        raise ValueError(
+            f"{method} with trainer.accumulate_grad_batches > 1 is not supported under {name}: its "
+            "separately normalised loss term is accumulated on whole parameters, which FSDP shards. Set "
+            "`trainer.accumulate_grad_batches: 1` (raise data.batch_size or the number of devices instead), "
+            "or train with DDP."
+        )
+    if getattr(precision_plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"{method} with trainer.accumulate_grad_batches > 1 does not support fp16 loss scaling "
+            "(precision 16-mixed): the scaler would not check the separately accumulated gradient "
+            "for overflow. Use precision bf16-mixed or 32-true, or `trainer.accumulate_grad_batches: 1`."
+        )
 
 
 class TokenSelectionModule(L.LightningModule):
@@ -153,6 +229,7 @@ class TokenSelectionModule(L.LightningModule):
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
+        self._term_grads: dict[str, torch.Tensor] = {}  # per-term gradient sums while accumulating
         self._reset_window()
         self._last_step_time: float | None = None
 
@@ -234,8 +311,13 @@ class TokenSelectionModule(L.LightningModule):
         """Context entered around the training forward, e.g. to capture one layer's attention."""
         return nullcontext()
 
+    needs_logits: bool = False
+    """True for a method whose `select_tokens` takes a fourth argument, `logits`: the training forward's
+    `ResponseLogits` over the response positions (from the `[B, T, V]` logits, or projected chunk by chunk
+    from the last hidden state with `chunked_loss`), e.g. EAFT's top-k entropy."""
+
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
-        """Which response tokens enter the loss. The base keeps every one of them (full SFT).
+        """Which response tokens enter the loss, and how. The base keeps every one of them (full SFT).
 
         `token_losses` and `valid` are `[B, T-1]`; the losses carry the graph, so detach them
         before using them as scores.
@@ -250,17 +332,88 @@ class TokenSelectionModule(L.LightningModule):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return per_token_cross_entropy(logits, batch["labels"])
 
+    def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
+        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
+        if self.hparams.chunked_loss:
+            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H]
+            losses, valid = per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
+            return losses, valid, ResponseLogits(hidden, valid, head.weight, head.bias)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        losses, valid = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1] each
+        return losses, valid, ResponseLogits(logits, valid)
+
     def select_batch(self, batch: Batch) -> SelectedBatch:
-        """Select samples, run the forward in the method's context, then select tokens (training and `inspect`)."""
+        """Select samples, run the forward in the method's context, then select tokens (training and `inspect`).
+
+        Tokens the data weights 0 leave `valid` before the method sees it, so no method ranks or counts them.
+        """
         samples = self.select_samples(batch)  # [B] bool or None
         if samples is not None:
             if not samples.any():
                 raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
             batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        logits = None
         with self.forward_context(batch):
-            token_losses, valid = self.token_losses(batch)  # [B', T-1] each
-        selection = self.select_tokens(batch, token_losses, valid)
-        return SelectedBatch(batch, samples, token_losses, valid, selection)
+            if self.needs_logits:
+                token_losses, valid, logits = self.token_losses_and_logits(batch)  # [B', T-1] each
+            else:
+                token_losses, valid = self.token_losses(batch)  # [B', T-1] each
+        data_weights = batch.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
+        if data_weights is not None:
+            data_weights = data_weights.to(device=token_losses.device, dtype=token_losses.dtype)
+            valid = valid & (data_weights != 0)
+        if logits is not None:
+            logits.valid = valid
+            selection = self.select_tokens(batch, token_losses, valid, logits)
+        else:
+            selection = self.select_tokens(batch, token_losses, valid)
+        return SelectedBatch(batch, samples, token_losses, valid, selection, data_weights)
+
+    def objective_terms(self, selected: SelectedBatch) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:
+        """The micro-batch's main sum and count, and each extra term's, data weights multiplied in."""
+        selection, valid, data_weights = selected.selection, selected.valid, selected.data_weights
+        keep = selection.keep & valid  # [B', T-1]
+        weighted = selected.token_losses if selection.weights is None else selected.token_losses * selection.weights
+        if data_weights is not None:
+            weighted = weighted * data_weights  # [B', T-1]
+        count = keep.sum() if selection.normalizer is None else selection.normalizer
+        main = _TermSums(masked_sum(weighted, keep), count)
+        terms = {}
+        for name in sorted(selection.terms):  # one order on every rank (the step reduces them together)
+            term = selection.terms[name]
+            mask = term.mask & valid  # [B', T-1]
+            values = selected.token_losses if term.losses is None else term.losses  # [B', T-1]
+            if term.weights is not None:
+                values = values * term.weights
+            if data_weights is not None:
+                values = values * data_weights
+            terms[name] = (term, _TermSums(masked_sum(values, mask), mask.sum()))
+        return main, terms
+
+    def token_weights(self, selected: SelectedBatch) -> torch.Tensor | None:
+        """Each token's effective weight on its CE in this micro-batch alone, `[B', T-1]` (what `inspect` shows).
+
+        The main weights plus every CE term's `c_k * N_main / N_k` times its weights, with this
+        micro-batch's counts (training uses the window's); None for a plain keep mask without data weights.
+        """
+        selection = selected.selection
+        ce_terms = {n: t for n, t in selection.terms.items() if t.losses is None}
+        if selection.weights is None and not ce_terms and selected.data_weights is None:
+            return None
+        keep = (selection.keep & selected.valid).float()  # [B', T-1]
+        weights = keep if selection.weights is None else selection.weights.float() * keep
+        main, _ = self.objective_terms(selected)
+        n_main = float(main.count)
+        for term in ce_terms.values():
+            mask = (term.mask & selected.valid).float()  # [B', T-1]
+            n_term = float(mask.sum())
+            if n_term == 0 or (term.needs_main_tokens and n_main == 0):
+                continue
+            factor = term.coefficient * (1.0 if term.shares_main_count else max(n_main, 1.0) / n_term)
+            weights = weights + factor * mask * (1.0 if term.weights is None else term.weights.float())
+        if selected.data_weights is not None:
+            weights = weights * selected.data_weights
+        return weights
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
@@ -268,8 +421,6 @@ class TokenSelectionModule(L.LightningModule):
         selected = self.select_batch(batch)
         token_losses, valid, selection = selected.token_losses, selected.valid, selected.selection
         keep = selection.keep & valid  # [B', T-1]
-        weighted = token_losses if selection.weights is None else token_losses * selection.weights
-        loss_sum = masked_sum(weighted, keep)
         if selection.scores or selected.samples is not None:
             ranked = next(iter(selection.scores.values()), None)
             stats = selection_statistics(keep, valid, token_losses, ranked)
@@ -278,32 +429,109 @@ class TokenSelectionModule(L.LightningModule):
         if selection.diagnostics:
             self.log_dict({f"select/{k}": float(v) for k, v in selection.diagnostics.items()},
                           on_step=True, on_epoch=False)
-        self._window["loss_sum"] += loss_sum.detach()
+        main, terms = self.objective_terms(selected)
+        loss = main.loss_sum + sum(
+            (t.coefficient * s.loss_sum for t, s in terms.values() if t.shares_main_count and t.coefficient),
+            torch.zeros((), device=main.loss_sum.device),
+        )
+        own = {n: (t, s) for n, (t, s) in terms.items() if not t.shares_main_count}
+        if own:
+            loss = loss + self._own_terms_now_or_later(main, own)
+        self._window["loss_sum"] += main.loss_sum.detach()
         self._window["kept"] += keep.sum()
-        self._window["normalizer"] += keep.sum() if selection.normalizer is None else selection.normalizer
+        self._window["normalizer"] += main.count
         self._window["response"] += response_count
         self._window["tokens"] += token_count
+        for name, (term, sums) in terms.items():
+            window = self._term_window.setdefault(name, {"loss_sum": torch.zeros((), device=self.device),
+                                                         "count": torch.zeros((), device=self.device)})
+            window["loss_sum"] = window["loss_sum"] + sums.loss_sum.detach()
+            window["count"] = window["count"] + (main.count if term.shares_main_count else sums.count)
+            window["term"] = term
         # Lightning divides this by accumulate_grad_batches; on_before_optimizer_step undoes that
-        # and divides by the window's kept-token count instead.
-        return loss_sum
+        # and divides by the window's main-token count instead.
+        return loss
+
+    def _own_terms_now_or_later(self, main: _TermSums, own: dict[str, tuple[LossTerm, _TermSums]]) -> torch.Tensor:
+        """The separately normalised terms: folded into this backward when the window is this micro-batch
+        (counts all-reduced now), else their gradient sums collected apart for the step. Returns the loss to add."""
+        if self._trainer is not None and self.trainer.training and self.trainer.accumulate_grad_batches > 1:
+            active = {n: ts for n, ts in own.items() if ts[0].coefficient and ts[1].loss_sum.requires_grad
+                      and bool(ts[1].count > 0)}
+            if active:
+                check_accumulation_support(self.trainer.strategy, self.device_mesh, self.trainer.precision_plugin,
+                                           type(self).__name__)
+                params, views = self._term_buffer_views(list(active))
+                for name, (_, sums) in active.items():
+                    # Local gradient (autograd.grad does not fire DDP's hooks; summed over ranks at the step);
+                    # the graph stays for Lightning's backward of the main loss.
+                    grads = torch.autograd.grad(sums.loss_sum, params, retain_graph=True, allow_unused=True)
+                    for view, grad in zip(views[name], grads, strict=True):
+                        if grad is not None:
+                            view.add_(grad)
+            return torch.zeros((), device=main.loss_sum.device)
+        counts = torch.stack([main.count] + [s.count for _, s in own.values()]).float()  # [1 + K]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        n_main, *n_terms = counts.tolist()
+        extra = torch.zeros((), device=main.loss_sum.device)
+        for (term, sums), n_term in zip(own.values(), n_terms, strict=True):
+            if n_term > 0 and not (term.needs_main_tokens and n_main == 0):
+                # The step divides by N_main: this makes the term's contribution c_k * sum_k / N_k.
+                extra = extra + term.coefficient * max(n_main, 1.0) / n_term * sums.loss_sum
+        return extra
+
+    def _term_buffer_views(self, names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """The trainable parameters, and per term views shaped like them into one flat gradient buffer (zeros)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        views = {}
+        for name in names:
+            if name not in self._term_grads:
+                dtypes = {p.dtype for p in params}
+                dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+                sizes = [p.numel() for p in params]
+                self._term_grads[name] = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
+            flat = self._term_grads[name]
+            views[name] = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params,
+                                                        strict=True)]
+        return params, views
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        window = torch.stack([self._window[k].float() for k in WINDOW_KEYS])
+        names = sorted(self._term_window)
+        window = torch.stack([self._window[k].float() for k in WINDOW_KEYS]
+                             + [self._term_window[n][k].float() for n in names for k in ("loss_sum", "count")])
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
-        loss_sum, kept, normalizer, response, tokens = window.tolist()
+        values = window.tolist()
+        loss_sum, kept, normalizer, response, tokens = values[: len(WINDOW_KEYS)]
         # DDP averages gradients over ranks, and Lightning averaged over the window's micro-batches.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(normalizer, 1.0)
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        for param in params:
+            if param.grad is not None:
+                param.grad.mul_(scale)
+        loss = loss_sum / max(normalizer, 1.0)
+        metrics = {}
+        for i, name in enumerate(names):
+            term = self._term_window[name]["term"]
+            term_sum, term_count = values[len(WINDOW_KEYS) + 2 * i: len(WINDOW_KEYS) + 2 * i + 2]
+            gated = term_count > 0 and not (term.needs_main_tokens and normalizer == 0)
+            coefficient = term.coefficient / term_count if gated else 0.0
+            loss += coefficient * term_sum
+            metrics[f"train/{name}"] = term_sum / max(term_count, 1.0)
+            flat = self._term_grads.get(name)
+            if flat is not None and coefficient and not term.shares_main_count:
+                if self.trainer.world_size > 1:
+                    torch.distributed.all_reduce(flat)  # sum over ranks
+                self._add_term_gradient(flat, coefficient)
+        for flat in self._term_grads.values():
+            flat.zero_()
         now = time.perf_counter()
-        metrics = {
-            "train/loss": loss_sum / max(normalizer, 1.0),
+        metrics.update({
+            "train/loss": loss,
             "train/kept_fraction": kept / max(response, 1.0),
             "train/kept_tokens": kept,
-        }
+        })
         if self._last_step_time is not None:
             metrics["train/tokens_per_s"] = tokens / max(now - self._last_step_time, 1e-9)
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
@@ -311,14 +539,27 @@ class TokenSelectionModule(L.LightningModule):
         self._last_step_time = now
         self._reset_window()
 
+    def _add_term_gradient(self, flat: torch.Tensor, coefficient: float) -> None:
+        """`grad += coefficient * buffer` over the trainable parameters (the buffer's layout)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        for param, view in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
+            if param.grad is None:
+                param.grad = (coefficient * view).view_as(param).to(param.dtype)
+            else:
+                param.grad.add_(view.view_as(param), alpha=coefficient)
+
     def on_train_epoch_start(self) -> None:
         self._last_step_time = time.perf_counter()
 
     def _reset_window(self) -> None:
         self._window = {k: torch.zeros((), device=self.device) for k in WINDOW_KEYS}
+        self._term_window: dict[str, dict[str, Any]] = {}
 
     def on_train_start(self) -> None:
         self._reset_window()
+
+    def on_train_end(self) -> None:
+        self._term_grads.clear()  # the per-term gradient buffers are not needed after fit
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

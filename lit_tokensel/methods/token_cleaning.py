@@ -11,13 +11,13 @@ token-cleaning` runs either variant end to end, reference model and scoring pass
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_tokensel.distributed.topk import check_selection_group, resolve_process_group
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import CachedReference
+from lit_tokensel.selection.influence import dataset_scores
 from lit_tokensel.selection.selectors import check_ratio, check_scope, global_threshold, select_top
 
 
@@ -60,21 +60,3 @@ class TokenCleaningSFT(TokenSelectionModule):
         group = resolve_process_group(self.selection_group) if self.scope == "batch" else None
         keep = select_top(score, valid, self.ratio, self.scope, self.threshold, group=group)
         return Selection(keep=keep, scores={"influence": score})
-
-
-def dataset_scores(datamodule, base_name: str, reference_name: str, method: str = "TokenCleaningSFT") -> torch.Tensor:
-    """`L_base - L_ref` of every response token of the training set, 1-D (one pass over the caches)."""
-    caches = getattr(datamodule, "loss_caches", {})
-    missing = [n for n in (base_name, reference_name) if n not in caches]
-    if missing:
-        raise ValueError(
-            f"{method} needs cached losses named {missing} in `data.cached_losses` "
-            f"(have {sorted(caches)}); write them with `lit-tokensel score`."
-        )
-    base, reference = caches[base_name], caches[reference_name]
-    columns = datamodule.train_dataset.select_columns(["sample_id", "labels"])
-    scores = []
-    for sample_id, labels in zip(columns["sample_id"], columns["labels"]):
-        response = np.asarray(labels[1:]) != -100  # [T-1]
-        scores.append(base[sample_id][response] - reference[sample_id][response])
-    return torch.from_numpy(np.concatenate(scores))

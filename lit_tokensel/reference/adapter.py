@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
+from lit_tokensel.reference.base import (
+    Batch,
+    HiddenAndHead,
+    ReferenceModel,
+    model_hidden_and_head,
+    model_token_losses,
+)
 
 if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
@@ -29,6 +35,13 @@ class AdapterDisabledReference(ReferenceModel):
         with model.disable_adapter():
             losses = model_token_losses(model, batch)  # [B, T-1]
         return self.checked(module, batch, losses)
+
+    def hidden_and_head(self, module: TokenSelectionModule, batch: Batch) -> HiddenAndHead:
+        model = _require_adapter(module)
+        with model.disable_adapter():
+            hidden, weight, bias = model_hidden_and_head(model, batch)  # [B, T, H]
+        # A LoRA-wrapped head's `.weight` is its base weight: the projection is adapter-off too.
+        return hidden, weight, bias
 
 
 def _require_adapter(module: TokenSelectionModule) -> torch.nn.Module:

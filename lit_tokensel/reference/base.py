@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 
-from lit_tokensel.modeling.forward import response_token_losses
+from lit_tokensel.modeling.forward import decoder_hidden_and_head, response_token_losses
 from lit_tokensel.selection.finite import check_finite
 from lit_tokensel.trusted_classes import resolve_trusted_class
 
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
 
 Batch = dict[str, torch.Tensor]
+# A model's last hidden state [B, T, H] and its output projection's weight [V, H] and bias [V] (or None).
+HiddenAndHead = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class ReferenceModel(ABC):
@@ -42,6 +44,14 @@ class ReferenceModel(ABC):
     @abstractmethod
     def token_losses(self, module: TokenSelectionModule, batch: Batch) -> torch.Tensor:
         """Per-token losses `[B, T-1]`, float32, no grad, 0 where `labels[:, 1:] == -100`."""
+
+    def hidden_and_head(self, module: TokenSelectionModule, batch: Batch) -> HiddenAndHead:
+        """The reference's last hidden state `[B, T, H]` (no grad) and output projection, for terms that need
+        its whole next-token distribution (ASFT's KL) without its `[B, T, V]` logits."""
+        raise NotImplementedError(
+            f"{type(self).__name__} gives per-token losses only; a term over the whole distribution (ASFT's KL) "
+            "needs a live model: FrozenModelReference, or AdapterDisabledReference under LoRA."
+        )
 
     def callbacks(self) -> list[L.Callback]:
         """Callbacks this provider needs in the Trainer (none by default)."""
@@ -75,6 +85,14 @@ def model_token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     with eval_mode(model):
         losses, _ = response_token_losses(model, batch)  # [B, T-1]
     return losses
+
+
+@torch.no_grad()
+def model_hidden_and_head(model: torch.nn.Module, batch: Batch) -> HiddenAndHead:
+    """No-grad forward of `model` in eval mode: last hidden state `[B, T, H]` and the output projection."""
+    with eval_mode(model):
+        hidden, head = decoder_hidden_and_head(model, batch)
+    return hidden, head.weight.detach(), None if head.bias is None else head.bias.detach()
 
 
 @contextmanager

@@ -9,7 +9,13 @@ from transformers import PreTrainedModel
 
 from lit_tokensel.distributed.fsdp import is_fsdp, reshard_root
 from lit_tokensel.modeling.loading import load_causal_lm
-from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
+from lit_tokensel.reference.base import (
+    Batch,
+    HiddenAndHead,
+    ReferenceModel,
+    model_hidden_and_head,
+    model_token_losses,
+)
 
 if TYPE_CHECKING:
     from lit_tokensel.methods.base import TokenSelectionModule
@@ -64,6 +70,15 @@ class FrozenModelReference(ReferenceModel):
         if is_fsdp(self.model):
             reshard_root(self.model)  # free the gathered embeddings and head until the next batch
         return self.checked(module, batch, losses)
+
+    def hidden_and_head(self, module: TokenSelectionModule, batch: Batch) -> HiddenAndHead:
+        if self.model is None:
+            raise RuntimeError("FrozenModelReference.setup(module) was not called (call it in configure_model)")
+        if is_fsdp(self.model):
+            raise ValueError("FrozenModelReference.hidden_and_head (ASFT's KL) is not supported under FSDP2 yet: "
+                             "its output projection is sharded. Use DDP, or LoRA with AdapterDisabledReference.")
+        self._follow(module)
+        return model_hidden_and_head(self.model, batch)
 
     def _shard(self, module: TokenSelectionModule) -> None:
         from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model

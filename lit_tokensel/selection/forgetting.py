@@ -2,10 +2,10 @@
 
 The objective is `mean CE(positive) - lambda * mean CE(negative)` over the global batch. The shared
 training step backpropagates `sum(weights * CE)` over kept tokens and divides by the window's normalizer,
-so without gradient accumulation the objective is expressed here as weights: 1 on positive tokens,
-`-lambda * N_pos / N_neg` on negative tokens, with normalizer `N_pos`. Then `sum(w * CE) / N_pos =
-mean CE(pos) - lambda * mean CE(neg)`. With accumulation the window's `N_neg` is unknown until its last
-micro-batch, so `ForgettingSFT` accumulates the negative term's gradient apart instead of using these weights.
+so within one micro-batch the objective is these weights: 1 on positive tokens, `-lambda * N_pos / N_neg`
+on negative tokens, with normalizer `N_pos`. Then `sum(w * CE) / N_pos = mean CE(pos) - lambda * mean
+CE(neg)`. `ForgettingSFT` trains through the base's `LossTerm` instead (exact under accumulation too);
+`forgetting_weights` is the same objective in closed form, the effective weights `inspect` shows.
 """
 
 from __future__ import annotations

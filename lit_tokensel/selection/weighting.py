@@ -1,0 +1,159 @@
+"""Token-weighting losses' math: DFT's probability, EAFT's top-k entropy, ASFT's KL to a reference.
+
+Everything works on the response positions only, a chunk of positions at a time, from either the
+trained model's `[B, T, V]` logits or its last hidden state and output projection (`chunked_loss`),
+so no second `[B, T, V]` tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class ResponseLogits:
+    """The logits at the response positions of a batch, projected a chunk of positions at a time.
+
+    Either `source` is the `[B, T, V]` logits (positions gathered per chunk), or it is the last hidden
+    state `[B, T, H]` and `weight` `[V, H]` (with `bias`) is the output projection applied per chunk.
+    Positions are those of `valid` `[B, T-1]` in row-major order, in the shared `[B, T-1]` frame (the
+    logits at position `j` predict token `j+1`).
+    """
+
+    source: torch.Tensor
+    valid: torch.Tensor
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def project(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits `[n, V]` of `rows` (already logits, or hidden states to project)."""
+        if self.weight is None:
+            return rows.float()
+        return F.linear(rows, self.weight, self.bias).float()
+
+    def map_positions(self, fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = DEFAULT_CHUNK
+                      ) -> torch.Tensor:
+        """`fn(logits [n, V]) -> [n]` over the response positions, no grad, as a `[B, T-1]` frame (0 elsewhere).
+
+        From `[B, T, V]` logits each row's span of response positions is a view (no copy of the logits);
+        from a hidden state the response rows are gathered and projected `chunk_size` at a time.
+        """
+        frame = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)  # [B, T-1]
+        with torch.no_grad():
+            if self.weight is None:
+                for b, start, stop in response_spans(self.valid, chunk_size):
+                    frame[b, start:stop] = fn(self.source[b, start:stop]).float()  # from a view [n, V]
+                return frame * self.valid
+            rows = self.source[:, :-1][self.valid]  # [N, H]
+            values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
+            for start in range(0, rows.shape[0], chunk_size):
+                values[start : start + chunk_size] = fn(self.project(rows[start : start + chunk_size])).float()
+            return frame.masked_scatter(self.valid, values)
+
+
+def scatter_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`[N]` per-position values into the `[B, T-1]` frame (0 off `valid`)."""
+    frame = torch.zeros(valid.shape, dtype=values.dtype, device=values.device)
+    return frame.masked_scatter(valid, values)
+
+
+def dft_weights(token_losses: torch.Tensor) -> torch.Tensor:
+    """DFT's per-token weight `sg(p_t) = exp(-CE_t)`, detached, `[B, T-1]`."""
+    return torch.exp(-token_losses.detach().float())
+
+
+def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Entropy `[n]` of the softmax over each row's `k` largest logits (`logits` `[n, V]`), in nats."""
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1, sorted=False).values.float()  # [n, k]
+    logp = torch.log_softmax(top, dim=-1)  # [n, k]
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def eaft_weights(logits: ResponseLogits, k: int = 20, alpha: float = 1.0,
+                 chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """EAFT's `w_t = (H_topk / ln k) ** alpha` and the normalised entropy, both `[B, T-1]`, detached."""
+    normalised = logits.map_positions(lambda rows: topk_entropy(rows, k), chunk_size) / math.log(k)  # [B, T-1]
+    return normalised.pow(alpha), normalised
+
+
+def response_spans(valid: torch.Tensor, chunk_size: int) -> list[tuple[int, int, int]]:
+    """`(row, start, stop)` chunks of at most `chunk_size` positions covering each row's response span.
+
+    A span runs from a row's first to its last response position, so gaps (a multi-turn row's prompts)
+    are inside it; callers mask them. Slices of a span are views of `[B, T, ...]` tensors: no gather copy.
+    """
+    spans = []
+    for b in range(valid.shape[0]):
+        positions = valid[b].nonzero().flatten()  # [n_b]
+        if positions.numel():
+            lo, hi = int(positions[0]), int(positions[-1]) + 1
+            spans += [(b, start, min(start + chunk_size, hi)) for start in range(lo, hi, chunk_size)]
+    return spans
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Per-position `KL(p_ref || p_theta)` `[B, T-1]` computed a chunk of positions at a time (`spans`) from
+    `source` (logits `[B, T, V]`, or hidden states `[B, T, H]` with the projection `weight`) and the
+    reference's hidden states. The backward recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so
+    nothing of size `[N, V]` is kept between the passes."""
+
+    @staticmethod
+    def forward(ctx, source, weight, bias, ref_hidden, ref_weight, ref_bias, valid, spans, chunk_size):  # noqa: D102
+        ctx.save_for_backward(source, weight, bias, ref_hidden, ref_weight, ref_bias, valid)
+        ctx.spans = spans
+        out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
+        for b, start, stop in spans:
+            logp = torch.log_softmax(_logits(source[b, start:stop], weight, bias), dim=-1)  # [n, V]
+            ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)
+            out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)
+        return out * valid
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        source, weight, bias, ref_hidden, ref_weight, ref_bias, valid = ctx.saved_tensors
+        grad = grad_out * valid  # [B, T-1]
+        grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
+        for b, start, stop in ctx.spans:
+            rows = source[b, start:stop]  # [n, V or H], a view
+            grad_logits = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
+            grad_logits.sub_(torch.softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1))
+            grad_logits.mul_(grad[b, start:stop, None])  # d KL / d z
+            if weight is None:
+                if grad_source is not None:
+                    grad_source[b, start:stop] = grad_logits
+                continue
+            grad_logits = grad_logits.to(weight.dtype)
+            if grad_source is not None:
+                grad_source[b, start:stop] = grad_logits @ weight  # [n, H]
+            if grad_weight is not None:
+                grad_weight += grad_logits.T @ rows  # [V, H]
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0)
+        return grad_source, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    return (rows if weight is None else F.linear(rows, weight, bias)).float()
+
+
+def kl_to_reference(
+    logits: ResponseLogits, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """`KL(p_ref || p_theta)` per response position, `[B, T-1]` (0 off the response), with the graph.
+
+    `ref_hidden` `[B, T, H]` is the reference's last hidden state (no grad) and `ref_weight`/`ref_bias`
+    its output projection. Gradients reach the trained model's logits (or hidden state and projection).
+    """
+    spans = response_spans(logits.valid, chunk_size)
+    return _ChunkedKL.apply(logits.source, logits.weight, logits.bias, ref_hidden.detach(), ref_weight.detach(),
+                            None if ref_bias is None else ref_bias.detach(), logits.valid, spans, chunk_size)
