@@ -5,6 +5,7 @@
     lit-tokensel export --checkpoint runs/.../last.ckpt --output_dir exported/
     lit-tokensel score -c configs/quickstart.yaml --model.init_args.model REF_DIR --output_dir ref_losses/
     lit-tokensel inspect -c configs/quickstart.yaml -c configs/methods/rho1.yaml --output kept.jsonl --limit 20
+    lit-tokensel data prepare natural_instructions --rows 5000 --seed 0   # then train_file: builtin:<name>
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def main(argv: list[str] | None = None) -> None:
         from lit_tokensel.inspection import run_inspect
 
         run_inspect(cli_args[1:])
+        return
+    if cli_args and cli_args[0] == "data":
+        from lit_tokensel.data.real_sources import run_data_cli
+
+        run_data_cli(cli_args[1:])
         return
     if cli_args and cli_args[0] == "recipe":
         from lit_tokensel.recipes import run_recipe_cli

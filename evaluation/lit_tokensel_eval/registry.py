@@ -25,13 +25,17 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-@functools.lru_cache(maxsize=4)
 def task_manager(include_defaults: bool = True, include_paths: tuple[str, ...] = ()) -> Any:
     """An lm-eval `TaskManager` over our task YAMLs, with lm-eval's own tasks when `include_defaults`.
 
     `include_paths` are scanned after ours, so a task there overrides one of the same name (a user's
-    `--include_path` folder, or the offline tasks' generated YAMLs).
+    `--include_path` folder, or the offline tasks' generated YAMLs). Built once per process and arguments.
     """
+    return _task_manager(bool(include_defaults), tuple(include_paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_defaults: bool, include_paths: tuple[str, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=[str(TASKS_DIR), *include_paths], include_defaults=include_defaults)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lit_tokensel.data.real_sources import is_real_name
+from lit_tokensel.data.real_sources import resolve_builtin as resolve_real_builtin
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -70,9 +73,14 @@ def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def local_path(path: str) -> Path:
     """The file behind a local data path, checked to exist and have a supported suffix.
 
-    `builtin:<relative path>` resolves into the package's `assets/` folder.
+    `builtin:<relative path>` resolves into the package's `assets/` folder; `builtin:<name>` of a real
+    dataset (`alpaca_en_demo`, `natural_instructions[-n<rows>][-seed<seed>]`) to its prepared cache file
+    (`lit_tokensel.data.real_sources`).
     """
-    p = ASSETS / path.removeprefix(BUILTIN_PREFIX) if path.startswith(BUILTIN_PREFIX) else Path(path)
+    name = path.removeprefix(BUILTIN_PREFIX)
+    if path.startswith(BUILTIN_PREFIX) and is_real_name(name):
+        return resolve_real_builtin(name)
+    p = ASSETS / name if path.startswith(BUILTIN_PREFIX) else Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {path}" + (f" ({p})" if str(p) != path else ""))
     if p.suffix not in LOCAL_SUFFIXES:
