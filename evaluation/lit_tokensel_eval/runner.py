@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from lit_tokensel.data.packaged import PackagedDataMissingError
+from lit_tokensel.data.packaged import PackagedDataMissingError, is_available
 from lit_tokensel_eval.models import ModelLike, model_name, open_model
 from lit_tokensel_eval.offline import (
     check_datasets_available,
@@ -26,9 +26,10 @@ from lit_tokensel_eval.offline import (
     missing_hub_datasets,
     offline_flags,
 )
-from lit_tokensel_eval.packaged_tasks import offline_request
+from lit_tokensel_eval.overlay import write_overlay
+from lit_tokensel_eval.packaged_tasks import OfflineBenchmark, offline_request
 from lit_tokensel_eval.progress import TaskProgress
-from lit_tokensel_eval.registry import bundled_task_names, is_tag, leaf_configs, manager_for
+from lit_tokensel_eval.registry import bundled_task_names, is_tag, leaf_configs, manager_for, task_manager
 from lit_tokensel_eval.results import ResultRow, result_rows, write_run
 from lit_tokensel_eval.suites import Suite, TaskSpec, load_suite
 
@@ -197,6 +198,14 @@ def use_offline(requests: Sequence[TaskRequest], offline: bool | None) -> bool:
     return any(offline_request(r.task) for r in requests) and not hub_reachable()
 
 
+def _offline_record(requested: str, benchmark: OfflineBenchmark) -> dict:
+    """What results.json records about a task run on packaged data (counts only for a whole benchmark)."""
+    whole = requested == benchmark.request
+    return {"requested": requested, "split": benchmark.split, "docs": benchmark.docs if whole else None,
+            "official_docs": benchmark.official_docs if whole else None, "partial": benchmark.partial,
+            "package": benchmark.package.requirement, "files": benchmark.files}
+
+
 def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, include_paths: Sequence[str | Path] = (),
             skip_unavailable: bool = False) -> Prepared:
     """The task manager and final requests, after checking every task exists and its data can be loaded.
@@ -204,31 +213,21 @@ def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, inc
     Offline, a task with packaged data runs on it (renamed when partial); with `skip_unavailable`, tasks whose
     data cannot be had are left out (and listed in `Prepared.skipped`) instead of failing the run.
     """
-    from lit_tokensel.data.packaged import is_available
-
     requests = list(requests)
     offline_info: dict[str, dict] = {}
     skipped: dict[str, str] = {}
     overlay: list[str] = []
     if use_offline(requests, offline):
-        from lit_tokensel_eval.overlay import write_overlay
-        from lit_tokensel_eval.registry import task_manager
-
         kept = []
         for request in requests:
             found = offline_request(request.task)
-            benchmark = found[1] if found else None
             if found is None:
                 kept.append(request)
-            elif is_available(found[1].package):
-                name, benchmark = found
+                continue
+            name, benchmark = found
+            if is_available(benchmark.package):
                 kept.append(replace(request, task=name))
-                whole = request.task == benchmark.request
-                offline_info[name] = {
-                    "requested": request.task, "split": benchmark.split,
-                    "docs": benchmark.docs if whole else None, "official_docs": benchmark.official_docs if whole
-                    else None, "partial": benchmark.partial, "package": benchmark.package.requirement,
-                    "files": benchmark.files}
+                offline_info[name] = _offline_record(request.task, benchmark)
             elif skip_unavailable:
                 skipped[request.task] = (f"needs {benchmark.package.requirement}: "
                                          f"{benchmark.package.install_command()}")
