@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lit_tokensel.selection.segments import as_samples
+
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
     from lit_tokensel.methods.base import SelectedBatch, TokenSelectionModule
@@ -116,9 +118,10 @@ def inspect_selection(
                                            disable=not progress) as bar:
         for batch in loader:
             batch = {k: v.to(module.device) for k, v in batch.items()}
-            for record in sample_records(module.select_batch(batch), batch, module.tokenizer, step):
+            samples = as_samples(batch)  # packed rows: one record per sample all the same
+            for record in sample_records(module.select_batch(batch), samples, module.tokenizer, step):
                 handle.write(json.dumps(record) + "\n")
-            bar.update(batch["input_ids"].shape[0])
+            bar.update(samples["input_ids"].shape[0])
     partial.replace(output)
     return output
 

@@ -20,6 +20,7 @@ from lit_tokensel.cache.fingerprint import data_fingerprint
 from lit_tokensel.cache.store import TokenLossCache
 from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
+from lit_tokensel.data.packing import PackedCollatorForSFT
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
 from lit_tokensel.data.samplers import EpochShuffleSampler, ResumableSampler
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source
@@ -84,6 +85,9 @@ class SFTDataModule(L.LightningDataModule):
             for the run) and train epoch `e` on a shuffle of chunk `e % epoch_chunks` only
             (`lit_tokensel.data.chunks.ChunkSampler`; self-evolving TokenCleaning, one round per epoch).
             None: every epoch sees all the data.
+        packing: Pack each batch's samples into rows of at most `max_length` tokens instead of padding
+            them (`lit_tokensel.data.packing`): same samples per batch, no padding inside rows, attention
+            confined to each sample. Off by default. See docs/packing.md.
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class SFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cached_losses: dict[str, str] | None = None,
         epoch_chunks: int | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
@@ -157,6 +162,7 @@ class SFTDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.cached_losses = dict(cached_losses or {})
         self.epoch_chunks = epoch_chunks
+        self.packing = packing
 
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -188,6 +194,9 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer = self._resolve_tokenizer()
         template = ensure_chat_template(self.tokenizer, self.chat_template, self.override_chat_template)
         self.collator = DataCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of)
+        if self.packing:
+            self.collator = PackedCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of,
+                                                 max_tokens_per_row=self.max_length)
         with self._rank_zero_first():
             self._build()
         self._log_stats(template)
