@@ -85,9 +85,11 @@ class SFTDataModule(L.LightningDataModule):
             for the run) and train epoch `e` on a shuffle of chunk `e % epoch_chunks` only
             (`lit_tokensel.data.chunks.ChunkSampler`; self-evolving TokenCleaning, one round per epoch).
             None: every epoch sees all the data.
-        packing: Pack each batch's samples into rows of at most `max_length` tokens instead of padding
-            them (`lit_tokensel.data.packing`): same samples per batch, no padding inside rows, attention
-            confined to each sample. Off by default. See docs/packing.md.
+        packing: Pack each batch's samples into rows instead of padding each sample
+            (`lit_tokensel.data.packing`): same samples per batch, attention confined to each sample.
+            Off by default. See docs/packing.md.
+        packing_row_tokens: Width of a packed row; None (default): the batch's longest sample (best for
+            SDPA/eager attention), an integer >= max_length for denser rows (FlashAttention varlen).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class SFTDataModule(L.LightningDataModule):
         cached_losses: dict[str, str] | None = None,
         epoch_chunks: int | None = None,
         packing: bool = False,
+        packing_row_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
@@ -135,6 +138,11 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"on_invalid must be error or skip, got {on_invalid!r}")
         if epoch_chunks is not None and (isinstance(epoch_chunks, bool) or epoch_chunks < 1):
             raise ValueError(f"epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
+        if packing_row_tokens is not None and packing_row_tokens < max_length:
+            raise ValueError(
+                f"packing_row_tokens={packing_row_tokens} must be >= max_length={max_length} (a row holds a whole "
+                "sample) or None (rows as wide as each batch's longest sample)"
+            )
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"max_length and batch_size must be >= 1, got {max_length} and {batch_size}")
         self.train_file = train_file
@@ -163,6 +171,7 @@ class SFTDataModule(L.LightningDataModule):
         self.cached_losses = dict(cached_losses or {})
         self.epoch_chunks = epoch_chunks
         self.packing = packing
+        self.packing_row_tokens = packing_row_tokens
 
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -196,7 +205,7 @@ class SFTDataModule(L.LightningDataModule):
         self.collator = DataCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of)
         if self.packing:
             self.collator = PackedCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of,
-                                                 max_tokens_per_row=self.max_length)
+                                                 max_tokens_per_row=self.packing_row_tokens)
         with self._rank_zero_first():
             self._build()
         self._log_stats(template)

@@ -1,8 +1,8 @@
 """Padding-free batches: each batch's samples packed into rows by best-fit decreasing.
 
 The sampler decides which samples make a batch (the seeded, resumable shuffle of the padded case), and
-this collator packs exactly those samples into as few rows of at most `max_tokens_per_row` tokens as
-best-fit decreasing finds. Batch composition, and so every batch-scoped ranking, the loss normaliser and
+this collator packs exactly those samples into as few rows as best-fit decreasing finds, rows as wide
+as the batch's longest sample or a fixed `max_tokens_per_row`. Batch composition, and so every batch-scoped ranking, the loss normaliser and
 the resume position (`consumed_samples`), are those of the padded run; only the padding goes away.
 Best-fit decreasing depends on the lengths and their order alone, so packing is deterministic from the
 sampler's seed and epoch.
@@ -65,11 +65,20 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 class PackedCollatorForSFT(DataCollatorForSFT):
     """Packs a batch's samples into rows of at most `max_tokens_per_row` tokens (see the module docstring).
 
-    `T` is the fullest row, rounded up to a multiple of `pad_to_multiple_of` when given. Samples keep
-    their order in `sample_id`; inside a row they follow the packing order (longest first).
+    `max_tokens_per_row=None` (the default) makes rows as wide as the batch's longest sample: no row is
+    wider than the padded batch, so SDPA's and eager attention's per-row `T x T` cost never grows, and
+    the rows are fewer. A fixed width packs denser, which pays with FlashAttention's varlen kernel (its
+    cost is per sample, not per row). `T` is the fullest row, rounded up to a multiple of
+    `pad_to_multiple_of` when given. Samples keep their order in `sample_id`; inside a row they follow
+    the packing order (longest first).
     """
 
-    max_tokens_per_row: int = 1024
+    max_tokens_per_row: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be >= 1 or None, got {self.max_tokens_per_row}")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
@@ -78,13 +87,14 @@ class PackedCollatorForSFT(DataCollatorForSFT):
         for f, n in zip(features, lengths, strict=True):
             if len(f["labels"]) != n:
                 raise ValueError(f"sample {f.get('sample_id')}: {n} input_ids but {len(f['labels'])} labels")
+        capacity = self.max_tokens_per_row or max(lengths)
         for f, n in zip(features, lengths, strict=True):
-            if n > self.max_tokens_per_row:
+            if n > capacity:
                 raise ValueError(
                     f"packing: sample {f.get('sample_id')} has {n} tokens, more than max_tokens_per_row="
                     f"{self.max_tokens_per_row}; make it at least data.max_length"
                 )
-        bins = best_fit_decreasing(lengths, self.max_tokens_per_row)
+        bins = best_fit_decreasing(lengths, capacity)
         width = max(sum(lengths[i] for i in b) for b in bins)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
