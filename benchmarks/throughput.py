@@ -5,7 +5,8 @@
     python -m benchmarks.throughput --device cuda    # bf16-mixed, SDPA (add --attn flash_attention_2 if installed)
 
 Two datasets, the same samples in the same batches for both layouts (the packed collator packs each
-padded batch's samples into rows of at most `--row-tokens`, so batch composition is equal):
+padded batch's samples into rows as wide as the batch's longest sample, or `--row-tokens`, so batch
+composition is equal):
 
 - `quickstart`: the shipped quickstart rows, tokenized with the builtin tiny-llama tokenizer and chat template.
 - `chat`: random token ids with the prompt and response lengths of real instruction data, drawn
@@ -151,7 +152,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (both layouts)")
     parser.add_argument("--max-length", type=int, default=1024, help="token cap per sample")
-    parser.add_argument("--row-tokens", type=int, default=1024, help="tokens per packed row")
+    parser.add_argument("--row-tokens", type=int, default=None,
+                        help="tokens per packed row (default: each batch's longest sample, as data.packing_row_tokens)")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary of the chat dataset's model")
@@ -188,7 +190,8 @@ def main() -> None:
     device = (torch.cuda.get_device_name() + ", bf16-mixed" if args.device == "cuda"
               else f"CPU, {args.threads} threads, fp32")
     print(f"\n{device}, attn {args.attn}; Llama hidden={args.hidden} layers={args.layers}; batches of "
-          f"{args.batch_size} samples, rows of <= {args.row_tokens} tokens; {args.rounds} rounds x {args.steps} "
+          f"{args.batch_size} samples, packed rows of {args.row_tokens or 'the longest sample'} tokens; "
+          f"{args.rounds} rounds x {args.steps} "
           f"timed steps\n")
     print("| dataset | method | padding (padded) | padding (packed) | padded tok/s | packed tok/s | speed-up |")
     print("|---|---|---|---|---|---|---|")

@@ -400,3 +400,35 @@ def test_inspect_and_score_accept_packed(packed_dm, tiny_model_dir: str, tmp_pat
         np.testing.assert_allclose(b["loss"], a["loss"], atol=ATOL)
     for sid, row in cache_a.items():
         np.testing.assert_allclose(cache_b[sid], row, atol=ATOL)
+
+
+def test_default_rows_are_as_wide_as_the_longest_sample(packed_dm) -> None:
+    features = _features()
+    packed = PackedCollatorForSFT(0)(features)  # max_tokens_per_row=None
+    longest = max(len(f["input_ids"]) for f in features)
+    assert packed["input_ids"].shape == (len(best_fit_decreasing([len(f["input_ids"]) for f in features], longest)),
+                                         longest)
+    assert packed["input_ids"].shape[0] < len(features)
+    with pytest.raises(ValueError, match="packing_row_tokens=64 must be >= max_length=96"):
+        packed_dm(max_length=96, packing=True, packing_row_tokens=64)
+    dm = packed_dm(max_length=96, packing=True, packing_row_tokens=200)
+    assert all(b["input_ids"].shape[1] <= 200 for b in _epoch(dm, 0))
+
+
+def test_flattened_varlen_path_through_the_attention_hook(
+    tiny_model_dir: str, other_model_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With FlashAttention the rows go as one `[1, R*T]` row; the same path forced onto SDPA gives ssToken
+    the same selection (the attention hook folds the flat row back into the rows)."""
+    padded, packed = _collators(_features())
+    module = SsTokenSFT(model=tiny_model_dir, history=FrozenModelReference(model=other_model_dir), warmup=0.0)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        ref = module.select_batch(padded)
+        monkeypatch.setattr("lit_tokensel.modeling.forward.uses_varlen_attention", lambda model: True)
+        flat = module.select_batch(packed)
+    torch.testing.assert_close(flat.token_losses, ref.token_losses, atol=ATOL, rtol=0)
+    torch.testing.assert_close(flat.selection.scores["attention"], ref.selection.scores["attention"],
+                               atol=ATOL, rtol=0)
+    assert torch.equal(flat.selection.keep, ref.selection.keep)

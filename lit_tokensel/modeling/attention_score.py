@@ -152,14 +152,14 @@ class PromptAttentionScore:
             raise RuntimeError(f"{type(module).__name__} was called without position_embeddings (cos, sin)")
         assert self._batch is not None
         labels = self._batch["labels"]
+        segments = self._batch.get("sample_index")  # [R, T] for packed rows, else None
+        if segments is not None and hidden.shape[:2] == (1, labels.numel()):  # packed rows as one varlen row
+            hidden = hidden.reshape(*labels.shape, -1)  # [R, T, D]
+            position_embeddings = tuple(x.reshape(*labels.shape, -1) for x in position_embeddings)
         if labels.shape != hidden.shape[:2]:
             raise ValueError(
                 f"batch labels {tuple(labels.shape)} do not match the layer input {tuple(hidden.shape[:2])}"
             )
-        segments = self._batch.get("sample_index")  # [R, T] for packed rows, else None
-        if segments is not None and hidden.shape[0] == 1 and labels.shape[0] != 1:  # a flattened varlen forward
-            hidden = hidden.reshape(*labels.shape, -1)
-            position_embeddings = tuple(x.reshape(*labels.shape, -1) for x in position_embeddings)
         # float32 throughout, also inside an autocast region (mixed-precision training)
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             self.scores = self._score(
