@@ -16,12 +16,14 @@ composition is equal):
   samples median 162, max 750 tokens.
 
 Methods: FullSFT, Rho-1 with cached reference losses, ssToken with an EMA history (attention score on),
-Q-Tuning (r_sample 0.25). Every (dataset, method, layout) trains the same freshly built Llama (random
-weights) in its own child process; layouts and methods are interleaved over rounds so machine noise
-hits them alike. Response tokens/s counts the batch's response tokens (before Q-Tuning drops samples)
-over the summed wall time of the timed optimizer steps (forward, selection, backward, step); collation
-happens outside the step and its cost per batch is reported separately. Padding fraction is the share
-of `[rows, T]` positions that are padding.
+Q-Tuning (r_sample 0.25). Each (dataset, method) runs in its own child process with two copies of the
+same freshly built Llama (random weights), one fed padded and one packed batches, stepping in
+alternation so that machine noise hits both alike. A step is the method's `training_step` (forward,
+selection, loss), backward, AdamW step and EMA update, without Lightning's loop (the same for both).
+Response tokens/s counts the batch's response tokens (before Q-Tuning drops samples) over the summed
+wall time of the timed steps; collation happens outside the step (in DataLoader workers in training)
+and its cost per batch is reported separately. Padding fraction is the share of `[rows, T]` positions
+that are padding.
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ import multiprocessing as mp
 import random
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 
-from benchmarks.step_time import StepTimer, build_model
+from benchmarks.step_time import build_model
 
 LENGTHS_FILE = Path(__file__).parent / "data" / "alpaca_en_demo_lengths.json"
 METHODS = ("FullSFT", "Rho1SFT (cached)", "SsTokenSFT (EMA)", "QTuningSFT (r_sample 0.25)")
@@ -110,27 +112,65 @@ def make_module(method: str, model_dir: str, attn: str):
     raise ValueError(method)
 
 
-def run_one(job: tuple, args: argparse.Namespace, queue: mp.Queue) -> None:
-    """One (dataset, method, layout) in a child process: time `warmup + steps` optimizer steps."""
-    from torch.utils.data import DataLoader
+def run_pair(job: tuple, args: argparse.Namespace, queue: mp.Queue) -> None:
+    """One (dataset, method) in a child process: a padded and a packed copy of the same module train on the
+    same batches, step by step in alternation (ABBA...), so machine noise hits both layouts alike.
 
-    dataset, method, layout, model_dir = job
+    A step is the method's `training_step` (forward, selection, loss), backward, AdamW step, and the
+    EMA history's update; Lightning's loop around it is the same for both layouts and left out.
+    """
+    from lit_tokensel.reference import HistoryReference
+
+    dataset, method, model_dir = job
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     features, _ = load_features(dataset, args)
-    batches, collate_s = make_batches(features, layout, args.batch_size, args.row_tokens)
-    batches = batches[: args.warmup + args.steps]
-    timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator=args.device, devices=1, max_steps=len(batches), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        precision="bf16-mixed" if args.device == "cuda" else "32-true",
-    )
-    trainer.fit(make_module(method, model_dir, args.attn), train_dataloaders=DataLoader(batches, batch_size=None))
-    timed = batches[args.warmup :]
-    response = sum(int((b["labels"][:, 1:] != -100).sum()) for b in timed)
-    positions = sum(b["attention_mask"].numel() for b in timed)
-    real = sum(int(b["attention_mask"].sum()) for b in timed)
-    queue.put((job[:3], response, sum(timer.times[args.warmup :]), 1 - real / positions, collate_s))
+    runs = {}
+    for layout in LAYOUTS:
+        batches, collate_s = make_batches(features, layout, args.batch_size, args.row_tokens)
+        module = make_module(method, model_dir, args.attn)
+        module.configure_model()
+        module.to(device)
+        for reference in module.reference_models():
+            reference.setup(module)  # follow the module to the device
+        optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
+        runs[layout] = {"module": module, "optimizer": optimizer, "batches": batches[: args.warmup + args.steps],
+                        "collate_s": collate_s, "seconds": 0.0, "response": 0}
+    for step in range(args.warmup + args.steps):
+        order = LAYOUTS if step % 2 == 0 else LAYOUTS[::-1]
+        for layout in order:
+            run = runs[layout]
+            batch = {k: v.to(device) for k, v in run["batches"][step].items()}
+            seconds = train_step(run["module"], run["optimizer"], batch, device, HistoryReference)
+            if step >= args.warmup:
+                run["seconds"] += seconds
+                run["response"] += int((batch["labels"][:, 1:] != -100).sum())
+    result = {}
+    for layout, run in runs.items():
+        timed = run["batches"][args.warmup :]
+        real = sum(int(b["attention_mask"].sum()) for b in timed)
+        positions = sum(b["attention_mask"].numel() for b in timed)
+        result[layout] = (run["response"], run["seconds"], 1 - real / positions, run["collate_s"])
+    queue.put(((dataset, method), result))
+
+
+def train_step(module, optimizer, batch: dict, device: torch.device, history_cls: type) -> float:
+    """Wall time of one training step (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with warnings.catch_warnings(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        warnings.simplefilter("ignore")  # self.log outside a Trainer
+        loss = module.training_step(batch, 0)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for reference in module.reference_models():
+        if isinstance(reference, history_cls):
+            reference.update()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def load_features(dataset: str, args: argparse.Namespace) -> tuple[list[dict], int]:
@@ -175,14 +215,13 @@ def main() -> None:
         for round_index in range(args.rounds):
             for dataset in args.datasets:
                 for method in methods:
-                    for layout in LAYOUTS:
-                        queue = ctx.Queue()
-                        job = (dataset, method, layout, str(model_dirs[dataset]))
-                        child = ctx.Process(target=run_one, args=(job, args, queue))
-                        child.start()
-                        key, response, seconds, padding, collate_s = queue.get()
-                        child.join()
-                        entry = totals.setdefault(key, [0, 0.0, padding, collate_s])
+                    queue = ctx.Queue()
+                    child = ctx.Process(target=run_pair, args=((dataset, method, str(model_dirs[dataset])), args, queue))
+                    child.start()
+                    key, result = queue.get()
+                    child.join()
+                    for layout, (response, seconds, padding, collate_s) in result.items():
+                        entry = totals.setdefault((*key, layout), [0, 0.0, padding, collate_s])
                         entry[0] += response
                         entry[1] += seconds
                         print(f"round {round_index + 1}/{args.rounds} {dataset:<10} {method:<27} {layout:<6} "
