@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_tokensel import FullSFT, Rho1SFT, TokenCleaningSFT
+from lit_tokensel.data import SFTDataModule
 from lit_tokensel.data.collate import DataCollatorForSFT
 from lit_tokensel.data.packing import PackedCollatorForSFT, best_fit_decreasing, padding_fraction
 from lit_tokensel.methods.base import TokenSelectionModule
@@ -432,3 +433,43 @@ def test_flattened_varlen_path_through_the_attention_hook(
     torch.testing.assert_close(flat.selection.scores["attention"], ref.selection.scores["attention"],
                                atol=ATOL, rtol=0)
     assert torch.equal(flat.selection.keep, ref.selection.keep)
+
+
+# ---------------------------------------------------------------------------------------------- training runs
+def _fit_sstoken(model_dir: str, data_dir, root, *, packing: bool, ckpt_in=None, callbacks=()):
+    """ssToken (EMA history, attention score) for 2 epochs of 4 batches through the DataModule."""
+    L.seed_everything(0)
+    history = HistoryReference("ema", decay=0.5)
+    module = SsTokenSFT(history=history, model=model_dir, learning_rate=1e-2, lr_schedule="constant",
+                        warmup_ratio=0.0, warmup=0.25)
+    dm = SFTDataModule(train_file=str(data_dir / "train.jsonl"), tokenizer=model_dir, batch_size=4,
+                       cache_dir=str(data_dir / "hf"), seed=0, max_length=96, packing=packing)
+    checkpointing = bool(callbacks)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=checkpointing, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
+    return module, history
+
+
+@pytest.fixture(scope="module")
+def run_data(tmp_path_factory: pytest.TempPathFactory):
+    path = tmp_path_factory.mktemp("packed_runs")
+    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(16)))
+    return path
+
+
+def test_packed_training_run_equals_padded_and_resumes_exactly(tiny_model_dir: str, run_data, tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    padded, padded_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "a", packing=False)
+    periodic = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    packed, packed_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "b", packing=True, callbacks=[periodic])
+    # step 3 is mid-epoch 0 (4 batches per epoch): resume from it and finish both epochs
+    resumed, resumed_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "c", packing=True,
+                                            ckpt_in=tmp_path / "ckpts" / "step=3.ckpt")
+    assert packed_history.updates == resumed_history.updates == padded_history.updates == 8
+    for key, value in packed.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(value, padded.model.state_dict()[key], rtol=0, atol=1e-4)
+    for a, b in zip(resumed_history.shadow, packed_history.shadow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
