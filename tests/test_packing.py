@@ -24,7 +24,13 @@ from lit_tokensel.methods.random_tokens import RandomTokenSFT
 from lit_tokensel.methods.sstoken import SsTokenSFT
 from lit_tokensel.modeling.attention_score import PromptAttentionScore
 from lit_tokensel.modeling.forward import model_inputs, unflatten
-from lit_tokensel.reference import CachedReference, FrozenModelReference, HistoryReference
+from lit_tokensel.modeling.loading import LoraSettings
+from lit_tokensel.reference import (
+    AdapterDisabledReference,
+    CachedReference,
+    FrozenModelReference,
+    HistoryReference,
+)
 from lit_tokensel.selection.segments import (
     PACKED_KEY,
     as_samples,
@@ -187,6 +193,19 @@ def _ema_with_history(model_dir: str) -> SsTokenSFT:
     return module
 
 
+def _lora_adapter_off(model_dir: str) -> SsTokenSFT:
+    """ssToken with LoRA and the adapter-off base as history; the adapter moved off zero so they differ."""
+    module = SsTokenSFT(model=model_dir, history=AdapterDisabledReference(), warmup=0.0,
+                        lora=LoraSettings(r=4, alpha=8, dropout=0.0), **COMMON)
+    torch.manual_seed(4)  # LoRA's A matrices are drawn at load time
+    module.configure_model()
+    with torch.no_grad():
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    return module
+
+
 METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "FullSFT": lambda d, o, p: FullSFT(model=d, **COMMON),
     "Random": lambda d, o, p: RandomTokenSFT(model=d, **COMMON),
@@ -198,6 +217,7 @@ METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "ssToken (EMA)": lambda d, o, p: _ema_with_history(d),
     "ssToken (frozen history, sink excluded)": lambda d, o, p: SsTokenSFT(
         model=d, history=FrozenModelReference(model=o), warmup=0.0, exclude_sink=True, **COMMON),
+    "ssToken (LoRA, adapter-off history)": lambda d, o, p: _lora_adapter_off(d),
     "Q-Tuning": lambda d, o, p: QTuningSFT(model=d, sample_ratio=0.5, **COMMON),
     "ProFit": lambda d, o, p: ProFitSFT(model=d, tau=0.002, **COMMON),
 }
