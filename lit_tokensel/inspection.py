@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from lit_tokensel.checkpoint_io import load_checkpoint_file
 from lit_tokensel.trusted_classes import dotted_name
+from lit_tokensel.selection.segments import as_samples
 
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
@@ -131,11 +132,12 @@ def inspect_selection(
                                            disable=not progress) as bar:
         for batch in loader:
             batch = {k: v.to(module.device) for k, v in batch.items()}
+            samples = as_samples(batch)  # packed rows: one record per sample all the same
             selected = module.select_batch(batch)
             weights = module.token_weights(selected)  # [B', T-1] or None
-            for record in sample_records(selected, batch, module.tokenizer, step, weights):
+            for record in sample_records(selected, samples, module.tokenizer, step, weights):
                 handle.write(json.dumps(record) + "\n")
-            bar.update(batch["input_ids"].shape[0])
+            bar.update(samples["input_ids"].shape[0])
     partial.replace(output)
     return output
 

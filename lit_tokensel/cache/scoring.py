@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from lit_tokensel.cache.fingerprint import model_fingerprint
 from lit_tokensel.cache.store import TokenLossCacheWriter
 from lit_tokensel.selection.finite import NonFiniteError
+from lit_tokensel.selection.segments import as_samples
 
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
@@ -44,7 +45,7 @@ def _score_shard(
     ids: list[int] = []
     rows: list[np.ndarray] = []
     for batch in loader:
-        batch = _to_device(batch, module.device)
+        batch = as_samples(_to_device(batch, module.device))  # packed rows: their per-sample view
         losses, _ = module.token_losses(batch)  # [B, T-1], 0 off the response
         lengths = batch["attention_mask"].sum(dim=1)  # [B], right padding: the sample's token count
         losses = losses.float().cpu().numpy()

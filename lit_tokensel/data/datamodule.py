@@ -21,6 +21,7 @@ from lit_tokensel.cache.fingerprint import data_fingerprint
 from lit_tokensel.cache.store import TokenLossCache
 from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
+from lit_tokensel.data.packing import PackedCollatorForSFT
 from lit_tokensel.data.pipeline import SplitStats, TokenizedSource, holdout_split, tokenize_source
 from lit_tokensel.data.samplers import EpochShuffleSampler, ResumableSampler
 from lit_tokensel.data.sources import BUILTIN_PREFIX, Source, local_path
@@ -86,6 +87,11 @@ class SFTDataModule(L.LightningDataModule):
             for the run) and train epoch `e` on a shuffle of chunk `e % epoch_chunks` only
             (`lit_tokensel.data.chunks.ChunkSampler`; self-evolving TokenCleaning, one round per epoch).
             None: every epoch sees all the data.
+        packing: Pack each batch's samples into rows instead of padding each sample
+            (`lit_tokensel.data.packing`): same samples per batch, attention confined to each sample.
+            Off by default. See docs/packing.md.
+        packing_row_tokens: Width of a packed row; None (default): the batch's longest sample (best for
+            SDPA/eager attention), an integer >= max_length for denser rows (FlashAttention varlen).
     """
 
     def __init__(
@@ -114,6 +120,8 @@ class SFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cached_losses: dict[str, str] | None = None,
         epoch_chunks: int | None = None,
+        packing: bool = False,
+        packing_row_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if train_file is not None and dataset_name is not None:
@@ -133,6 +141,11 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(f"on_invalid must be error or skip, got {on_invalid!r}")
         if epoch_chunks is not None and (isinstance(epoch_chunks, bool) or epoch_chunks < 1):
             raise ValueError(f"--data.epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
+        if packing_row_tokens is not None and packing_row_tokens < max_length:
+            raise ValueError(
+                f"--data.packing_row_tokens={packing_row_tokens} must be >= max_length={max_length} (a row holds a whole "
+                "sample) or None (rows as wide as each batch's longest sample)"
+            )
         if max_length < 1 or batch_size < 1:
             raise ValueError(f"--data.max_length and --data.batch_size must be >= 1, got {max_length} and "
                              f"{batch_size}")
@@ -161,6 +174,8 @@ class SFTDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.cached_losses = dict(cached_losses or {})
         self.epoch_chunks = epoch_chunks
+        self.packing = packing
+        self.packing_row_tokens = packing_row_tokens
 
         self.train_dataset: Any = None
         self.val_dataset: Any = None
@@ -197,6 +212,9 @@ class SFTDataModule(L.LightningDataModule):
         self.tokenizer = self._resolve_tokenizer()
         template = ensure_chat_template(self.tokenizer, self.chat_template, self.override_chat_template)
         self.collator = DataCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of)
+        if self.packing:
+            self.collator = PackedCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of,
+                                                 max_tokens_per_row=self.packing_row_tokens)
         with self._rank_zero_first():
             self._build()
         self._log_stats(template)
@@ -330,6 +348,11 @@ class SFTDataModule(L.LightningDataModule):
             return
         weights = collect_token_weights(train.source, train.format, self.system_prompt, self.tokenizer,
                                         self.train_dataset)
+        if weights and self.packing:
+            raise ValueError(
+                f"{train.source}: rows carry data weights (`weight`/`weights` in assistant messages), which packed "
+                "batches do not carry yet; pass --data.packing false, or remove the weights"
+            )
         if weights:
             self.train_collator = dataclasses.replace(self.train_collator, token_weights=weights)
 

@@ -39,8 +39,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.callbacks.finite import FiniteGuard
 from lit_tokensel.methods.optim import check_optimizer_settings, lr_factor
-from lit_tokensel.modeling.forward import decoder_hidden_and_head, response_token_losses
+from lit_tokensel.modeling.forward import (
+    decoder_hidden_and_head,
+    model_inputs,
+    response_token_losses,
+    unflatten,
+)
 from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
+from lit_tokensel.selection.segments import (
+    as_samples,
+    drop_samples,
+    is_packed,
+    layout_of,
+    packed_rows,
+    sample_view,
+)
 from lit_tokensel.selection.stats import selection_statistics
 from lit_tokensel.selection.token_loss import (
     masked_sum,
@@ -109,7 +122,7 @@ class Selection:
 class SelectedBatch:
     """What `select_batch` decided: the (possibly sample-pruned) batch, its losses and the selection."""
 
-    batch: Batch
+    batch: Batch  # for packed rows: the sample view (`lit_tokensel.selection.segments.sample_view`)
     samples: torch.Tensor | None  # [B] bool over the original batch, None when every sample stays
     token_losses: torch.Tensor  # [B', T-1], with the graph
     valid: torch.Tensor  # [B', T-1], response tokens the data does not weight 0
@@ -326,11 +339,19 @@ class TokenSelectionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ shared step
     def token_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token losses of the trained model and the response mask, both `[B, T-1]`."""
+        """Per-token losses of the trained model and the response mask, both `[B, T-1]`.
+
+        A packed batch gives them in its rows' frame `[R, T-1]`, a sample view of one in the view's frame.
+        """
         if self.hparams.chunked_loss:
             return response_token_losses(self.model, batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return per_token_cross_entropy(logits, batch["labels"])
+        rows = packed_rows(batch)  # a sample view runs on its packed rows
+        source = rows.batch if rows is not None else batch
+        logits = unflatten(self.model(**model_inputs(self.model, source)).logits, source)  # [B, T, V]
+        losses, valid = per_token_cross_entropy(logits, source["labels"])  # [B, T-1] each
+        if rows is not None:
+            return rows.layout.to_samples(losses), rows.layout.to_samples(valid, False)
+        return losses, valid
 
     def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
         """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
@@ -347,6 +368,8 @@ class TokenSelectionModule(L.LightningModule):
 
         Tokens the data weights 0 leave `valid` before the method sees it, so no method ranks or counts them.
         """
+        if is_packed(batch):
+            return self._select_packed(batch)
         samples = self.select_samples(batch)  # [B] bool or None
         if samples is not None:
             if not samples.any():
@@ -414,6 +437,29 @@ class TokenSelectionModule(L.LightningModule):
         if selected.data_weights is not None:
             weights = weights * selected.data_weights
         return weights
+
+    def _select_packed(self, batch: Batch) -> SelectedBatch:
+        """`select_batch` for packed rows: the forwards run on the rows, the method selects in the sample
+        view (the padded frame of the same samples, `lit_tokensel.selection.segments`), so every ranking
+        stays per sample. Samples that `select_samples` drops leave the rows before the training forward."""
+        if self.needs_logits:
+            raise ValueError(
+                f"{type(self).__name__} weights tokens from the response logits, which packed batches do not "
+                "provide yet; pass --data.packing false"
+            )
+        view = sample_view(batch)  # [N, L] frame
+        samples = self.select_samples(view)  # [N] bool or None
+        if samples is not None:
+            if not samples.any():
+                raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
+            batch = drop_samples(batch, samples)
+            view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
+        with self.forward_context(batch):
+            row_losses, row_valid = self.token_losses(batch)  # [R, T-1] each
+        layout = packed_rows(view).layout
+        token_losses, valid = layout.to_samples(row_losses), layout.to_samples(row_valid, False)  # [N, L-1]
+        selection = self.select_tokens(view, token_losses, valid)
+        return SelectedBatch(view, samples, token_losses, valid, selection)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
@@ -585,8 +631,8 @@ class TokenSelectionModule(L.LightningModule):
         metric.reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-token losses `[B, T-1]` with their mask and sample ids."""
-        token_losses, valid = self.token_losses(batch)
+        """Per-token losses `[B, T-1]` with their mask and sample ids (per sample for packed batches too)."""
+        token_losses, valid = self.token_losses(as_samples(batch))
         return {"sample_id": batch["sample_id"], "token_losses": token_losses, "valid": valid}
 
     # ------------------------------------------------------------------ optimization

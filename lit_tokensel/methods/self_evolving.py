@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lit_tokensel.data.chunks import train_chunks
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import CachedReference, model_token_losses
+from lit_tokensel.selection.segments import as_samples
 from lit_tokensel.selection.selectors import check_ratio, global_threshold, select_top
 
 SCOPES = ("chunk", "sequence")
@@ -100,7 +101,7 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
         ids, rows, responses = [], [], []
         for batch in tqdm(loader, desc=f"Round {epoch}: scoring chunk {chunk}", unit="batch",
                           disable=not self.trainer.is_global_zero):
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = as_samples({k: v.to(self.device) for k, v in batch.items()})  # packed rows: per sample
             score = self.base.token_losses(self, batch) - model_token_losses(self.model, batch)  # [B, T-1]
             valid = batch["labels"][:, 1:] != -100  # [B, T-1]
             ids.append(batch["sample_id"].cpu())

@@ -13,6 +13,7 @@ from torchmetrics.functional import spearman_corrcoef
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
 from lit_tokensel.selection.scorers import sstoken_scores
+from lit_tokensel.selection.segments import to_sample_frame
 from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ class SsTokenSFT(TokenSelectionModule):
 
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         attention = self.attention.scores if self.attention is not None else None  # [B, T-1] or None
+        attention = to_sample_frame(batch, attention)  # scored on packed rows: into the sample frame
         if self.in_warmup():
             if attention is None:  # gamma == 1: nothing to select by yet
                 return Selection(keep=valid)

@@ -84,6 +84,10 @@ class PromptAttentionScore:
     padding, plus the sliding window where the layer uses one), never taken from the model, whose
     cached mask is `None` for unpadded batches.
 
+    Packed rows (a batch with `sample_index`, `lit_tokensel.data.packing`): each sample is scored on its
+    own span, so a query sees only its own sample's keys, and its prompt and sink are its own; the scores
+    equal those of the sample run alone, in the rows' `[R, T-1]` frame.
+
     Works with the full model (`model(...)`) and the decoder alone (`model.get_decoder()(...)`), plain
     or peft-wrapped. One forward per `capture` block: gradient checkpointing calls the layer again in
     backward, and that recomputation is skipped, but a second forward inside the block (say, a
@@ -154,13 +158,19 @@ class PromptAttentionScore:
             raise RuntimeError(f"{type(module).__name__} was called without position_embeddings (cos, sin)")
         assert self._batch is not None
         labels = self._batch["labels"]
+        segments = self._batch.get("sample_index")  # [R, T] for packed rows, else None
+        if segments is not None and hidden.shape[:2] == (1, labels.numel()):  # packed rows as one varlen row
+            hidden = hidden.reshape(*labels.shape, -1)  # [R, T, D]
+            position_embeddings = tuple(x.reshape(*labels.shape, -1) for x in position_embeddings)
         if labels.shape != hidden.shape[:2]:
             raise ValueError(
                 f"batch labels {tuple(labels.shape)} do not match the layer input {tuple(hidden.shape[:2])}"
             )
         # float32 throughout, also inside an autocast region (mixed-precision training)
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            self.scores = self._score(hidden, position_embeddings, labels, self._batch.get("attention_mask"))
+            self.scores = self._score(
+                hidden, position_embeddings, labels, self._batch.get("attention_mask"), segments
+            )
 
     def _score(
         self,
@@ -168,61 +178,104 @@ class PromptAttentionScore:
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         labels: torch.Tensor,
         attention_mask: torch.Tensor | None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prompt attention mass of every response row, `[B, T-1]` float32 (0 elsewhere)."""
-        attn = self.attention
+        """Prompt attention mass of every response row, `[B, T-1]` float32 (0 elsewhere).
+
+        `segments` `[B, T]` (a packed batch's `sample_index`, -1 on padding) scores each sample of a row
+        on its own span: its queries see only its keys, its prompt and attention sink are its own.
+        """
         B, T = labels.shape
         device = hidden.device
         labels = labels.to(device)
         real = labels.new_ones(B, T, dtype=torch.bool)  # [B, T] non-padding
-        if attention_mask is not None:
+        if segments is not None:
+            real = segments.to(device) >= 0
+        elif attention_mask is not None:
             real = attention_mask.to(device).bool()
-        prompt = prompt_key_mask(labels, real, self.exclude_sink)  # [B, T]
+        prompt = prompt_key_mask(labels, real, self.exclude_sink and segments is None)  # [B, T]
         scored = (labels[:, 1:] != IGNORE_INDEX) & real[:, 1:]  # [B, T-1]  entry j <-> row j+1
-        cos, sin = position_embeddings  # [1 or B, T, d]
-        n_heads = attn.config.num_attention_heads
-        n_kv, d = attn.config.num_key_value_heads, attn.head_dim
-        groups = n_heads // n_kv
         out = torch.zeros(B, T - 1, dtype=torch.float32, device=device)  # [B, T-1]
-        key_pos = torch.arange(T, device=device)  # [T]
-        projections = (attn.q_proj, attn.k_proj)
+        projections = (self.attention.q_proj, self.attention.k_proj)
         modes = [proj.training for proj in projections]
         for proj in projections:
             proj.eval()  # no (LoRA) dropout: deterministic, and no draws from the training RNG
         try:
-            for b in range(B):
-                rows = scored[b].nonzero().squeeze(1) + 1  # [R] query positions
-                if rows.numel() == 0:
-                    continue
-                n_keys = int(rows.max()) + 1  # keys after the last row are causally masked anyway
-                h = hidden[b : b + 1, :n_keys]  # [1, K, D]
-                pe = b if cos.shape[0] > 1 else 0  # position embeddings are per sample or shared
-                cb, sb = cos[pe : pe + 1].float(), sin[pe : pe + 1].float()  # [1, T, d]
-                k = attn.k_proj(h).view(1, n_keys, n_kv, d).transpose(1, 2).float()  # [1, Hkv, K, d]
-                k = self._rope(k, cb[:, :n_keys], sb[:, :n_keys])[0]  # [Hkv, K, d]
-                chunk = max(1, self.max_block_elements // (n_heads * n_keys))
-                for rs in rows.split(chunk):
-                    q = attn.q_proj(hidden[b : b + 1, rs]).view(1, len(rs), n_heads, d).transpose(1, 2)
-                    q = self._rope(q.float(), cb[:, rs], sb[:, rs])[0]  # [H, R, d]
-                    q = q.view(n_kv, groups, len(rs), d)  # [Hkv, G, R, d]  head h uses kv head h // G
-                    logits = torch.matmul(q, k[:, None].transpose(-1, -2)) * attn.scaling  # [Hkv, G, R, K]
-                    allowed = key_pos[None, :n_keys] <= rs[:, None]  # [R, K] causal
-                    if self.sliding_window is not None:
-                        allowed &= key_pos[None, :n_keys] > rs[:, None] - self.sliding_window
-                    allowed &= real[b, None, :n_keys]  # [R, K]
-                    total = logits.masked_fill_(~allowed, float("-inf")).logsumexp(-1)  # [Hkv, G, R]
-                    on_prompt = allowed & prompt[b, None, :n_keys]  # [R, K]
-                    mass = logits.masked_fill_(~on_prompt, float("-inf")).logsumexp(-1)  # [Hkv, G, R]
-                    out[b, rs - 1] = (mass - total).exp().mean(dim=(0, 1))  # [R]
+            for b, start, end in _spans(segments.to(device) if segments is not None else None, B, T):
+                prompt_b = prompt[b, start:end].clone()  # [S]
+                if segments is not None and self.exclude_sink:
+                    prompt_b[0] = False  # the sample's own first token
+                self._score_span(hidden, position_embeddings, b, start, end, scored, real, prompt_b, out)
         finally:
             for proj, mode in zip(projections, modes):
                 proj.train(mode)
         return out
 
+    def _score_span(
+        self,
+        hidden: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        b: int,
+        start: int,
+        end: int,
+        scored: torch.Tensor,
+        real: torch.Tensor,
+        prompt: torch.Tensor,
+        out: torch.Tensor,
+    ) -> None:
+        """Score the response rows of positions `[start, end)` of row `b` against keys of that span only;
+        writes `out[b]`. `prompt` `[end - start]` marks the span's prompt keys."""
+        attn = self.attention
+        device = hidden.device
+        rows = scored[b, start : end - 1].nonzero().squeeze(1) + start + 1  # [R] query positions
+        if rows.numel() == 0:
+            return
+        n_heads = attn.config.num_attention_heads
+        n_kv, d = attn.config.num_key_value_heads, attn.head_dim
+        groups = n_heads // n_kv
+        cos, sin = position_embeddings  # [1 or B, T, d]
+        n_keys = int(rows.max()) + 1 - start  # keys after the last row are causally masked anyway
+        key_pos = torch.arange(start, start + n_keys, device=device)  # [K]
+        h = hidden[b : b + 1, start : start + n_keys]  # [1, K, D]
+        pe = b if cos.shape[0] > 1 else 0  # position embeddings are per sample or shared
+        cb, sb = cos[pe : pe + 1].float(), sin[pe : pe + 1].float()  # [1, T, d]
+        k = attn.k_proj(h).view(1, n_keys, n_kv, d).transpose(1, 2).float()  # [1, Hkv, K, d]
+        k = self._rope(k, cb[:, key_pos], sb[:, key_pos])[0]  # [Hkv, K, d]
+        chunk = max(1, self.max_block_elements // (n_heads * n_keys))
+        for rs in rows.split(chunk):
+            q = attn.q_proj(hidden[b : b + 1, rs]).view(1, len(rs), n_heads, d).transpose(1, 2)
+            q = self._rope(q.float(), cb[:, rs], sb[:, rs])[0]  # [H, R, d]
+            q = q.view(n_kv, groups, len(rs), d)  # [Hkv, G, R, d]  head h uses kv head h // G
+            logits = torch.matmul(q, k[:, None].transpose(-1, -2)) * attn.scaling  # [Hkv, G, R, K]
+            allowed = key_pos[None, :] <= rs[:, None]  # [R, K] causal
+            if self.sliding_window is not None:
+                allowed &= key_pos[None, :] > rs[:, None] - self.sliding_window
+            allowed &= real[b, None, start : start + n_keys]  # [R, K]
+            total = logits.masked_fill_(~allowed, float("-inf")).logsumexp(-1)  # [Hkv, G, R]
+            on_prompt = allowed & prompt[None, :n_keys]  # [R, K]
+            mass = logits.masked_fill_(~on_prompt, float("-inf")).logsumexp(-1)  # [Hkv, G, R]
+            out[b, rs - 1] = (mass - total).exp().mean(dim=(0, 1))  # [R]
+
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on one tensor `[1, heads, n, d]` with the architecture's `apply_rotary_pos_emb` (q and k
         rotate alike; queries and keys here cover different positions, so they go in separate calls)."""
         return self._apply_rope(x, x, cos, sin)[0]
+
+
+def _spans(segments: torch.Tensor | None, rows: int, columns: int) -> list[tuple[int, int, int]]:
+    """`(row, start, end)` of every sample: whole rows for a padded batch, each run of one `segments`
+    value >= 0 for packed rows."""
+    if segments is None:
+        return [(b, 0, columns) for b in range(rows)]
+    spans = []
+    for b in range(rows):
+        values, counts = torch.unique_consecutive(segments[b], return_counts=True)
+        start = 0
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            if value >= 0:
+                spans.append((b, start, start + count))
+            start += count
+    return spans
 
 
 def _attention_module(model: torch.nn.Module, layer: int) -> torch.nn.Module:
