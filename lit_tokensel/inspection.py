@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from lit_tokensel.checkpoint_io import load_checkpoint_file
-from lit_tokensel.trusted_classes import dotted_name
 from lit_tokensel.selection.segments import as_samples
+from lit_tokensel.trusted_classes import dotted_name
 
 if TYPE_CHECKING:
     from lit_tokensel.data.datamodule import SFTDataModule
