@@ -31,7 +31,7 @@ def test_help_is_fast_and_lists_every_command_with_examples_one_per_line():
     lines = result.stdout.splitlines()
     for command in ("fit", "validate", "test", "predict", "export", "score", "inspect", "recipe"):
         assert any(line.split()[:1] == [command] and len(line.split()) > 2 for line in lines), command
-    assert set(COMMANDS) == {"fit", "validate", "test", "predict", "export", "score", "inspect", "recipe"}
+    assert set(COMMANDS) == {"fit", "validate", "test", "predict", "export", "score", "inspect", "recipe", "data"}
     assert "  lit-tokensel fit -c configs/quickstart.yaml" in lines  # examples kept as lines
     assert sum(line.startswith("  lit-tokensel ") for line in lines) >= 6
 
@@ -73,7 +73,7 @@ def _one_line_error(capsys, argv: list[str]) -> str:
      "unknown option --model.init_args.learning_rat of lit_tokensel.FullSFT. Did you mean "
      "--model.init_args.learning_rate?"),
     (["--model.class_path", "lit_tokensel.Rho1SFTT"], "unknown class lit_tokensel.Rho1SFTT. Did you mean "
-     "lit_tokensel.Rho1SFT? Known: ForgettingSFT, FullSFT,"),
+     "lit_tokensel.Rho1SFT? Known: ASFTSFT, DFTSFT, EAFTSFT, ForgettingSFT, FullSFT,"),
     (["--trainer.max_steps", "abc"], "--trainer.max_steps: Expected a <class 'int'>. Got value: abc"),
     (["--model.init_args.min_lr_ratio", "2"], "error: min_lr_ratio=2.0 must lie in [0, 1]"),
 ])
@@ -95,7 +95,7 @@ def test_a_missing_data_file_is_one_line_and_debug_shows_the_traceback(tmp_path)
     result = _cli(*args)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"lit-tokensel fit: error: FileNotFoundError: data file not found: {tmp_path / 'nope.jsonl'} {HINT}")
+        f"lit-tokensel fit: error: FileNotFoundError: --data.train_file: data file not found: {tmp_path / 'nope.jsonl'} {HINT}")
     assert "Traceback" not in result.stderr
     for debug in (_cli(*args, "--debug"), _cli(*args, env={"LIT_TOKENSEL_DEBUG": "1"})):
         assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr

@@ -29,7 +29,8 @@ def _fit(run_dir: Path, *args: str) -> Path:
 
 def test_quickstart_without_validation_data_keeps_the_latest_checkpoint(tmp_path):
     checkpoints = _fit(tmp_path, "--data.val_file", "null")
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == [  # each with its sha256 sidecar
+        "epoch=1-step=6.ckpt", "epoch=1-step=6.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]
     state = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert state["global_step"] == 6 and state["SFTDataModule"] == {"epoch": 1, "consumed_samples": 3 * 16}
 
@@ -37,7 +38,8 @@ def test_quickstart_without_validation_data_keeps_the_latest_checkpoint(tmp_path
 def test_quickstart_with_validation_data_keeps_the_best_checkpoint(tmp_path):
     checkpoints = _fit(tmp_path, "--trainer.val_check_interval", "1.0", "--trainer.limit_val_batches", "1")
     names = sorted(p.name for p in checkpoints.iterdir())
-    assert names == ["epoch=1-step=6.ckpt", "last.ckpt"]  # the loss falls, so the best is the latest
+    # the loss falls, so the best is the latest; each with its sha256 sidecar
+    assert names == ["epoch=1-step=6.ckpt", "epoch=1-step=6.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]
     callbacks = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
     (state,) = [v for k, v in callbacks.items() if k.startswith("MonitoredCheckpoint")]
     assert state["monitor"] == "val/loss" and state["best_model_path"].endswith("epoch=1-step=6.ckpt")

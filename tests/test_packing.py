@@ -171,7 +171,7 @@ def other_model_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactor
     return save_perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("other"), seed=1)
 
 
-COMMON = {"learning_rate": 1.0, "lr_schedule": "constant", "warmup_ratio": 0.0,
+COMMON = {"lr_schedule": "constant", "warmup_ratio": 0.0,
           "optimizer": lambda params: torch.optim.SGD(params, lr=1.0)}  # update = -normalised gradient
 
 

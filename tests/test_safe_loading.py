@@ -49,6 +49,12 @@ class MyMethod(FullSFT):
     """A user's own method, trusted only once registered."""
 
 
+@pytest.fixture(autouse=True)
+def _cli_errors_propagate(monkeypatch):
+    """`lit-tokensel` reports errors as one line and exit 2; with debug on, the tests see the exception itself."""
+    monkeypatch.setenv("LIT_TOKENSEL_DEBUG", "1")
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`last.ckpt` (with its sidecar) of a 2-step quickstart fit through the CLI."""

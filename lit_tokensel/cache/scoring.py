@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 
 from lit_tokensel.cache.fingerprint import model_fingerprint
 from lit_tokensel.cache.store import TokenLossCacheWriter
-from lit_tokensel.selection.finite import NonFiniteError
 from lit_tokensel.selection.segments import as_samples
 
 if TYPE_CHECKING:
@@ -102,21 +101,9 @@ def score_to_cache(
                     break
                 positions = _positions(index, shard_size, len(dataset))
                 ids, rows = _score_shard(module, dataset, positions, datamodule)
-                _refuse_nonfinite(module, ids, rows, writer.path)
                 writer.write_shard(index, ids, rows)  # refuses NaN/inf losses, naming the samples
                 bar.update(len(positions))
     return writer.path
-
-
-def _refuse_nonfinite(module: TokenSelectionModule, ids: list[int], rows: list[np.ndarray], output: Path) -> None:
-    """Never write NaN/inf losses into a cache: every method reading it would train on garbage."""
-    bad = [sample_id for sample_id, row in zip(ids, rows, strict=True) if not np.isfinite(row).all()]
-    if bad:
-        raise NonFiniteError(
-            f"non-finite token losses from {module.model_name_or_path} in sample_id {bad[:20]}"
-            f"{f' and {len(bad) - 20} more' if len(bad) > 20 else ''}; not writing them to the cache {output} "
-            "(the shards already written are kept). Check the model's weights and dtype (float16 overflows)."
-        )
 
 
 def _positions(index: int, shard_size: int, total: int) -> range:
