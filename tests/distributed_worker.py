@@ -157,7 +157,7 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
     if job["method"] == "full":
         return FullSFT(**common)
     if job["method"] in ("terms", "terms_full"):  # SGD: Adam would blow float noise on near-zero gradients up
-        sgd = {**common, "optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "lr_schedule": "constant"}
+        sgd = {**{k: v for k, v in common.items() if k != "learning_rate"}, "optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "lr_schedule": "constant"}
         return SignedTermsSFT(**sgd) if job["method"] == "terms" else FullSFT(**sgd)
     if job["method"] == "rho1":
         return Rho1SFT(reference=FrozenModelReference(model=spec["reference"]), ratio=0.6, **common)

@@ -151,10 +151,11 @@ def inspect_points(module: Any, datamodule: Any, run_dir: Path, inspect: dict[st
 
 def score_job(job: dict[str, Any]) -> dict[str, Any]:
     """A scoring pass (`lit-tokensel score`) of `args`' model over the training data into `output`."""
+    from lit_tokensel.cli import build_cli
     from lit_tokensel.recipes.stages import score
 
     quiet_worker(job["threads"], Path(job["output"]).with_suffix(".log"))
-    path = score(job["args"], Path(job["output"]), shard_size=512)
+    path = score(build_cli(job["args"]), Path(job["output"]), shard_size=512)
     return {"name": job["name"], "cache": str(path)}
 
 
