@@ -238,8 +238,11 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(runs, method, st
     """Global-batch selection and global kept-token normalization: the update of one process."""
     single, distributed = _result(runs, f"single_{method}"), _result(runs, f"{strategy}_{method}")
     assert single["global_step"] == distributed["global_step"] == STEPS
-    _assert_same_tensors(single["weights"], distributed["weights"], rtol=1e-5, atol=2e-5)
-    _assert_same_tensors(single["history"], distributed["history"], rtol=1e-5, atol=2e-5)
+    # AdamW divides by sqrt(v): on a weight whose gradient is ~0, the reduction-order noise of the all-reduce
+    # (~1e-9) becomes an update of up to ~1e-4 (seen: one element of 2048 off by 6e-5 for ssToken/EMA with
+    # the package versions of 12-02). A wrong normalisation moves every weight by ~lr = 1e-2, far above this.
+    _assert_same_tensors(single["weights"], distributed["weights"], rtol=1e-5, atol=1e-4)
+    _assert_same_tensors(single["history"], distributed["history"], rtol=1e-5, atol=1e-4)  # averaged from them
     torch.testing.assert_close(distributed["losses"], single["losses"], rtol=1e-5, atol=1e-5)
     if method == "rho1_lora":  # the comparison has power: the adapter trained
         assert max(v.abs().max() for k, v in single["weights"].items() if "lora_B" in k) > 1e-3
