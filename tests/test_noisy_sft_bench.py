@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.noisy_sft.metrics import selection_quality, stat
-from benchmarks.noisy_sft.oracle import OracleSFT
-from benchmarks.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
-from benchmarks.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir, common_args, method_args
+from lit_tokensel_bench.noisy_sft.metrics import selection_quality, stat
+from lit_tokensel_bench.noisy_sft.oracle import OracleSFT
+from lit_tokensel_bench.noisy_sft.plan import FULL, QUICK, SMOLLM2, method_rows, regime_rows
+from lit_tokensel_bench.noisy_sft.run import METHOD_CONFIGS, Paths, check_workdir, common_args, method_args
 
 RECORDS = [
     {"sample_id": 0, "tokens": list("abcd"), "keep": [True, False, True, True],
@@ -102,7 +102,7 @@ def test_plan_rows_use_shipped_configs_and_unique_keys():
 @pytest.mark.slow
 def test_benchmark_end_to_end_oracle_and_random(tmp_path):
     """A small real run: the oracle drops exactly the corrupted tokens, random drops ~20% of each kind."""
-    from benchmarks.noisy_sft.run import main
+    from lit_tokensel_bench.noisy_sft.run import main
 
     report = tmp_path / "report"
     code = main(["--quick", "--regimes", "scratch", "--only", "oracle", "random", "--workdir", str(tmp_path / "w"),

@@ -1,4 +1,4 @@
-"""benchmarks.noisy_sft.data: determinism, disjoint entity sets, exact corruption spans, token labels that line up
+"""lit_tokensel_bench.noisy_sft.data: determinism, disjoint entity sets, exact corruption spans, token labels that line up
 with the SFT pipeline's, shipped task data in sync with the generator, and the three lm-eval tasks end to end."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.noisy_sft import data
+from lit_tokensel_bench.noisy_sft import data
 from lit_tokensel.builtin.tokenizer import build_chat_tokenizer
 from lit_tokensel.data.tokenization import IGNORE_INDEX, tokenize_conversation
 
@@ -216,7 +216,7 @@ def test_shipped_task_data_is_the_generators_output():
     assert set(docs) == set(data.TASK_NAMES)
     for name in data.TASK_NAMES:
         shipped = read_rows(data.TASKS_DIR / f"{name}.jsonl")
-        assert shipped == docs[name], f"{name}.jsonl is stale: run python -m benchmarks.noisy_sft.data --write-tasks"
+        assert shipped == docs[name], f"{name}.jsonl is stale: run python -m lit_tokensel_bench.noisy_sft.data --write-tasks"
         assert (data.TASKS_DIR / f"{name}.yaml").is_file()
 
 

@@ -1,4 +1,4 @@
-"""The per-kind score breakdown: `python -m benchmarks.noisy_sft.kinds`."""
+"""The per-kind score breakdown: `python -m lit_tokensel_bench.noisy_sft.kinds`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.noisy_sft.kinds import (
+from lit_tokensel_bench.noisy_sft.kinds import (
     CLEAN,
     END,
     FILLER_FIRST,

@@ -14,11 +14,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from benchmarks.noisy_sft import report
+from lit_tokensel_bench.noisy_sft import report
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-COMMAND = "python -m benchmarks.noisy_sft.run --out results/noisy_sft"
+COMMAND = "python -m lit_tokensel_bench.noisy_sft.run --out results/noisy_sft"
 
 
 def _stat(*values: float) -> dict:

@@ -19,7 +19,7 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 BUNDLED_DATA_DIR = TASKS_DIR / "quickstart"  # the default `task_dir`
 REGENERATE = {
     "quickstart": "python -m lit_tokensel_eval.bundled_data",
-    "noisy_sft": "python -m benchmarks.noisy_sft.data --write-tasks (from the repository root)",
+    "noisy_sft": "python -m lit_tokensel_bench.noisy_sft.data --write-tasks (from the repository root)",
 }
 
 

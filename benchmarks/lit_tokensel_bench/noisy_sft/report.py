@@ -314,7 +314,7 @@ def readme_block(table_md: str, command: str) -> str:
     """What `update_readme` puts between the markers (markers excluded), with "\\n" line ends."""
     fence = _fence(command)
     return (
-        "<!-- Written by benchmarks/noisy_sft/report.py: edits between these markers are overwritten. -->\n"
+        "<!-- Written by benchmarks/lit_tokensel_bench/noisy_sft/report.py: edits between these markers are overwritten. -->\n"
         "Produced by:\n\n"
         f"{fence}bash\n{command.strip()}\n{fence}\n\n"
         f"{table_md.strip()}\n"

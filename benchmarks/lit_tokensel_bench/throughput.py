@@ -1,8 +1,8 @@
 """Response tokens per second and padding fraction, packed vs padded batches, side by side in one run.
 
-    python -m benchmarks.throughput                  # CPU, both datasets, four methods (~10 min on 2 cores)
-    python -m benchmarks.throughput --quick          # fewer steps
-    python -m benchmarks.throughput --device cuda    # bf16-mixed, SDPA (add --attn flash_attention_2 if installed)
+    python -m lit_tokensel_bench.throughput                  # CPU, both datasets, four methods (~10 min on 2 cores)
+    python -m lit_tokensel_bench.throughput --quick          # fewer steps
+    python -m lit_tokensel_bench.throughput --device cuda    # bf16-mixed, SDPA (add --attn flash_attention_2 if installed)
 
 Two datasets, the same samples in the same batches for both layouts (the packed collator packs each
 padded batch's samples into rows as wide as the batch's longest sample, or `--row-tokens`, so batch
@@ -10,7 +10,7 @@ composition is equal):
 
 - `quickstart`: the shipped quickstart rows, tokenized with the builtin tiny-llama tokenizer and chat template.
 - `chat`: random token ids with the prompt and response lengths of real instruction data, drawn
-  (seeded) from `benchmarks/data/alpaca_en_demo_lengths.json`: the 999 rows of LLaMA-Factory's
+  (seeded) from `benchmarks/lit_tokensel_bench/data/alpaca_en_demo_lengths.json`: the 999 rows of LLaMA-Factory's
   `data/alpaca_en_demo.json` (llamafactory==0.9.5 sdist) tokenized with SmolLM2-135M-Instruct's
   tokenizer and chat template: prompts 34-199 tokens (median 45), responses 3-596 (median 108), whole
   samples median 162, max 750 tokens.
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.step_time import build_model
+from lit_tokensel_bench.step_time import build_model
 
 LENGTHS_FILE = Path(__file__).parent / "data" / "alpaca_en_demo_lengths.json"
 METHODS = ("FullSFT", "Rho1SFT (cached)", "SsTokenSFT (EMA)", "QTuningSFT (r_sample 0.25)")

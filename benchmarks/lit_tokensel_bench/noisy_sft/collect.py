@@ -7,11 +7,11 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.noisy_sft.metrics import stat
-from benchmarks.noisy_sft.plan import MethodRow, Settings
+from lit_tokensel_bench.noisy_sft.metrics import stat
+from lit_tokensel_bench.noisy_sft.plan import MethodRow, Settings
 
 if TYPE_CHECKING:
-    from benchmarks.noisy_sft.run import Paths
+    from lit_tokensel_bench.noisy_sft.run import Paths
 
 HTML_SAMPLES = 4
 

@@ -1,7 +1,7 @@
 """What ssToken costs over full SFT, and what the naive implementation would cost, in one process.
 
-    python benchmarks/sstoken_cost.py                 # 8 and 4 layers, T=512 (~5 minutes on 2 CPU cores)
-    python benchmarks/sstoken_cost.py --quick         # smaller, for a smoke run
+    python -m lit_tokensel_bench.sstoken_cost                 # 8 and 4 layers, T=512 (~5 minutes on 2 CPU cores)
+    python -m lit_tokensel_bench.sstoken_cost --quick         # smaller, for a smoke run
 
 Every variant trains its own copy of the same Llama (built here, random weights) on the same batches,
 interleaved over rounds so machine noise hits all alike; step time is the median over all timed steps,

@@ -40,8 +40,8 @@ world, the training rows and the corruption use separate streams, so the noise s
 which clean rows are drawn and the sizes do not change the world. The shipped tasks are those of seed 0
 with the default `test_per_task`: generate training data with `seed=0` to evaluate on them.
 
-    python -m benchmarks.noisy_sft.data --out runs/noisy_sft/data   # write the benchmark data
-    python -m benchmarks.noisy_sft.data --write-tasks                # rewrite the shipped task files
+    python -m lit_tokensel_bench.noisy_sft.data --out runs/noisy_sft/data   # write the benchmark data
+    python -m lit_tokensel_bench.noisy_sft.data --write-tasks                # rewrite the shipped task files
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ SUM_OFFSETS = range(1, 11)  # a wrong sum is off by 1 to 10
 NUM_CHOICES = 4
 SHIPPED_SEED = 0
 TASK_NAMES = ("noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll")
-TASKS_DIR = Path(__file__).resolve().parents[2] / "evaluation" / "lit_tokensel_eval" / "tasks" / "noisy_sft"
+TASKS_DIR = Path(__file__).resolve().parents[3] / "evaluation" / "lit_tokensel_eval" / "tasks" / "noisy_sft"
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
            "st", "th", "sh")

@@ -1,11 +1,11 @@
 r"""The noisy-SFT benchmark: does each method keep the right tokens, what does it cost, and the table.
 
-    python -m benchmarks.noisy_sft                 # full run: 2 regimes x 3 seeds x every method (~45 min, 2 cores)
-    python -m benchmarks.noisy_sft --quick         # one seed, ratio 0.8, smaller model and data (~5 min)
-    python -m benchmarks.noisy_sft --only rho1 sstoken --regimes pretrained   # a subset (rows by key prefix)
+    python -m lit_tokensel_bench.noisy_sft                 # full run: 2 regimes x 3 seeds x every method (~45 min, 2 cores)
+    python -m lit_tokensel_bench.noisy_sft --quick         # one seed, ratio 0.8, smaller model and data (~5 min)
+    python -m lit_tokensel_bench.noisy_sft --only rho1 sstoken --regimes pretrained   # a subset (rows by key prefix)
 
 Stages, each a job in a fresh worker process (`--jobs` at a time, one thread each):
-  1. data (`benchmarks.noisy_sft.data`): noisy SFT rows with every corrupted span recorded, clean
+  1. data (`lit_tokensel_bench.noisy_sft.data`): noisy SFT rows with every corrupted span recorded, clean
      reference rows, a clean base corpus over disjoint entities; a tokenizer and a random-init model;
   2. per regime: the starting model (`scratch`: the random init; `pretrained`: full SFT of the init on
      the base corpus), a reference (full SFT of the starting model on the clean reference rows, as many
@@ -35,10 +35,10 @@ from typing import Any
 
 from rich.console import Console
 
-from benchmarks.noisy_sft import jobs
-from benchmarks.noisy_sft.plan import FULL, QUICK, REGIMES, SMOLLM2, MethodRow, Settings, regime_rows
+from lit_tokensel_bench.noisy_sft import jobs
+from lit_tokensel_bench.noisy_sft.plan import FULL, QUICK, REGIMES, SMOLLM2, MethodRow, Settings, regime_rows
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 METHOD_CONFIGS = REPO / "configs" / "methods"
 console = Console(stderr=True, highlight=False)
 
@@ -90,7 +90,7 @@ class Paths:
 
 def prepare_data(settings: Settings, paths: Paths) -> None:
     """Benchmark data, tokenizer and random-init model, and per-token corruption labels (skipped when present)."""
-    from benchmarks.noisy_sft.data import (
+    from lit_tokensel_bench.noisy_sft.data import (
         BenchmarkSizes,
         corruption_token_kinds,
         read_corruption,
@@ -121,7 +121,7 @@ def build_init_model(settings: Settings, paths: Paths) -> Any:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from benchmarks.noisy_sft.data import read_corpus
+    from lit_tokensel_bench.noisy_sft.data import read_corpus
     from lit_tokensel.builtin.tokenizer import build_chat_tokenizer
 
     target = paths.init_model
@@ -266,7 +266,7 @@ def cache_names(row: MethodRow, config: str) -> list[str]:
 def write_oracle_config(paths: Paths) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / "oracle.yaml").write_text(
-        "model:\n  class_path: benchmarks.noisy_sft.oracle.OracleSFT\n  init_args:\n"
+        "model:\n  class_path: lit_tokensel_bench.noisy_sft.oracle.OracleSFT\n  init_args:\n"
         "    learning_rate: 3.0e-3\n    lr_schedule: cosine\n    warmup_ratio: 0.05\n", encoding="utf-8")
 
 
@@ -376,7 +376,7 @@ def check_workdir(paths: Paths, settings: Settings) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.noisy_sft", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.noisy_sft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one seed, ratio 0.8, smaller model and data")
@@ -401,8 +401,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.noisy_sft.collect import collect_results, collect_samples
-    from benchmarks.noisy_sft.report import write_outputs
+    from lit_tokensel_bench.noisy_sft.collect import collect_results, collect_samples
+    from lit_tokensel_bench.noisy_sft.report import write_outputs
 
     args = parse_args(argv)
     settings = load_settings(args)
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     regimes = args.regimes or list(settings.regimes)
     workers = args.jobs or (1 if args.smollm2 else 2)
     threads = max(1, (os.cpu_count() or 2) // workers)
-    command = "python -m benchmarks.noisy_sft " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m lit_tokensel_bench.noisy_sft " + shlex.join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     check_workdir(paths, settings)
     console.rule(f"noisy-SFT benchmark → {paths.root}")

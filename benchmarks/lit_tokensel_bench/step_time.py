@@ -1,10 +1,10 @@
 """Step time and peak memory of each method relative to FullSFT, side by side in one run.
 
-    python benchmarks/step_time.py            # ~5 minutes on 2 CPU cores
-    python benchmarks/step_time.py --quick    # fewer steps, smaller model
-    python benchmarks/step_time.py --only QTuning ProFit   # FullSFT plus the methods matching a substring
-    python benchmarks/step_time.py --only Forgetting --accumulate 2   # steps of 2 accumulated micro-batches
-    python benchmarks/step_time.py --only DFT EAFT ASFT   # the token-weighting losses
+    python -m lit_tokensel_bench.step_time            # ~5 minutes on 2 CPU cores
+    python -m lit_tokensel_bench.step_time --quick    # fewer steps, smaller model
+    python -m lit_tokensel_bench.step_time --only QTuning ProFit   # FullSFT plus the methods matching a substring
+    python -m lit_tokensel_bench.step_time --only Forgetting --accumulate 2   # steps of 2 accumulated micro-batches
+    python -m lit_tokensel_bench.step_time --only DFT EAFT ASFT   # the token-weighting losses
 
 Every method trains the same model (a Llama built here, random weights) on the same batches.
 Each method runs in its own child process, so its peak resident memory (CPU) or peak allocated

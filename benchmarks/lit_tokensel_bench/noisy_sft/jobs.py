@@ -20,8 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.noisy_sft.report import atomic_write_text
-from benchmarks.step_time import StepTimer  # one timing callback for every benchmark
+from lit_tokensel_bench.noisy_sft.report import atomic_write_text
+from lit_tokensel_bench.step_time import StepTimer  # one timing callback for every benchmark
 
 EVAL_TASKS = ("noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll")
 TIMED_AFTER = 5  # first steps excluded from the step time (allocator and autotuning warm-up)
@@ -127,7 +127,7 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_points(module: Any, datamodule: Any, run_dir: Path, inspect: dict[str, Any]) -> list[dict[str, Any]]:
     """Selection quality at each saved fraction of training (weights and method state from the checkpoint)."""
-    from benchmarks.noisy_sft.metrics import selection_quality
+    from lit_tokensel_bench.noisy_sft.metrics import selection_quality
     from lit_tokensel.inspection import inspect_selection
 
     labels = json.loads(Path(inspect["labels"]).read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ mean of every score the method logged, and the AUC of each score for clean token
 corrupted class (0.5: chance; below 0.5: the score prefers the noise). It reads the `inspect` files
 and corruption kinds a benchmark run leaves in its workdir.
 
-    python -m benchmarks.noisy_sft.kinds --workdir runs/noisy_sft --regime pretrained \\
+    python -m lit_tokensel_bench.noisy_sft.kinds --workdir runs/noisy_sft --regime pretrained \\
         --rows sstoken-base-0.6 sstoken-gamma1-0.6 --seed 0
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.noisy_sft.data import FILLER, WRONG_ANSWER
-from benchmarks.noisy_sft.metrics import ranking_auc
-from benchmarks.noisy_sft.run import Paths
+from lit_tokensel_bench.noisy_sft.data import FILLER, WRONG_ANSWER
+from lit_tokensel_bench.noisy_sft.metrics import ranking_auc
+from lit_tokensel_bench.noisy_sft.run import Paths
 
 CLEAN, END, FILLER_FIRST, FILLER_REST, WRONG = "clean", "end", "filler-first", "filler-rest", "wrong-answer"
 CLASSES = (CLEAN, END, FILLER_FIRST, FILLER_REST, WRONG)
@@ -106,7 +106,7 @@ def breakdown_tables(title: str, breakdown: dict[str, Any]) -> tuple[Table, Tabl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.noisy_sft.kinds", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.noisy_sft.kinds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/noisy_sft"), help="the benchmark's workdir")
     parser.add_argument("--regime", default="pretrained", choices=("scratch", "pretrained"))
     parser.add_argument("--rows", nargs="+", required=True, help="row keys, e.g. sstoken-base-0.6 rho1-0.6")
