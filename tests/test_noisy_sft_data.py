@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lit_tokensel_bench.noisy_sft import data
 from lit_tokensel.builtin.tokenizer import build_chat_tokenizer
 from lit_tokensel.data.tokenization import IGNORE_INDEX, tokenize_conversation
+from lit_tokensel_bench.noisy_sft import data
 
 SMALL = data.BenchmarkSizes(train_rows=400, reference_rows=80, base_rows=200, val_rows=40)
 

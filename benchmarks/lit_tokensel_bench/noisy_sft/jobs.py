@@ -127,8 +127,8 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_points(module: Any, datamodule: Any, run_dir: Path, inspect: dict[str, Any]) -> list[dict[str, Any]]:
     """Selection quality at each saved fraction of training (weights and method state from the checkpoint)."""
-    from lit_tokensel_bench.noisy_sft.metrics import selection_quality
     from lit_tokensel.inspection import inspect_selection
+    from lit_tokensel_bench.noisy_sft.metrics import selection_quality
 
     labels = json.loads(Path(inspect["labels"]).read_text(encoding="utf-8"))
     score = tuple(inspect["score"]) if inspect.get("score") else None

@@ -121,8 +121,8 @@ def build_init_model(settings: Settings, paths: Paths) -> Any:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from lit_tokensel_bench.noisy_sft.data import read_corpus
     from lit_tokensel.builtin.tokenizer import build_chat_tokenizer
+    from lit_tokensel_bench.noisy_sft.data import read_corpus
 
     target = paths.init_model
     if (target / "config.json").is_file():
