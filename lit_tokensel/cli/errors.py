@@ -60,17 +60,33 @@ def suggest(word: str, choices: list[str]) -> str:
 
 def init_parameters(class_path: str) -> list[str]:
     """Names of the `__init__` parameters of `class_path` and its bases (empty when it does not import)."""
-    import importlib
     import inspect
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+    cls = import_class(class_path)
+    if cls is None:
         return []
     return [p.name for klass in cls.__mro__ if "__init__" in vars(klass)
             for p in inspect.signature(klass.__init__).parameters.values()
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def import_class(class_path: str) -> type | None:
+    """The class at `class_path`, or None when it does not import."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def renamed_hint(class_path: str, option: str) -> str | None:
+    """The rename message when `option` (`--a.b.rho`) is an old setting name of `class_path`'s class."""
+    from lit_tokensel.renamed_settings import renamed_message
+
+    cls = import_class(class_path)
+    return renamed_message(cls, option.lstrip("-").rsplit(".", 1)[-1]) if cls is not None else None
 
 
 def known_classes() -> list[str]:
@@ -124,6 +140,9 @@ def describe(error: BaseException, command: str) -> str:
         prefix = f"--{key.group(1)}.init_args." if inner is not error and key else "--"
         unknown = ([f"--{not_accepted.group(1)}"] if not_accepted else
                    [w.split("=")[0] for w in str(inner).split(":", 1)[1].split() if w.startswith("-")])
+        renamed = [renamed_hint(owner.group(1), w) for w in unknown] if owner else []
+        if any(renamed):
+            return "; ".join(m for m in renamed if m) + "."
         if unknown:
             where = f" of {owner.group(1)}" if inner is not error and owner else ""
             found = [f"unknown option {prefix}{w.lstrip('-')}{where}."

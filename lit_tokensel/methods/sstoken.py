@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -12,6 +12,7 @@ from torchmetrics.functional import spearman_corrcoef
 
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
+from lit_tokensel.renamed_settings import refuse_renamed
 from lit_tokensel.selection.scorers import sstoken_scores
 from lit_tokensel.selection.segments import to_sample_frame
 from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 
 class SsTokenSFT(TokenSelectionModule):
-    """Keep, per sequence, the top `ceil(rho * n_response)` tokens by `gamma * minmax(REL) + (1 - gamma) * attn`.
+    """Keep, per sequence, the top `ceil(ratio * n_response)` tokens by `gamma * minmax(REL) + (1 - gamma) * attn`.
 
     - REL, the retrospective excess loss, is `L_his - L_theta` (keep the largest: tokens the current
       model improved on relative to its history; the opposite orientation of Rho-1). The history is
@@ -45,7 +46,7 @@ class SsTokenSFT(TokenSelectionModule):
 
     Args:
         history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
-        rho: Fraction of each sequence's response tokens kept (0.6; the paper uses 0.8 for large models).
+        ratio: Fraction of each sequence's response tokens kept (the paper's rho: 0.6, 0.8 for large models).
         gamma: Weight of REL; `1` is REL only, `0` attention only.
         attention_layer: Decoder layer whose attention is scored (negative counts from the end).
         exclude_sink: Leave the sequence's first token out of the prompt mass. Off for parity with the
@@ -57,10 +58,12 @@ class SsTokenSFT(TokenSelectionModule):
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
+    renamed_settings: ClassVar[dict[str, str]] = {"rho": "ratio"}
+
     def __init__(
         self,
         history: ReferenceModel | None = None,
-        rho: float = 0.6,
+        ratio: float = 0.6,
         gamma: float = 0.5,
         attention_layer: int = -1,
         exclude_sink: bool = False,
@@ -69,6 +72,7 @@ class SsTokenSFT(TokenSelectionModule):
         warmup_every_epoch: bool = False,
         **kwargs: Any,
     ) -> None:
+        refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma={gamma} must lie in [0, 1] (1: loss gap only, 0: attention only)")
@@ -80,7 +84,7 @@ class SsTokenSFT(TokenSelectionModule):
             raise ValueError("warmup_every_epoch=True needs warmup_unit='epoch' (a warm-up per epoch)")
         self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
-        self.rho = check_ratio(rho, "rho")
+        self.ratio = check_ratio(ratio)
         self.gamma = float(gamma)
         self.warmup_steps = 0
         self.epoch_steps = 0  # optimizer steps per epoch, set at fit start
@@ -133,7 +137,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self.in_warmup():
             if attention is None:  # gamma == 1: nothing to select by yet
                 return Selection(keep=valid)
-            return Selection(keep=top_k_per_sequence(attention, valid, self.rho), scores={"attention": attention})
+            return Selection(keep=top_k_per_sequence(attention, valid, self.ratio), scores={"attention": attention})
         losses = token_losses.detach().float()  # [B, T-1]
         scores: dict[str, torch.Tensor] = {}
         diagnostics: dict[str, torch.Tensor | float] = {}
@@ -146,7 +150,7 @@ class SsTokenSFT(TokenSelectionModule):
         combined = sstoken_scores(rel, attention, valid, self.gamma)  # [B, T-1]
         if attention is not None:
             scores["attention"] = attention
-        keep = top_k_per_sequence(combined, valid, self.rho)
+        keep = top_k_per_sequence(combined, valid, self.ratio)
         return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
 
 
