@@ -156,6 +156,9 @@ def describe(error: BaseException, command: str) -> str:
                                           n=1, cutoff=0.6)
         hint = f" Did you mean {next(c for c in classes if c.endswith('.' + close[0]))}?" if close else ""
         return f"unknown class {given}.{hint} Known: {', '.join(c.rsplit('.', 1)[-1] for c in classes)}"
+    nested = nested_setting(chain)
+    if nested:
+        return nested
     key = re.search(r'Parser key "([^"]+)":', text)
     reasons = [re.sub(r"Problem with given class_path '([^']+)':", r"\1:", line.strip()[2:])
                for line in text.splitlines() if line.strip().startswith("- ") and "NoneType" not in line]
@@ -164,6 +167,19 @@ def describe(error: BaseException, command: str) -> str:
         detail = "; ".join(reasons) if reasons else text[key.end():] if key else text
         return where + one_line(detail)
     return one_line(error)
+
+
+def nested_setting(chain: list[BaseException]) -> str | None:
+    """`--model.init_args.history.init_args.mode: <reason>` for a value refused inside a class's init_args
+    (jsonargparse nests it in one error per level), or None when the error is not nested."""
+    keys: list[str] = []
+    for error in chain:
+        key = re.match(r'Parser key "([^"]+)":', str(error))
+        if key and (not keys or keys[-1] != key.group(1)):
+            keys.append(key.group(1))
+    if len(keys) < 2:
+        return None
+    return f"--{'.init_args.'.join(keys)}: {one_line(chain[-1])}"
 
 
 def one_line(error: BaseException | str) -> str:

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional import spearman_corrcoef
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
 from lit_tokensel.renamed_settings import refuse_renamed
@@ -74,18 +75,19 @@ class SsTokenSFT(TokenSelectionModule):
     ) -> None:
         refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
+        check_choices(SsTokenSFT.__init__, locals())
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma={gamma} must lie in [0, 1] (1: loss gap only, 0: attention only)")
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup={warmup} must lie in [0, 1)")
-        if warmup_unit not in ("epoch", "training"):
-            raise ValueError(f"warmup_unit={warmup_unit!r}: use 'epoch' or 'training'")
         if warmup_every_epoch and warmup_unit != "epoch":
             raise ValueError("warmup_every_epoch=True needs warmup_unit='epoch' (a warm-up per epoch)")
         self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
         self.ratio = check_ratio(ratio)
         self.gamma = float(gamma)
+        self.attention_layer, self.exclude_sink = attention_layer, exclude_sink
+        self.warmup, self.warmup_unit, self.warmup_every_epoch = warmup, warmup_unit, warmup_every_epoch
         self.warmup_steps = 0
         self.epoch_steps = 0  # optimizer steps per epoch, set at fit start
         self.attention: PromptAttentionScore | None = None
@@ -99,8 +101,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self.gamma < 1.0 and self.attention is None:
             from lit_tokensel.modeling.attention_score import PromptAttentionScore
 
-            hp = self.hparams
-            self.attention = PromptAttentionScore(self.model, layer=hp.attention_layer, exclude_sink=hp.exclude_sink)
+            self.attention = PromptAttentionScore(self.model, layer=self.attention_layer, exclude_sink=self.exclude_sink)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -108,13 +109,13 @@ class SsTokenSFT(TokenSelectionModule):
         if trainer.train_dataloader is None:  # `max_epochs=-1` skips the loader in the estimate below
             trainer.fit_loop.setup_data()
         total = trainer.estimated_stepping_batches
-        if math.isinf(total) and (self.hparams.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
+        if math.isinf(total) and (self.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
             raise ValueError("SsTokenSFT's warm-up needs a known training length: set --trainer.max_steps, or "
                              "--trainer.max_epochs with a dataset of known length")
         total = int(total)
         self.epoch_steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
-        self.warmup_steps = warmup_length(self.hparams.warmup, self.hparams.warmup_unit, total, self.epoch_steps)
-        every = " of every epoch" if self.hparams.warmup_every_epoch else ""
+        self.warmup_steps = warmup_length(self.warmup, self.warmup_unit, total, self.epoch_steps)
+        every = " of every epoch" if self.warmup_every_epoch else ""
         rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} steps{every} "
                        f"({total} optimizer steps in all, {self.epoch_steps} per epoch)")
 
@@ -123,7 +124,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self._trainer is None or not self.trainer.training:
             return False
         step = self.trainer.global_step
-        if self.hparams.warmup_every_epoch and self.epoch_steps > 0:
+        if self.warmup_every_epoch and self.epoch_steps > 0:
             step -= self.trainer.current_epoch * self.epoch_steps  # steps into the current epoch
         return step < self.warmup_steps
 
@@ -170,7 +171,7 @@ def optimizer_steps_per_epoch(num_batches: float, accumulate: int) -> int:
     return 0 if math.isinf(num_batches) else math.ceil(int(num_batches) / accumulate)
 
 
-def warmup_length(fraction: float, unit: str, total_steps: int, epoch_steps: int) -> int:
+def warmup_length(fraction: float, unit: Literal["epoch", "training"], total_steps: int, epoch_steps: int) -> int:
     """Warm-up optimizer steps: `fraction` of all `total_steps` (`unit="training"`) or of the first
     epoch as it runs, `min(epoch_steps, total_steps)` (`unit="epoch"`; all training when the epoch
     length is unknown)."""
