@@ -229,7 +229,8 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(
                 "tokenizer=None takes the tokenizer from the model (trainer.lightning_module.tokenizer), but "
                 + ("the datamodule is not attached to a trainer" if module is None else "the model has none")
-                + "; pass tokenizer=<path or hub id> or a tokenizer object."
+                + "; pass tokenizer=<path, hub id or tokenizer object> (`--data.tokenizer <path or hub id>` on the "
+                "command line)."
             )
         return tokenizer
 

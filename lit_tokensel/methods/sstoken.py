@@ -81,7 +81,8 @@ class SsTokenSFT(TokenSelectionModule):
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup={warmup} must lie in [0, 1)")
         if warmup_every_epoch and warmup_unit != "epoch":
-            raise ValueError("warmup_every_epoch=True needs warmup_unit='epoch' (a warm-up per epoch)")
+            raise ValueError("--model.init_args.warmup_every_epoch true needs --model.init_args.warmup_unit epoch "
+                             "(a warm-up per epoch)")
         self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
         self.ratio = check_ratio(ratio)
