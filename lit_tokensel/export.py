@@ -37,6 +37,7 @@ from lit_tokensel.export_files import (
     read_export_manifest,
     write_export_manifest,
 )
+from lit_tokensel.renamed_settings import migrate_hparams
 from lit_tokensel.trusted_classes import register_trusted_class, resolve_trusted_class
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def load_module_from_checkpoint(checkpoint: str | Path) -> L.LightningModule:
         raise ValueError(f"{checkpoint}: no 'method_class' entry; was it written by lit_tokensel?")
     cls = resolve_trusted_class(class_path, f"{checkpoint}: method_class", base=L.LightningModule)
     hparams = {k: v for k, v in state.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    module = cls(**hparams)
+    module = cls(**migrate_hparams(cls, hparams))  # a checkpoint saved before a setting was renamed loads
     module.configure_model()  # the order of Lightning's load_from_checkpoint
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=True)

@@ -169,7 +169,7 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
         lora = LoraSettings(r=4, alpha=8, dropout=0.0)
         return Rho1SFT(reference=AdapterDisabledReference(), ratio=0.6, lora=lora, **common)
     if job["method"] == "sstoken_ema":  # EMA history plus the attention score of the (sharded) last layer
-        return SsTokenSFT(history=HistoryReference(mode="ema", decay=0.5), rho=0.6, gamma=0.5, warmup=0.0,
+        return SsTokenSFT(history=HistoryReference(mode="ema", decay=0.5), ratio=0.6, gamma=0.5, warmup=0.0,
                           **common)
     raise ValueError(f"unknown method {job['method']!r}")
 

@@ -82,6 +82,19 @@ def test_parse_errors_are_one_line_with_exit_2_and_did_you_mean(capsys, monkeypa
     assert expected in _one_line_error(capsys, ["fit", "-c", str(QUICKSTART), *args])
 
 
+@pytest.mark.parametrize(("config", "args", "expected"), [
+    ("rho1", ["--model.init_args.scope", "global"],
+     "error: --model.init_args.scope: Expected a typing.Literal['batch', 'sequence']. Got value: global "),
+    ("sstoken", ["--model.init_args.history.init_args.mode", "avg"],
+     "error: --model.init_args.history.init_args.mode: Expected a typing.Literal['ema', 'lagged']. Got value: avg "),
+])
+def test_a_refused_choice_inside_a_class_names_the_full_flag(capsys, monkeypatch, config, args, expected):
+    monkeypatch.setattr(sys, "argv", ["lit-tokensel"])
+    line = _one_line_error(capsys, ["fit", "-c", str(QUICKSTART), "-c", str(ROOT / f"configs/methods/{config}.yaml"),
+                                    *args])
+    assert expected in line
+
+
 def test_a_reference_class_typo_is_matched_against_the_references(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lit-tokensel"])
     line = _one_line_error(capsys, ["fit", "-c", str(QUICKSTART), "-c", str(ROOT / "configs/methods/sstoken.yaml"),

@@ -117,7 +117,7 @@ def _kth_largest(scores: torch.Tensor, ratio: float) -> float:
 
 def test_loss_and_update_equal_hand_computation(tiny_model_dir, monkeypatch):
     batch = _fixed_batch()
-    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 3, _scores(batch), rho=0.6, lambda_max=0.9)
+    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 3, _scores(batch), ratio=0.6, lambda_max=0.9)
     # independent: positives by sorting the scores; lambda = 0.9 * global_step / total at the third step
     score = batch["cached/base"] - batch["cached/reference"]
     valid = batch["labels"][:, 1:] != -100
@@ -140,7 +140,7 @@ def test_loss_and_update_equal_hand_computation(tiny_model_dir, monkeypatch):
 
 def test_one_step_raises_negative_loss_and_lowers_positive_loss(tiny_model_dir, monkeypatch):
     batch = _fixed_batch()
-    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), rho=0.5, lambda_max=2.0)
+    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=0.5, lambda_max=2.0)
     valid = batch["labels"][:, 1:] != -100
     positive = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), 0.5)) & valid
     negative = valid & ~positive
@@ -155,8 +155,8 @@ def test_one_step_raises_negative_loss_and_lowers_positive_loss(tiny_model_dir, 
 
 def test_batch_without_negatives_is_plain_sft_and_without_positives_is_a_no_op(tiny_model_dir, monkeypatch):
     batch = _fixed_batch()
-    # rho = 1: every token is positive; the update is SGD on the mean CE of all response tokens
-    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), rho=1.0, lambda_max=1.0)
+    # ratio = 1: every token is positive; the update is SGD on the mean CE of all response tokens
+    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=1.0, lambda_max=1.0)
     valid = batch["labels"][:, 1:] != -100
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[1], lambda ce: ce[valid].mean())
     assert snapshots.metrics[1]["select/negative_fraction"] == 0.0 and "select/loss_negative" not in snapshots.metrics[1]
@@ -188,7 +188,7 @@ def test_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_dir, monkeyp
     assert ((losses > cap) & negative).any() and (ours[(losses > cap) & negative] == 0).all()
     # in training: a cap below every token's loss leaves only the descent on positive tokens
     batch = _fixed_batch()
-    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), rho=0.5, lambda_max=2.0,
+    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=0.5, lambda_max=2.0,
                                  negative_loss_cap=1e-3)
     valid = batch["labels"][:, 1:] != -100
     pos = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), 0.5)) & valid
@@ -226,10 +226,10 @@ def _fit_accumulated(model_dir, monkeypatch, batch: dict, windows: int, dataset_
     return snapshots
 
 
-def _partition(batch: dict, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _partition(batch: dict, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent partition: positives by sorting the batch's scores (the batch is the whole dataset)."""
     valid = batch["labels"][:, 1:] != -100
-    positive = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), rho)) & valid
+    positive = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), ratio)) & valid
     return positive, valid & ~positive
 
 
@@ -247,7 +247,7 @@ def test_accumulated_update_equals_the_means_over_the_whole_window(tiny_model_di
     counts = [(int(positive[rows].sum()), int(negative[rows].sum())) for rows in (slice(0, 2), slice(2, 4))]
     (pos_a, neg_a), (pos_b, neg_b) = counts
     assert min(pos_a, neg_a, pos_b, neg_b) > 0 and pos_a * neg_b != pos_b * neg_a, counts
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.6, lambda_max=0.9)
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=0.9)
     # window 0: lambda 0, SGD on the positives' mean
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[0], lambda ce: ce[positive].mean(), batch)
     _assert_state(snapshots.after[1], expected)
@@ -269,7 +269,7 @@ def test_accumulated_micro_batch_without_negatives_or_positives(tiny_model_dir, 
     positive, negative = _partition(batch, 0.6)
     first = negative[:2] if shift > 0 else positive[:2]
     assert not first.any() and positive[2:].any() and negative.any()
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.6, lambda_max=1.0)
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=1.0)
     lam = 0.5
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2],
                                lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch)
@@ -280,7 +280,7 @@ def test_accumulated_micro_batch_without_negatives_or_positives(tiny_model_dir, 
 def test_accumulated_window_without_negatives_is_sft_and_without_positives_is_a_no_op(tiny_model_dir, monkeypatch):
     batch = _fixed_batch()
     valid = batch["labels"][:, 1:] != -100
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=1.0, lambda_max=1.0)
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=1.0, lambda_max=1.0)
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2], lambda ce: ce[valid].mean(), batch)
     assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
     _assert_state(snapshots.after[3], expected)
@@ -304,7 +304,7 @@ def test_accumulated_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_
     middle = ordered.numel() // 2
     cap = float(ordered[middle - 1] + ordered[middle]) / 2
     assert float(ordered[middle] - ordered[middle - 1]) > 1e-4
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), rho=0.5, lambda_max=1.0,
+    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.5, lambda_max=1.0,
                                  negative_loss_cap=cap)
     with torch.no_grad():
         ce = _ce(_model_at(tiny_model_dir, snapshots.before[2]), batch)
@@ -362,7 +362,7 @@ def caches(tiny_model_dir: str, workdir: Path) -> dict[str, str]:
 
 def test_partition_threshold_equals_sorting_all_cached_scores(tiny_model_dir, caches, workdir):
     dm = setup_datamodule(tiny_model_dir, workdir, cached_losses=caches)
-    module = ForgettingSFT(model=tiny_model_dir, rho=0.7)
+    module = ForgettingSFT(model=tiny_model_dir, ratio=0.7)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_train_batches=0)
     trainer.fit(module, datamodule=dm)  # on_fit_start: the threshold
@@ -393,7 +393,7 @@ def test_partition_threshold_equals_sorting_all_cached_scores(tiny_model_dir, ca
 def test_inspect_shows_the_partition_as_signed_weights(tiny_model_dir, caches, workdir, tmp_path):
     dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=tiny_model_dir, batch_size=8,
                        cache_dir=str(workdir / "hf"), cached_losses=caches)
-    module = ForgettingSFT(model=tiny_model_dir, rho=0.7, lambda_max=0.25)
+    module = ForgettingSFT(model=tiny_model_dir, ratio=0.7, lambda_max=0.25)
     out = inspect_selection(module, dm, tmp_path / "inspect.jsonl", limit=16, progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     base, reference = TokenLossCache(caches["base"]), TokenLossCache(caches["reference"])
@@ -489,8 +489,8 @@ def test_without_caches_the_error_names_the_fix(tiny_model_dir, workdir):
 
 
 def test_invalid_arguments_are_config_errors():
-    with pytest.raises(ValueError, match="rho"):
-        ForgettingSFT(rho=0.0)
+    with pytest.raises(ValueError, match="ratio=0.0"):
+        ForgettingSFT(ratio=0.0)
     with pytest.raises(ValueError, match="lambda_max"):
         ForgettingSFT(lambda_max=-1.0)
     with pytest.raises(ValueError, match="negative_loss_cap"):

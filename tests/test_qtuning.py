@@ -210,7 +210,7 @@ class _Spy(L.Callback):
 def test_fit_forwards_only_the_kept_samples(tiny_model_dir, sample_ratio):
     rows = synthetic_rows(16, vocab=300, seed=4)
     batches = [pad_batch(rows[:8], pad_id=0), pad_batch(rows[8:], pad_id=0)]
-    module = QTuningSFT(model=tiny_model_dir, sample_ratio=sample_ratio, token_ratio=0.5, learning_rate=1e-3)
+    module = QTuningSFT(model=tiny_model_dir, sample_ratio=sample_ratio, ratio=0.5, learning_rate=1e-3)
     spy = _Spy()
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
@@ -226,7 +226,7 @@ def test_fit_forwards_only_the_kept_samples(tiny_model_dir, sample_ratio):
 
 
 def test_select_tokens_on_the_kept_rows_follows_the_triage(tiny_model_dir):
-    module = QTuningSFT(model=tiny_model_dir, sample_ratio=0.5, token_ratio=0.5)
+    module = QTuningSFT(model=tiny_model_dir, sample_ratio=0.5, ratio=0.5)
     module.configure_model()
     batch = pad_batch(synthetic_rows(8, vocab=300, seed=2), pad_id=0)
     ppl, ent = module.sample_statistics(batch)
@@ -262,7 +262,7 @@ def test_inspect_reports_the_kept_samples_of_each_batch(tiny_model_dir, tmp_path
 def test_invalid_arguments_are_config_errors():
     with pytest.raises(ValueError, match="sample_ratio"):
         QTuningSFT(sample_ratio=0.0)
-    with pytest.raises(ValueError, match="token_ratio"):
-        QTuningSFT(token_ratio=1.5)
+    with pytest.raises(ValueError, match="ratio=1.5"):
+        QTuningSFT(ratio=1.5)
     with pytest.raises(ValueError, match="neighbor_weight"):
         QTuningSFT(neighbor_weight=2.0)

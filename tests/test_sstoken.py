@@ -74,7 +74,7 @@ def test_rel_sign_a_token_learned_since_the_history_ranks_first(tiny_model_dir, 
     batch = _batch(tiny_model_dir, workdir)
     valid = batch["labels"][:, 1:] != -100
     row, col = 2, int(valid[2].nonzero()[-2])
-    module = SsTokenSFT(history=ShiftedLosses(row, col, delta=3.0), model=tiny_model_dir, gamma=1.0, rho=0.01)
+    module = SsTokenSFT(history=ShiftedLosses(row, col, delta=3.0), model=tiny_model_dir, gamma=1.0, ratio=0.01)
     module.configure_model()
     selected = module.select_batch(batch)
     assert selected.selection.keep[row].nonzero().flatten().tolist() == [col]  # L_his > L_theta there: kept
@@ -88,8 +88,8 @@ def test_rel_sign_a_token_learned_since_the_history_ranks_first(tiny_model_dir, 
 
 def test_selection_mask_equals_an_independent_computation(tiny_model_dir, history_dir, workdir):
     batch = _batch(tiny_model_dir, workdir)
-    rho, gamma = 0.6, 0.5
-    module = SsTokenSFT(history=FrozenModelReference(model=history_dir), model=tiny_model_dir, rho=rho, gamma=gamma)
+    ratio, gamma = 0.6, 0.5
+    module = SsTokenSFT(history=FrozenModelReference(model=history_dir), model=tiny_model_dir, ratio=ratio, gamma=gamma)
     module.configure_model()
     module.eval()
     with torch.no_grad():
@@ -110,7 +110,7 @@ def test_selection_mask_equals_an_independent_computation(tiny_model_dir, histor
         lo, hi = min(values), max(values)
         combined = [gamma * (v - lo) / (hi - lo + 1e-8) + (1 - gamma) * float(attention[b, t])
                     for v, t in zip(values, positions)]
-        k = math.ceil(round(rho * len(positions), 9))
+        k = math.ceil(round(ratio * len(positions), 9))
         order = sorted(range(len(positions)), key=lambda i: (-combined[i], i))
         expected = {positions[i] for i in order[:k]}
         assert keep[b].nonzero().flatten().tolist() == sorted(expected), f"sample {b}"
@@ -126,8 +126,8 @@ def test_minmax_maps_each_sequence_to_unit_range_and_constant_rows_to_zero():
 def test_invalid_settings_are_config_errors():
     with pytest.raises(ValueError, match="gamma=1.5"):
         SsTokenSFT(gamma=1.5)
-    with pytest.raises(ValueError, match="rho=0"):
-        SsTokenSFT(rho=0)
+    with pytest.raises(ValueError, match="ratio=0"):
+        SsTokenSFT(ratio=0)
     with pytest.raises(ValueError, match="warmup_unit"):
         SsTokenSFT(warmup_unit="steps")
 
@@ -194,7 +194,7 @@ def test_mid_epoch_resume_from_a_periodic_checkpoint_continues_exactly(tiny_mode
 
 def test_gamma_zero_selects_by_attention_alone_and_keeps_no_history(tiny_model_dir, workdir):
     batch = _batch(tiny_model_dir, workdir)
-    module = SsTokenSFT(model=tiny_model_dir, gamma=0.0, rho=0.5)
+    module = SsTokenSFT(model=tiny_model_dir, gamma=0.0, ratio=0.5)
     module.configure_model()
     assert module.reference_models() == [] and module.configure_callbacks() == []
     module.eval()
@@ -246,7 +246,7 @@ class _WarmupRecorder(L.Callback):
 def _fit_warmup(model_dir, tmp_path, *, rows, batch_size, accumulate=1, max_epochs=None, max_steps=-1,
                 **method) -> tuple[SsTokenSFT, list[tuple[int, bool]]]:
     (tmp_path / "train.jsonl").write_text("\n".join(QUICKSTART_TRAIN.read_text().splitlines()[:rows]) + "\n")
-    module = SsTokenSFT(model=model_dir, gamma=0.0, rho=0.5, learning_rate=1e-3, warmup=0.2, **method)
+    module = SsTokenSFT(model=model_dir, gamma=0.0, ratio=0.5, learning_rate=1e-3, warmup=0.2, **method)
     dm = SFTDataModule(train_file=str(tmp_path / "train.jsonl"), tokenizer=model_dir, batch_size=batch_size,
                        cache_dir=str(tmp_path / "hf"), seed=0, max_length=64)
     recorder = _WarmupRecorder()

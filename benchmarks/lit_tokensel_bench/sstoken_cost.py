@@ -113,7 +113,7 @@ def lit_variant(name: str, module: TokenSelectionModule) -> Variant:
     return Variant(name, module, module.model, lambda b: module.training_step(b, 0), extra, on_step_end)
 
 
-def naive_variant(hidden: int, layers: int, vocab: int, rho: float = 0.6, gamma: float = 0.5,
+def naive_variant(hidden: int, layers: int, vocab: int, ratio: float = 0.6, gamma: float = 0.5,
                   decay: float = 0.99) -> Variant:
     """The released code's shape: eager attention maps of every layer, a full second model as history."""
     model = build_model(hidden, layers, vocab, attn="eager").train()
@@ -131,7 +131,7 @@ def naive_variant(hidden: int, layers: int, vocab: int, rho: float = 0.6, gamma:
             his_logits = history(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             his_losses, _ = per_token_cross_entropy(his_logits, batch["labels"])
         rel = his_losses - losses.detach()
-        keep = top_k_per_sequence(sstoken_scores(rel, attention * valid, valid, gamma), valid, rho)
+        keep = top_k_per_sequence(sstoken_scores(rel, attention * valid, valid, gamma), valid, ratio)
         return masked_sum(losses, keep) / keep.sum().clamp_min(1)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.selection.finite import NonFiniteError, describe_nonfinite
 
 
@@ -27,8 +28,7 @@ class FiniteGuard(L.Callback):
     """
 
     def __init__(self, on_nonfinite: Literal["error", "skip"] = "error") -> None:
-        if on_nonfinite not in ("error", "skip"):
-            raise ValueError(f"on_nonfinite={on_nonfinite!r}: use 'error' or 'skip'")
+        check_choices(FiniteGuard.__init__, locals())
         self.on_nonfinite = on_nonfinite
         self.skipped_steps = 0
         self._window_ids: list[int] = []  # sample ids of the accumulation window so far

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from rich.console import Console
 
 from lit_tokensel.callbacks.export import ExportOnFitEnd
-from lit_tokensel.checkpoint_io import check_cli_checkpoint, use_checksummed_checkpoints
+from lit_tokensel.checkpoint_io import check_cli_checkpoint, load_checkpoint_file, use_checksummed_checkpoints
 from lit_tokensel.cli.errors import RaisesWithOptions
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.methods.base import TokenSelectionModule
+from lit_tokensel.renamed_settings import migrate_hparams
+from lit_tokensel.trusted_classes import resolve_trusted_class
 
 
 class TokenSelParser(RaisesWithOptions, LightningArgumentParser):
@@ -28,6 +32,27 @@ class TokenSelCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         check_cli_checkpoint(self.config)  # before LightningCLI reads --ckpt_path's hyper-parameters
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI's reading of `--ckpt_path`'s hyper-parameters into the model's config, from the
+        checked file (`load_checkpoint_file`), with the settings renamed since it was written mapped to
+        their new names (`lit_tokensel.renamed_settings`): a run saved with `rho` resumes as `ratio`."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = dict(load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        model_config = self.config[subcommand].get("model")
+        owner = class_path or (model_config.get("class_path") if model_config is not None else None)
+        if owner:
+            cls = resolve_trusted_class(owner, f"{ckpt_path}: hyper_parameters", base=L.LightningModule)
+            hparams = migrate_hparams(cls, hparams)
+        model = {"class_path": class_path, "dict_kwargs": hparams} if class_path else hparams
+        self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

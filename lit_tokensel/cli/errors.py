@@ -60,17 +60,33 @@ def suggest(word: str, choices: list[str]) -> str:
 
 def init_parameters(class_path: str) -> list[str]:
     """Names of the `__init__` parameters of `class_path` and its bases (empty when it does not import)."""
-    import importlib
     import inspect
 
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
+    cls = import_class(class_path)
+    if cls is None:
         return []
     return [p.name for klass in cls.__mro__ if "__init__" in vars(klass)
             for p in inspect.signature(klass.__init__).parameters.values()
             if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+
+
+def import_class(class_path: str) -> type | None:
+    """The class at `class_path`, or None when it does not import."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def renamed_hint(class_path: str, option: str) -> str | None:
+    """The rename message when `option` (`--a.b.rho`) is an old setting name of `class_path`'s class."""
+    from lit_tokensel.renamed_settings import renamed_message
+
+    cls = import_class(class_path)
+    return renamed_message(cls, option.lstrip("-").rsplit(".", 1)[-1]) if cls is not None else None
 
 
 def known_classes() -> list[str]:
@@ -124,6 +140,9 @@ def describe(error: BaseException, command: str) -> str:
         prefix = f"--{key.group(1)}.init_args." if inner is not error and key else "--"
         unknown = ([f"--{not_accepted.group(1)}"] if not_accepted else
                    [w.split("=")[0] for w in str(inner).split(":", 1)[1].split() if w.startswith("-")])
+        renamed = [renamed_hint(owner.group(1), w) for w in unknown] if owner else []
+        if any(renamed):
+            return "; ".join(m for m in renamed if m) + "."
         if unknown:
             where = f" of {owner.group(1)}" if inner is not error and owner else ""
             found = [f"unknown option {prefix}{w.lstrip('-')}{where}."
@@ -137,6 +156,9 @@ def describe(error: BaseException, command: str) -> str:
                                           n=1, cutoff=0.6)
         hint = f" Did you mean {next(c for c in classes if c.endswith('.' + close[0]))}?" if close else ""
         return f"unknown class {given}.{hint} Known: {', '.join(c.rsplit('.', 1)[-1] for c in classes)}"
+    nested = nested_setting(chain)
+    if nested:
+        return nested
     key = re.search(r'Parser key "([^"]+)":', text)
     reasons = [re.sub(r"Problem with given class_path '([^']+)':", r"\1:", line.strip()[2:])
                for line in text.splitlines() if line.strip().startswith("- ") and "NoneType" not in line]
@@ -145,6 +167,19 @@ def describe(error: BaseException, command: str) -> str:
         detail = "; ".join(reasons) if reasons else text[key.end():] if key else text
         return where + one_line(detail)
     return one_line(error)
+
+
+def nested_setting(chain: list[BaseException]) -> str | None:
+    """`--model.init_args.history.init_args.mode: <reason>` for a value refused inside a class's init_args
+    (jsonargparse nests it in one error per level), or None when the error is not nested."""
+    keys: list[str] = []
+    for error in chain:
+        key = re.match(r'Parser key "([^"]+)":', str(error))
+        if key and (not keys or keys[-1] != key.group(1)):
+            keys.append(key.group(1))
+    if len(keys) < 2:
+        return None
+    return f"--{'.init_args.'.join(keys)}: {one_line(chain[-1])}"
 
 
 def one_line(error: BaseException | str) -> str:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from lit_tokensel.cache.fingerprint import data_fingerprint
 from lit_tokensel.cache.store import TokenLossCache
+from lit_tokensel.choices import check_choices
 from lit_tokensel.data.chunks import ChunkSampler
 from lit_tokensel.data.collate import DataCollatorForSFT, pad_token_id_of
 from lit_tokensel.data.packing import PackedCollatorForSFT
@@ -124,6 +125,7 @@ class SFTDataModule(L.LightningDataModule):
         packing_row_tokens: int | None = None,
     ) -> None:
         super().__init__()
+        check_choices(SFTDataModule.__init__, locals())  # format, train_on, on_invalid: their Literal types
         if train_file is not None and dataset_name is not None:
             raise ValueError("pass either --data.train_file or --data.dataset_name, not both")
         if val_split is not None and dataset_name is None:
@@ -133,12 +135,6 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError("pass at most one of --data.val_file, --data.val_split and --data.val_fraction")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"--data.val_fraction must be in [0, 1), got {val_fraction}")
-        if format not in ("auto", "messages", "prompt_completion", "alpaca"):
-            raise ValueError(f"format must be auto, messages, prompt_completion or alpaca, got {format!r}")
-        if train_on not in ("all_turns", "last_turn"):
-            raise ValueError(f"train_on must be all_turns or last_turn, got {train_on!r}")
-        if on_invalid not in ("error", "skip"):
-            raise ValueError(f"on_invalid must be error or skip, got {on_invalid!r}")
         if epoch_chunks is not None and (isinstance(epoch_chunks, bool) or epoch_chunks < 1):
             raise ValueError(f"--data.epoch_chunks must be None or an integer >= 1, got {epoch_chunks!r}")
         if packing_row_tokens is not None and packing_row_tokens < max_length:
@@ -233,7 +229,8 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError(
                 "tokenizer=None takes the tokenizer from the model (trainer.lightning_module.tokenizer), but "
                 + ("the datamodule is not attached to a trainer" if module is None else "the model has none")
-                + "; pass tokenizer=<path or hub id> or a tokenizer object."
+                + "; pass tokenizer=<path, hub id or tokenizer object> (`--data.tokenizer <path or hub id>` on the "
+                "command line)."
             )
         return tokenizer
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal
 
 import torch.distributed as dist
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 SelectionGroup = Literal["global", "rank"]
-SELECTION_GROUPS: tuple[str, ...] = ("global", "rank")
+SELECTION_GROUPS: tuple[str, ...] = typing.get_args(SelectionGroup)
 
 
 def check_selection_group(selection_group: str) -> str:

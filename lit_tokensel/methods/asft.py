@@ -45,8 +45,8 @@ class ASFTSFT(TokenSelectionModule):
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         if reference is None:
             reference = AdapterDisabledReference() if self.lora is not None else FrozenModelReference(
-                model=self.model_name_or_path, gguf_file=self.gguf_file, dtype=self.hparams.dtype,
-                attn_implementation=self.hparams.attn_implementation)
+                model=self.model_name_or_path, gguf_file=self.gguf_file, dtype=self.weights_dtype,
+                attn_implementation=self.attn_implementation)
         self.reference = reference_from_config(reference)  # a dict when loaded from a checkpoint
         self.hparams["reference"] = self.reference.config()  # plain data, never the loaded model
         self.alpha, self.chunk_size = float(alpha), chunk_size

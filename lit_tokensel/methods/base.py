@@ -38,14 +38,15 @@ from torchmetrics.aggregation import MeanMetric
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.callbacks.finite import FiniteGuard
-from lit_tokensel.methods.optim import check_optimizer_settings, lr_factor
+from lit_tokensel.choices import check_choices
+from lit_tokensel.methods.optim import LRSchedule, check_optimizer_settings, lr_factor
 from lit_tokensel.modeling.forward import (
     decoder_hidden_and_head,
     model_inputs,
     response_token_losses,
     unflatten,
 )
-from lit_tokensel.modeling.loading import LoraSettings, load_causal_lm, load_tokenizer
+from lit_tokensel.modeling.loading import LoraSettings, WeightDType, load_causal_lm, load_tokenizer
 from lit_tokensel.selection.segments import (
     as_samples,
     drop_samples,
@@ -168,6 +169,12 @@ def check_accumulation_support(
 class TokenSelectionModule(L.LightningModule):
     """Base class of every method: trains a causal LM on the response tokens that `select_tokens` keeps.
 
+    Settings, here and in every method, are read from attributes that `__init__` sets once, validated,
+    under the argument's name (`self.ratio`, `self.learning_rate`; `dtype` is `self.weights_dtype`, as
+    LightningModule's `dtype` is the parameters'). `self.hparams` is only the record written to
+    checkpoints (`save_hyperparameters`, with references and LoRA settings as plain data), never read to
+    run. A choice is a `Literal` type: jsonargparse checks it for configs, `check_choices` for Python.
+
     Args:
         model: Hub id, local directory, or `builtin:<name>` (a tiny model built locally on first use).
         tokenizer: Tokenizer location when it differs from `model`.
@@ -196,7 +203,7 @@ class TokenSelectionModule(L.LightningModule):
         model: str = "builtin:tiny-llama",
         tokenizer: str | None = None,
         gguf_file: str | None = None,
-        dtype: str = "float32",
+        dtype: WeightDType = "float32",
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         chunked_loss: bool = False,
@@ -205,15 +212,14 @@ class TokenSelectionModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        lr_schedule: str = "cosine",
+        lr_schedule: LRSchedule = "cosine",
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
-        if lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule={lr_schedule!r}: use cosine, linear or constant")
+        check_choices(TokenSelectionModule.__init__, locals())
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio={warmup_ratio} must lie in [0, 1)")
         if not 0.0 <= min_lr_ratio <= 1.0:
@@ -235,7 +241,13 @@ class TokenSelectionModule(L.LightningModule):
         self.model_name_or_path = model
         self.tokenizer_name_or_path = tokenizer or model
         self.gguf_file = gguf_file
+        self.weights_dtype = dtype  # `dtype` is LightningModule's (its parameters' dtype)
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.chunked_loss = chunked_loss
         self.lora = lora
+        self.learning_rate, self.weight_decay, self.betas, self.eps = learning_rate, weight_decay, tuple(betas), eps
+        self.lr_schedule, self.warmup_ratio, self.min_lr_ratio = lr_schedule, warmup_ratio, min_lr_ratio
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: PreTrainedModel | None = None
@@ -263,20 +275,19 @@ class TokenSelectionModule(L.LightningModule):
         """
         if self.model is not None:
             return
-        hp = self.hparams
         self.model = load_causal_lm(
             self.model_name_or_path,
-            dtype=hp.dtype,
-            attn_implementation=hp.attn_implementation,
+            dtype=self.weights_dtype,
+            attn_implementation=self.attn_implementation,
             gguf_file=self.gguf_file,
-            gradient_checkpointing=hp.gradient_checkpointing,
+            gradient_checkpointing=self.gradient_checkpointing,
             lora=self.lora,
         )
         self.model.train()  # from_pretrained returns eval mode, which would switch dropout off
         if self.device_mesh is not None:
             from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model
 
-            if hp.chunked_loss:
+            if self.chunked_loss:
                 raise ValueError(
                     "chunked_loss is not supported under FSDP2 yet (its loss bypasses the sharded root "
                     "module's forward); set `model.init_args.chunked_loss: false` or use DDP."
@@ -343,7 +354,7 @@ class TokenSelectionModule(L.LightningModule):
 
         A packed batch gives them in its rows' frame `[R, T-1]`, a sample view of one in the view's frame.
         """
-        if self.hparams.chunked_loss:
+        if self.chunked_loss:
             return response_token_losses(self.model, batch)
         rows = packed_rows(batch)  # a sample view runs on its packed rows
         source = rows.batch if rows is not None else batch
@@ -355,7 +366,7 @@ class TokenSelectionModule(L.LightningModule):
 
     def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
         """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
-        if self.hparams.chunked_loss:
+        if self.chunked_loss:
             hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H]
             losses, valid = per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
             return losses, valid, ResponseLogits(hidden, valid, head.weight, head.bias)
@@ -641,17 +652,16 @@ class TokenSelectionModule(L.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(params)
         else:
-            hp = self.hparams
-            optimizer = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                                          betas=tuple(hp.betas), eps=hp.eps)
+            optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay,
+                                          betas=self.betas, eps=self.eps)
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
-            hp, total = self.hparams, int(self.trainer.estimated_stepping_batches)
-            warmup = math.ceil(hp.warmup_ratio * total)
+            total = int(self.trainer.estimated_stepping_batches)
+            warmup = math.ceil(self.warmup_ratio * total)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-                lr_factor, schedule=hp.lr_schedule, warmup_steps=warmup, total_steps=total,
-                min_lr_ratio=hp.min_lr_ratio))
+                lr_factor, schedule=self.lr_schedule, warmup_steps=warmup, total_steps=total,
+                min_lr_ratio=self.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints

@@ -2,12 +2,13 @@
 
 Influence `L_theta0 - L_ref` per response token (the TokenCleaning score), from two cached scoring
 passes joined into batches by `sample_id`. One threshold over the whole training set, computed once
-when fit starts (`prepare_selection`), splits the tokens: the top `rho` are positive, the rest negative.
+when fit starts (`prepare_selection`), splits the tokens: the top `ratio` are positive, the rest negative.
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
@@ -20,6 +21,7 @@ from lit_tokensel.methods.base import (  # noqa: F401 - check_accumulation_suppo
     check_accumulation_support,
 )
 from lit_tokensel.reference import CachedReference
+from lit_tokensel.renamed_settings import refuse_renamed
 from lit_tokensel.selection.forgetting import lambda_schedule, partition_tokens
 from lit_tokensel.selection.influence import dataset_scores
 from lit_tokensel.selection.selectors import check_ratio, global_threshold
@@ -57,17 +59,20 @@ class ForgettingSFT(TokenSelectionModule):
     Args:
         base_cache: Name under `data.cached_losses` of the base model's (theta_0) losses.
         reference_cache: Name under `data.cached_losses` of the reference model's losses.
-        rho: Fraction of the dataset's response tokens that are positive (0.7 in the paper).
+        ratio: Fraction of the dataset's response tokens that are positive (the paper's rho, 0.7).
         lambda_max: Final weight of the ascent term (0.25 in the paper).
         negative_loss_cap: Bound on a negative token's loss in nats; None (default) for the paper's
             unbounded ascent.
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
+    renamed_settings: ClassVar[dict[str, str]] = {"rho": "ratio"}
+
     def __init__(
-        self, base_cache: str = "base", reference_cache: str = "reference", rho: float = 0.7,
+        self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.7,
         lambda_max: float = 0.25, negative_loss_cap: float | None = None, **kwargs,
     ) -> None:
+        refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
         if lambda_max < 0:
             raise ValueError(f"lambda_max={lambda_max} must be >= 0")
@@ -75,7 +80,7 @@ class ForgettingSFT(TokenSelectionModule):
             raise ValueError(f"negative_loss_cap={negative_loss_cap} must be > 0 (nats) or None")
         self.base = CachedReference(base_cache)
         self.reference = CachedReference(reference_cache)
-        self.rho = check_ratio(rho, "rho")
+        self.ratio = check_ratio(ratio)
         self.lambda_max = float(lambda_max)
         self.negative_loss_cap = negative_loss_cap
         self.threshold: float | None = None
@@ -84,9 +89,9 @@ class ForgettingSFT(TokenSelectionModule):
     def prepare_selection(self, datamodule) -> None:
         """The dataset-wide threshold: one pass over the two caches (at fit start, and for `inspect`)."""
         scores = dataset_scores(datamodule, self.base.name, self.reference.name, "ForgettingSFT")  # [N]
-        self.threshold = global_threshold(scores, self.rho)
+        self.threshold = global_threshold(scores, self.ratio)
         rank_zero_info(
-            f"ForgettingSFT: threshold {self.threshold:.4f} makes the top {self.rho:.0%} of {scores.numel()} "
+            f"ForgettingSFT: threshold {self.threshold:.4f} makes the top {self.ratio:.0%} of {scores.numel()} "
             "response tokens positive"
         )
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
+
+LRSchedule = Literal["cosine", "linear", "constant"]
+"""The built-in schedules, each after a linear warm-up (`lr_factor`)."""
 
 ADAMW_SETTINGS = {"learning_rate": "lr", "weight_decay": "weight_decay", "betas": "betas", "eps": "eps"}
 """Module setting -> the optimizer's keyword for it."""
@@ -46,7 +49,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def lr_factor(step: int, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+def lr_factor(step: int, schedule: LRSchedule, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
     """Multiplier of the peak learning rate at optimizer step `step`.
 
     Linear warm-up from 0 over `warmup_steps`, then `constant` (1), `linear` or `cosine` decay from 1 to

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from lit_tokensel.distributed.topk import check_selection_group, resolve_process_group
+from lit_tokensel.choices import check_choices
+from lit_tokensel.distributed.topk import SelectionGroup, resolve_process_group
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import ReferenceModel, reference_from_config
-from lit_tokensel.selection.selectors import check_ratio, check_scope, select_top
+from lit_tokensel.selection.selectors import check_ratio, select_top
 
 
 class Rho1SFT(TokenSelectionModule):
@@ -24,24 +27,23 @@ class Rho1SFT(TokenSelectionModule):
     Args:
         reference: Where `L_ref` comes from.
         ratio: Fraction of response tokens kept (0.6 for 1B models in the paper, 0.7 for 7B).
-        scope: `batch` (the paper) or `sequence`.
+        scope: `batch` (the paper) or `sequence` (`global` does not exist here: live losses change every step).
         selection_group: What `batch` spans under data parallelism: `global` (every rank's micro-batch,
             one all-gather of the scores per step) or `rank` (this rank's micro-batch only).
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
     def __init__(
-        self, reference: ReferenceModel, ratio: float = 0.6, scope: str = "batch", selection_group: str = "global",
-        **kwargs,
+        self, reference: ReferenceModel, ratio: float = 0.6, scope: Literal["batch", "sequence"] = "batch",
+        selection_group: SelectionGroup = "global", **kwargs,
     ) -> None:
         super().__init__(**kwargs)
-        if check_scope(scope) == "global":
-            raise ValueError("Rho1SFT ranks live losses: scope must be 'batch' or 'sequence'")
+        check_choices(Rho1SFT.__init__, locals())
         self.reference = reference_from_config(reference)  # a dict when loaded from a checkpoint
         self.hparams["reference"] = self.reference.config()  # plain data, never the loaded model
         self.ratio = check_ratio(ratio)
         self.scope = scope
-        self.selection_group = check_selection_group(selection_group)
+        self.selection_group = selection_group
 
     def reference_models(self) -> list[ReferenceModel]:
         return [self.reference]

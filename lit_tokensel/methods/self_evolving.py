@@ -16,20 +16,20 @@ DataModule's checkpoint state makes the resumed round skip the batches it alread
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.data.chunks import train_chunks
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import CachedReference, model_token_losses
 from lit_tokensel.selection.segments import as_samples
 from lit_tokensel.selection.selectors import check_ratio, global_threshold, select_top
 
-SCOPES = ("chunk", "sequence")
 CHECKPOINT_KEY = "self_evolving_round"
 
 
@@ -49,16 +49,18 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
     """
 
     def __init__(
-        self, base_cache: str = "base", chunks: int = 5, ratio: float = 0.6, scope: str = "chunk", **kwargs
+        self, base_cache: str = "base", chunks: int = 5, ratio: float = 0.6,
+        scope: Literal["chunk", "sequence"] = "chunk", **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ValueError(f"chunks={chunks!r} must be an integer >= 1 (the paper uses 5)")
-        if scope not in SCOPES:
+        if scope == "global":  # the type refuses it too; this says where a global ranking lives
             raise ValueError(
                 f"scope={scope!r}: use 'chunk' (the paper) or 'sequence'. A global ranking needs one fixed "
                 "reference for the whole dataset: that is TokenCleaningSFT (fixed-model cleaning)."
             )
+        check_choices(SelfEvolvingTokenCleaningSFT.__init__, locals())
         self.base = CachedReference(base_cache)
         self.chunks, self.ratio, self.scope = chunks, check_ratio(ratio), scope
         self.round: dict[str, Any] | None = None  # epoch, chunk, sample_ids [n], scores [n, L], threshold

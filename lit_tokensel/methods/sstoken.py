@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.functional import spearman_corrcoef
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
+from lit_tokensel.renamed_settings import refuse_renamed
 from lit_tokensel.selection.scorers import sstoken_scores
 from lit_tokensel.selection.segments import to_sample_frame
 from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class SsTokenSFT(TokenSelectionModule):
-    """Keep, per sequence, the top `ceil(rho * n_response)` tokens by `gamma * minmax(REL) + (1 - gamma) * attn`.
+    """Keep, per sequence, the top `ceil(ratio * n_response)` tokens by `gamma * minmax(REL) + (1 - gamma) * attn`.
 
     - REL, the retrospective excess loss, is `L_his - L_theta` (keep the largest: tokens the current
       model improved on relative to its history; the opposite orientation of Rho-1). The history is
@@ -45,7 +47,7 @@ class SsTokenSFT(TokenSelectionModule):
 
     Args:
         history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
-        rho: Fraction of each sequence's response tokens kept (0.6; the paper uses 0.8 for large models).
+        ratio: Fraction of each sequence's response tokens kept (the paper's rho: 0.6, 0.8 for large models).
         gamma: Weight of REL; `1` is REL only, `0` attention only.
         attention_layer: Decoder layer whose attention is scored (negative counts from the end).
         exclude_sink: Leave the sequence's first token out of the prompt mass. Off for parity with the
@@ -57,10 +59,12 @@ class SsTokenSFT(TokenSelectionModule):
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
+    renamed_settings: ClassVar[dict[str, str]] = {"rho": "ratio"}
+
     def __init__(
         self,
         history: ReferenceModel | None = None,
-        rho: float = 0.6,
+        ratio: float = 0.6,
         gamma: float = 0.5,
         attention_layer: int = -1,
         exclude_sink: bool = False,
@@ -69,19 +73,22 @@ class SsTokenSFT(TokenSelectionModule):
         warmup_every_epoch: bool = False,
         **kwargs: Any,
     ) -> None:
+        refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
+        check_choices(SsTokenSFT.__init__, locals())
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma={gamma} must lie in [0, 1] (1: loss gap only, 0: attention only)")
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup={warmup} must lie in [0, 1)")
-        if warmup_unit not in ("epoch", "training"):
-            raise ValueError(f"warmup_unit={warmup_unit!r}: use 'epoch' or 'training'")
         if warmup_every_epoch and warmup_unit != "epoch":
-            raise ValueError("warmup_every_epoch=True needs warmup_unit='epoch' (a warm-up per epoch)")
+            raise ValueError("--model.init_args.warmup_every_epoch true needs --model.init_args.warmup_unit epoch "
+                             "(a warm-up per epoch)")
         self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
-        self.rho = check_ratio(rho, "rho")
+        self.ratio = check_ratio(ratio)
         self.gamma = float(gamma)
+        self.attention_layer, self.exclude_sink = attention_layer, exclude_sink
+        self.warmup, self.warmup_unit, self.warmup_every_epoch = warmup, warmup_unit, warmup_every_epoch
         self.warmup_steps = 0
         self.epoch_steps = 0  # optimizer steps per epoch, set at fit start
         self.attention: PromptAttentionScore | None = None
@@ -95,8 +102,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self.gamma < 1.0 and self.attention is None:
             from lit_tokensel.modeling.attention_score import PromptAttentionScore
 
-            hp = self.hparams
-            self.attention = PromptAttentionScore(self.model, layer=hp.attention_layer, exclude_sink=hp.exclude_sink)
+            self.attention = PromptAttentionScore(self.model, layer=self.attention_layer, exclude_sink=self.exclude_sink)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -104,13 +110,13 @@ class SsTokenSFT(TokenSelectionModule):
         if trainer.train_dataloader is None:  # `max_epochs=-1` skips the loader in the estimate below
             trainer.fit_loop.setup_data()
         total = trainer.estimated_stepping_batches
-        if math.isinf(total) and (self.hparams.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
+        if math.isinf(total) and (self.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
             raise ValueError("SsTokenSFT's warm-up needs a known training length: set --trainer.max_steps, or "
                              "--trainer.max_epochs with a dataset of known length")
         total = int(total)
         self.epoch_steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
-        self.warmup_steps = warmup_length(self.hparams.warmup, self.hparams.warmup_unit, total, self.epoch_steps)
-        every = " of every epoch" if self.hparams.warmup_every_epoch else ""
+        self.warmup_steps = warmup_length(self.warmup, self.warmup_unit, total, self.epoch_steps)
+        every = " of every epoch" if self.warmup_every_epoch else ""
         rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} steps{every} "
                        f"({total} optimizer steps in all, {self.epoch_steps} per epoch)")
 
@@ -119,7 +125,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self._trainer is None or not self.trainer.training:
             return False
         step = self.trainer.global_step
-        if self.hparams.warmup_every_epoch and self.epoch_steps > 0:
+        if self.warmup_every_epoch and self.epoch_steps > 0:
             step -= self.trainer.current_epoch * self.epoch_steps  # steps into the current epoch
         return step < self.warmup_steps
 
@@ -133,7 +139,7 @@ class SsTokenSFT(TokenSelectionModule):
         if self.in_warmup():
             if attention is None:  # gamma == 1: nothing to select by yet
                 return Selection(keep=valid)
-            return Selection(keep=top_k_per_sequence(attention, valid, self.rho), scores={"attention": attention})
+            return Selection(keep=top_k_per_sequence(attention, valid, self.ratio), scores={"attention": attention})
         losses = token_losses.detach().float()  # [B, T-1]
         scores: dict[str, torch.Tensor] = {}
         diagnostics: dict[str, torch.Tensor | float] = {}
@@ -146,7 +152,7 @@ class SsTokenSFT(TokenSelectionModule):
         combined = sstoken_scores(rel, attention, valid, self.gamma)  # [B, T-1]
         if attention is not None:
             scores["attention"] = attention
-        keep = top_k_per_sequence(combined, valid, self.rho)
+        keep = top_k_per_sequence(combined, valid, self.ratio)
         return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
 
 
@@ -166,7 +172,7 @@ def optimizer_steps_per_epoch(num_batches: float, accumulate: int) -> int:
     return 0 if math.isinf(num_batches) else math.ceil(int(num_batches) / accumulate)
 
 
-def warmup_length(fraction: float, unit: str, total_steps: int, epoch_steps: int) -> int:
+def warmup_length(fraction: float, unit: Literal["epoch", "training"], total_steps: int, epoch_steps: int) -> int:
     """Warm-up optimizer steps: `fraction` of all `total_steps` (`unit="training"`) or of the first
     epoch as it runs, `min(epoch_steps, total_steps)` (`unit="epoch"`; all training when the epoch
     length is unknown)."""

@@ -14,11 +14,12 @@ from __future__ import annotations
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_tokensel.distributed.topk import check_selection_group, resolve_process_group
+from lit_tokensel.choices import check_choices
+from lit_tokensel.distributed.topk import SelectionGroup, resolve_process_group
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import CachedReference
 from lit_tokensel.selection.influence import dataset_scores
-from lit_tokensel.selection.selectors import check_ratio, check_scope, global_threshold, select_top
+from lit_tokensel.selection.selectors import Scope, check_ratio, global_threshold, select_top
 
 
 class TokenCleaningSFT(TokenSelectionModule):
@@ -36,14 +37,15 @@ class TokenCleaningSFT(TokenSelectionModule):
 
     def __init__(
         self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.6,
-        scope: str = "global", selection_group: str = "global", **kwargs,
+        scope: Scope = "global", selection_group: SelectionGroup = "global", **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        check_choices(TokenCleaningSFT.__init__, locals())
         self.base = CachedReference(base_cache)
         self.reference = CachedReference(reference_cache)
         self.ratio = check_ratio(ratio)
-        self.scope = check_scope(scope)
-        self.selection_group = check_selection_group(selection_group)
+        self.scope = scope
+        self.selection_group = selection_group
         self.threshold: float | None = None
 
     def prepare_selection(self, datamodule) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from lit_tokensel.builtin.models import resolve_builtin
 from lit_tokensel.export_files import verify_export_dir
 
+WeightDType = Literal["float32", "bfloat16", "float16"]
+"""The weight dtypes a model loads in (`DTYPES` maps them to torch's)."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,7 +47,7 @@ def load_tokenizer(name_or_path: str, gguf_file: str | None = None) -> PreTraine
 
 def load_causal_lm(
     name_or_path: str,
-    dtype: str = "float32",
+    dtype: WeightDType = "float32",
     attn_implementation: str = "sdpa",
     gguf_file: str | None = None,
     gradient_checkpointing: bool = False,

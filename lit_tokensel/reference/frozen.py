@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.distributed.fsdp import is_fsdp, reshard_root
-from lit_tokensel.modeling.loading import load_causal_lm
+from lit_tokensel.modeling.loading import WeightDType, load_causal_lm
 from lit_tokensel.reference.base import (
     Batch,
     HiddenAndHead,
@@ -40,9 +41,10 @@ class FrozenModelReference(ReferenceModel):
         self,
         model: str,
         gguf_file: str | None = None,
-        dtype: str = "float32",
+        dtype: WeightDType = "float32",
         attn_implementation: str = "sdpa",
     ) -> None:
+        check_choices(FrozenModelReference.__init__, locals())
         self._init_args = {"model": model, "gguf_file": gguf_file, "dtype": dtype,
                            "attn_implementation": attn_implementation}
         self.model_name_or_path = model

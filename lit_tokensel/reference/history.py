@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import lightning as L
 import torch
 
+from lit_tokensel.choices import check_choices
 from lit_tokensel.distributed.fsdp import fresh_root_gather
 from lit_tokensel.reference.base import Batch, ReferenceModel, model_token_losses
 from lit_tokensel.reference.history_update import HistoryUpdate
@@ -42,8 +43,7 @@ class HistoryReference(ReferenceModel):
     shadows_parameters = True
 
     def __init__(self, mode: Literal["ema", "lagged"] = "ema", decay: float = 0.99, lag: int = 1) -> None:
-        if mode not in ("ema", "lagged"):
-            raise ValueError(f"mode={mode!r}: use 'ema' or 'lagged'")
+        check_choices(HistoryReference.__init__, locals())
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay={decay} must lie in [0, 1)")
         if lag < 1:

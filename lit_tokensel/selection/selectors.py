@@ -8,6 +8,7 @@ over the batch for the batch scope), so a selection never depends on the sort ke
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Literal
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from lit_tokensel.selection.finite import NonFiniteError, check_finite, describe_nonfinite
 
 Scope = Literal["sequence", "batch", "global"]
-SCOPES: tuple[str, ...] = ("sequence", "batch", "global")
+SCOPES: tuple[str, ...] = typing.get_args(Scope)
 
 
 def check_ratio(ratio: float, name: str = "ratio") -> float:
@@ -23,12 +24,6 @@ def check_ratio(ratio: float, name: str = "ratio") -> float:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
         raise ValueError(f"{name}={ratio!r} must be a number in (0, 1] (the fraction of response tokens kept)")
     return float(ratio)
-
-
-def check_scope(scope: str) -> str:
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r}: use one of {', '.join(SCOPES)}")
-    return scope
 
 
 def keep_count(n: torch.Tensor, ratio: float) -> torch.Tensor:

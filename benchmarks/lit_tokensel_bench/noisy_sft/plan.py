@@ -126,22 +126,22 @@ def _ratio_rows(ratio: float, ablations: bool) -> list[MethodRow]:
         MethodRow(f"tokencleaning-se-{r}", f"TokenCleaning self-evolving ({r})", "tokencleaning-se",
                   "token_cleaning_self_evolving", ratio, ("--model.init_args.ratio", r), ("influence", 1)),
         MethodRow(f"{ema}-{r}", f"ssToken EMA ({r})", "sstoken", "sstoken", ratio,
-                  ("--model.init_args.rho", r), ("sstoken", 1)),
+                  ("--model.init_args.ratio", r), ("sstoken", 1)),
         MethodRow(f"{base_history}-{r}", f"ssToken base history ({r})", "sstoken-base", "sstoken", ratio,
-                  ("--model.init_args.rho", r, "--model.init_args.history",
+                  ("--model.init_args.ratio", r, "--model.init_args.history",
                    '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'),
                   ("sstoken", 1), regimes=("pretrained",)),
         MethodRow(f"forgetting-{r}", f"Forgetting ({r})", "forgetting", "forgetting", ratio,
-                  ("--model.init_args.rho", r), ("influence", 1)),
+                  ("--model.init_args.ratio", r), ("influence", 1)),
         MethodRow(f"qtuning-{r}", f"Q-Tuning (r_token {r})", "qtuning", "qtuning", ratio,
-                  ("--model.init_args.token_ratio", r), ("smoothed_ppl", -1)),
+                  ("--model.init_args.ratio", r), ("smoothed_ppl", -1)),
     ]
     if ablations:  # ssToken's two ablations (at the first ratio only, to keep the run within its time budget)
         rows += [
             MethodRow(f"sstoken-gamma0-{r}", f"ssToken attention only, γ=0 ({r})", "sstoken-gamma0", "sstoken",
-                      ratio, ("--model.init_args.rho", r, "--model.init_args.gamma", "0.0"), ("attention", 1)),
+                      ratio, ("--model.init_args.ratio", r, "--model.init_args.gamma", "0.0"), ("attention", 1)),
             MethodRow(f"sstoken-gamma1-{r}", f"ssToken REL only, γ=1 ({r})", "sstoken-gamma1", "sstoken", ratio,
-                      ("--model.init_args.rho", r, "--model.init_args.gamma", "1.0"), ("sstoken", 1)),
+                      ("--model.init_args.ratio", r, "--model.init_args.gamma", "1.0"), ("sstoken", 1)),
         ]
     return rows
 
