@@ -354,43 +354,60 @@ class TokenSelectionModule(L.LightningModule):
         return losses, valid
 
     def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
-        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
+        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`).
+
+        For a sample view of a packed batch the losses and mask are in the view's frame `[N, L-1]`; the
+        logits stay the rows' `[R, T, V]`, read in place through the layout (`ResponseLogits.layout`).
+        """
         if self.hparams.chunked_loss:
-            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H]
+            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H] (a view's [N, L, H])
             losses, valid = per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
             return losses, valid, ResponseLogits(hidden, valid, head.weight, head.bias)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses, valid = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1] each
-        return losses, valid, ResponseLogits(logits, valid)
+        rows = packed_rows(batch)  # a sample view runs on its packed rows
+        source = rows.batch if rows is not None else batch
+        logits = unflatten(self.model(**model_inputs(self.model, source)).logits, source)  # [B, T, V]
+        losses, valid = per_token_cross_entropy(logits, source["labels"])  # [B, T-1] each
+        if rows is None:
+            return losses, valid, ResponseLogits(logits, valid)
+        layout = rows.layout
+        valid = layout.to_samples(valid, False)  # [N, L-1]
+        return layout.to_samples(losses), valid, ResponseLogits(logits, valid, layout=layout)
 
     def select_batch(self, batch: Batch) -> SelectedBatch:
         """Select samples, run the forward in the method's context, then select tokens (training and `inspect`).
 
         Tokens the data weights 0 leave `valid` before the method sees it, so no method ranks or counts them.
+        For packed rows the forwards run on the rows and the method selects in the sample view (the padded
+        frame of the same samples, `lit_tokensel.selection.segments`), so every ranking and every weight
+        stays per sample; samples that `select_samples` drops leave the rows before the training forward.
         """
-        if is_packed(batch):
-            return self._select_packed(batch)
-        samples = self.select_samples(batch)  # [B] bool or None
+        packed = is_packed(batch)
+        view = sample_view(batch) if packed else batch  # [N, L] frame
+        samples = self.select_samples(view)  # [B] bool or None
         if samples is not None:
             if not samples.any():
                 raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
-            batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-        logits = None
-        with self.forward_context(batch):
-            if self.needs_logits:
-                token_losses, valid, logits = self.token_losses_and_logits(batch)  # [B', T-1] each
+            if packed:
+                batch = drop_samples(batch, samples)
+                view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
             else:
-                token_losses, valid = self.token_losses(batch)  # [B', T-1] each
-        data_weights = batch.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
+                batch = view = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        logits = None
+        with self.forward_context(batch):  # the packed rows themselves, e.g. for an attention hook's mask
+            if self.needs_logits:
+                token_losses, valid, logits = self.token_losses_and_logits(view)  # [B', T-1] each
+            else:
+                token_losses, valid = self.token_losses(view)  # [B', T-1] each
+        data_weights = view.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
         if data_weights is not None:
             data_weights = data_weights.to(device=token_losses.device, dtype=token_losses.dtype)
             valid = valid & (data_weights != 0)
         if logits is not None:
             logits.valid = valid
-            selection = self.select_tokens(batch, token_losses, valid, logits)
+            selection = self.select_tokens(view, token_losses, valid, logits)
         else:
-            selection = self.select_tokens(batch, token_losses, valid)
-        return SelectedBatch(batch, samples, token_losses, valid, selection, data_weights)
+            selection = self.select_tokens(view, token_losses, valid)
+        return SelectedBatch(view, samples, token_losses, valid, selection, data_weights)
 
     def objective_terms(self, selected: SelectedBatch) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:
         """The micro-batch's main sum and count, and each extra term's, data weights multiplied in."""
@@ -437,29 +454,6 @@ class TokenSelectionModule(L.LightningModule):
         if selected.data_weights is not None:
             weights = weights * selected.data_weights
         return weights
-
-    def _select_packed(self, batch: Batch) -> SelectedBatch:
-        """`select_batch` for packed rows: the forwards run on the rows, the method selects in the sample
-        view (the padded frame of the same samples, `lit_tokensel.selection.segments`), so every ranking
-        stays per sample. Samples that `select_samples` drops leave the rows before the training forward."""
-        if self.needs_logits:
-            raise ValueError(
-                f"{type(self).__name__} weights tokens from the response logits, which packed batches do not "
-                "provide yet; pass --data.packing false"
-            )
-        view = sample_view(batch)  # [N, L] frame
-        samples = self.select_samples(view)  # [N] bool or None
-        if samples is not None:
-            if not samples.any():
-                raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
-            batch = drop_samples(batch, samples)
-            view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
-        with self.forward_context(batch):
-            row_losses, row_valid = self.token_losses(batch)  # [R, T-1] each
-        layout = packed_rows(view).layout
-        token_losses, valid = layout.to_samples(row_losses), layout.to_samples(row_valid, False)  # [N, L-1]
-        selection = self.select_tokens(view, token_losses, valid)
-        return SelectedBatch(view, samples, token_losses, valid, selection)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped

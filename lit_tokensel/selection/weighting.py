@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lit_tokensel.selection.segments import PackedLayout
+
 DEFAULT_CHUNK = 1024
+Span = tuple[int, int, int, int, int]
+"""`(b, start, stop, source_row, source_start)`: positions `start:stop` of frame row `b`, which are
+`source[source_row, source_start : source_start + stop - start]`."""
 
 
 @dataclass
@@ -25,12 +30,30 @@ class ResponseLogits:
     state `[B, T, H]` and `weight` `[V, H]` (with `bias`) is the output projection applied per chunk.
     Positions are those of `valid` `[B, T-1]` in row-major order, in the shared `[B, T-1]` frame (the
     logits at position `j` predict token `j+1`).
+
+    For a packed batch `valid` and every result are in the per-sample frame `[N, L-1]`, while `source` is
+    the packed rows' `[R, T, V]` logits and `layout` says where each sample lies in them: each sample's
+    positions are one slice of its row, so the rows' logits are read in place (no `[N, L, V]` copy).
     """
 
     source: torch.Tensor
     valid: torch.Tensor
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    layout: PackedLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and self.weight is not None:
+            raise ValueError("ResponseLogits: a packed layout goes with the rows' logits, not a hidden state "
+                             "(a hidden state is gathered into the per-sample frame first)")
+
+    def spans(self, chunk_size: int) -> list[Span]:
+        """Chunks of at most `chunk_size` response positions of `valid`, each a slice of `source`."""
+        spans = response_spans(self.valid, chunk_size)
+        if self.layout is None:
+            return [(b, start, stop, b, start) for b, start, stop in spans]
+        rows, starts = self.layout.row.tolist(), self.layout.start.tolist()
+        return [(b, start, stop, rows[b], starts[b] + start) for b, start, stop in spans]
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """Float32 logits `[n, V]` of `rows` (already logits, or hidden states to project)."""
@@ -48,8 +71,8 @@ class ResponseLogits:
         frame = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)  # [B, T-1]
         with torch.no_grad():
             if self.weight is None:
-                for b, start, stop in response_spans(self.valid, chunk_size):
-                    frame[b, start:stop] = fn(self.source[b, start:stop]).float()  # from a view [n, V]
+                for b, start, stop, row, offset in self.spans(chunk_size):
+                    frame[b, start:stop] = fn(self.source[row, offset : offset + stop - start]).float()  # view [n, V]
                 return frame * self.valid
             rows = self.source[:, :-1][self.valid]  # [N, H]
             values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
@@ -100,8 +123,8 @@ def response_spans(valid: torch.Tensor, chunk_size: int) -> list[tuple[int, int,
 
 class _ChunkedKL(torch.autograd.Function):
     """Per-position `KL(p_ref || p_theta)` `[B, T-1]` computed a chunk of positions at a time (`spans`) from
-    `source` (logits `[B, T, V]`, or hidden states `[B, T, H]` with the projection `weight`) and the
-    reference's hidden states. The backward recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so
+    `source` (logits `[B, T, V]` or a packed batch's `[R, T, V]`, or hidden states `[B, T, H]` with the
+    projection `weight`) and the reference's hidden states `[B, T, H]`. The backward recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so
     nothing of size `[N, V]` is kept between the passes."""
 
     @staticmethod
@@ -109,8 +132,8 @@ class _ChunkedKL(torch.autograd.Function):
         ctx.save_for_backward(source, weight, bias, ref_hidden, ref_weight, ref_bias, valid)
         ctx.spans = spans
         out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
-        for b, start, stop in spans:
-            logp = torch.log_softmax(_logits(source[b, start:stop], weight, bias), dim=-1)  # [n, V]
+        for b, start, stop, row, offset in spans:
+            logp = torch.log_softmax(_logits(source[row, offset : offset + stop - start], weight, bias), dim=-1)  # [n, V]
             ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)
             out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)
         return out * valid
@@ -122,18 +145,18 @@ class _ChunkedKL(torch.autograd.Function):
         grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
-        for b, start, stop in ctx.spans:
-            rows = source[b, start:stop]  # [n, V or H], a view
+        for b, start, stop, row, offset in ctx.spans:
+            rows = source[row, offset : offset + stop - start]  # [n, V or H], a view
             grad_logits = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
             grad_logits.sub_(torch.softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1))
             grad_logits.mul_(grad[b, start:stop, None])  # d KL / d z
             if weight is None:
                 if grad_source is not None:
-                    grad_source[b, start:stop] = grad_logits
+                    grad_source[row, offset : offset + stop - start] = grad_logits
                 continue
             grad_logits = grad_logits.to(weight.dtype)
             if grad_source is not None:
-                grad_source[b, start:stop] = grad_logits @ weight  # [n, H]
+                grad_source[row, offset : offset + stop - start] = grad_logits @ weight  # [n, H]
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows  # [V, H]
             if grad_bias is not None:
@@ -151,9 +174,10 @@ def kl_to_reference(
 ) -> torch.Tensor:
     """`KL(p_ref || p_theta)` per response position, `[B, T-1]` (0 off the response), with the graph.
 
-    `ref_hidden` `[B, T, H]` is the reference's last hidden state (no grad) and `ref_weight`/`ref_bias`
-    its output projection. Gradients reach the trained model's logits (or hidden state and projection).
+    `ref_hidden` `[B, T, H]` is the reference's last hidden state (no grad), in `logits.valid`'s frame (the
+    per-sample frame for a packed batch), and `ref_weight`/`ref_bias` its output projection. Gradients
+    reach the trained model's logits (or hidden state and projection).
     """
-    spans = response_spans(logits.valid, chunk_size)
+    spans = logits.spans(chunk_size)
     return _ChunkedKL.apply(logits.source, logits.weight, logits.bias, ref_hidden.detach(), ref_weight.detach(),
                             None if ref_bias is None else ref_bias.detach(), logits.valid, spans, chunk_size)
