@@ -121,21 +121,72 @@ def response_spans(valid: torch.Tensor, chunk_size: int) -> list[tuple[int, int,
     return spans
 
 
-class _ChunkedKL(torch.autograd.Function):
-    """Per-position `KL(p_ref || p_theta)` `[B, T-1]` computed a chunk of positions at a time (`spans`) from
-    `source` (logits `[B, T, V]` or a packed batch's `[R, T, V]`, or hidden states `[B, T, H]` with the
-    projection `weight`) and the reference's hidden states `[B, T, H]`. The backward recomputes each chunk (`d KL / d z = softmax(z) - p_ref`), so
-    nothing of size `[N, V]` is kept between the passes."""
+class _LogitsKL(torch.autograd.Function):
+    """Per-position `KL(p_ref || p_theta)` `[B, T-1]` from the trained model's logits `source` (`[B, T, V]`,
+    or a packed batch's `[R, T, V]`), a chunk of positions at a time (`spans`), and the reference's hidden
+    states `[B, T, H]` with its output projection.
+
+    Each chunk's gradient `d KL / d z = softmax(z) - p_ref` is written in the forward, straight into the
+    `[B, T, V]` gradient tensor that the backward returns (it scales it in place by the incoming per-position
+    gradient): the reference's projection and both softmaxes run once, not again in the backward, and no
+    other tensor of that size is built. Per chunk,
+    `KL = sum_v p_ref * (r - z) - logsumexp(r) + logsumexp(z)` (r, z the reference's and the model's logits).
+    """
 
     @staticmethod
-    def forward(ctx, source, weight, bias, ref_hidden, ref_weight, ref_bias, valid, spans, chunk_size):  # noqa: D102
+    def forward(ctx, source, ref_hidden, ref_weight, ref_bias, valid, spans):  # noqa: D102
+        grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None  # [B, T, V]
+        out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
+        for b, start, stop, row, offset in spans:
+            z = source[row, offset : offset + stop - start].float()  # [n, V], a view in float32
+            r = _logits(ref_hidden[b, start:stop], ref_weight, ref_bias)  # [n, V], float32
+            p_ref = torch.softmax(r, dim=-1)  # [n, V]
+            lse_z, lse_r = torch.logsumexp(z, dim=-1), torch.logsumexp(r, dim=-1)  # [n] each
+            r.sub_(z)  # r - z
+            out[b, start:stop] = torch.bmm(p_ref[:, None, :], r[:, :, None]).view(-1) - lse_r + lse_z
+            if grad_source is None:
+                continue
+            chunk = grad_source[row, offset : offset + stop - start]  # [n, V], a view
+            if chunk.dtype == torch.float32:
+                torch.sub(z, lse_z[:, None], out=chunk).exp_().sub_(p_ref)  # softmax(z) - p_ref
+            else:
+                chunk.copy_((z - lse_z[:, None]).exp_().sub_(p_ref))
+        ctx.grad_source, ctx.spans = grad_source, spans
+        ctx.save_for_backward(valid)
+        return out * valid
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        (valid,) = ctx.saved_tensors
+        if ctx.spans is None:
+            raise RuntimeError("the chunked KL's backward ran twice: its gradient buffer is used up after one "
+                               "backward (take the KL again, or use chunked_loss)")
+        grad_source = ctx.grad_source
+        if grad_source is None:
+            return None, None, None, None, None, None
+        grad = (grad_out * valid).to(grad_source.dtype)  # [B, T-1]
+        for b, start, stop, row, offset in ctx.spans:
+            grad_source[row, offset : offset + stop - start].mul_(grad[b, start:stop, None])  # d KL / d z
+        ctx.grad_source, ctx.spans = None, None
+        return grad_source, None, None, None, None, None
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Per-position `KL(p_ref || p_theta)` `[B, T-1]` from the trained model's last hidden state `source`
+    `[B, T, H]` and output projection `weight` (`chunked_loss`), a chunk of positions at a time (`spans`),
+    and the reference's hidden states `[B, T, H]`. The backward recomputes each chunk
+    (`d KL / d z = softmax(z) - p_ref`): the projection's gradient sums over positions with the incoming
+    per-position gradient, so it cannot be taken in the forward, and nothing of size `[N, V]` is kept."""
+
+    @staticmethod
+    def forward(ctx, source, weight, bias, ref_hidden, ref_weight, ref_bias, valid, spans):  # noqa: D102
         ctx.save_for_backward(source, weight, bias, ref_hidden, ref_weight, ref_bias, valid)
         ctx.spans = spans
         out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
         for b, start, stop, row, offset in spans:
-            logp = torch.log_softmax(_logits(source[row, offset : offset + stop - start], weight, bias), dim=-1)  # [n, V]
+            logp = torch.log_softmax(_logits(source[row, offset : offset + stop - start], weight, bias), dim=-1)
             ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)
-            out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)
+            out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)  # [n]
         return out * valid
 
     @staticmethod
@@ -143,25 +194,20 @@ class _ChunkedKL(torch.autograd.Function):
         source, weight, bias, ref_hidden, ref_weight, ref_bias, valid = ctx.saved_tensors
         grad = grad_out * valid  # [B, T-1]
         grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if bias is not None and ctx.needs_input_grad[2] else None
         for b, start, stop, row, offset in ctx.spans:
-            rows = source[row, offset : offset + stop - start]  # [n, V or H], a view
+            rows = source[row, offset : offset + stop - start]  # [n, H], a view
             grad_logits = torch.softmax(_logits(rows, weight, bias), dim=-1)  # [n, V]
             grad_logits.sub_(torch.softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1))
-            grad_logits.mul_(grad[b, start:stop, None])  # d KL / d z
-            if weight is None:
-                if grad_source is not None:
-                    grad_source[row, offset : offset + stop - start] = grad_logits
-                continue
-            grad_logits = grad_logits.to(weight.dtype)
+            grad_logits = grad_logits.mul_(grad[b, start:stop, None]).to(weight.dtype)  # d KL / d z
             if grad_source is not None:
                 grad_source[row, offset : offset + stop - start] = grad_logits @ weight  # [n, H]
             if grad_weight is not None:
                 grad_weight += grad_logits.T @ rows  # [V, H]
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-        return grad_source, grad_weight, grad_bias, None, None, None, None, None, None
+        return grad_source, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -179,5 +225,8 @@ def kl_to_reference(
     reach the trained model's logits (or hidden state and projection).
     """
     spans = logits.spans(chunk_size)
+    ref_bias = None if ref_bias is None else ref_bias.detach()
+    if logits.weight is None:
+        return _LogitsKL.apply(logits.source, ref_hidden.detach(), ref_weight.detach(), ref_bias, logits.valid, spans)
     return _ChunkedKL.apply(logits.source, logits.weight, logits.bias, ref_hidden.detach(), ref_weight.detach(),
-                            None if ref_bias is None else ref_bias.detach(), logits.valid, spans, chunk_size)
+                            ref_bias, logits.valid, spans)
