@@ -129,28 +129,31 @@ class _LogitsKL(torch.autograd.Function):
     Each chunk's gradient `d KL / d z = softmax(z) - p_ref` is written in the forward, straight into the
     `[B, T, V]` gradient tensor that the backward returns (it scales it in place by the incoming per-position
     gradient): the reference's projection and both softmaxes run once, not again in the backward, and no
-    other tensor of that size is built. Per chunk,
-    `KL = sum_v p_ref * (r - z) - logsumexp(r) + logsumexp(z)` (r, z the reference's and the model's logits).
+    other tensor of that size is built. The model's log-softmax is written into that gradient's chunk and
+    turned into the softmax there, so a chunk costs two `[n, V]` temporaries (the reference's log-softmax
+    and probabilities), each pass over them one fused kernel.
     """
 
     @staticmethod
     def forward(ctx, source, ref_hidden, ref_weight, ref_bias, valid, spans):  # noqa: D102
-        grad_source = torch.zeros_like(source) if ctx.needs_input_grad[0] else None  # [B, T, V]
+        grad_source = _zeros_outside(source, spans) if ctx.needs_input_grad[0] else None  # [B, T, V]
         out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
         for b, start, stop, row, offset in spans:
-            z = source[row, offset : offset + stop - start].float()  # [n, V], a view in float32
-            r = _logits(ref_hidden[b, start:stop], ref_weight, ref_bias)  # [n, V], float32
-            p_ref = torch.softmax(r, dim=-1)  # [n, V]
-            lse_z, lse_r = torch.logsumexp(z, dim=-1), torch.logsumexp(r, dim=-1)  # [n] each
-            r.sub_(z)  # r - z
-            out[b, start:stop] = torch.bmm(p_ref[:, None, :], r[:, :, None]).view(-1) - lse_r + lse_z
-            if grad_source is None:
-                continue
-            chunk = grad_source[row, offset : offset + stop - start]  # [n, V], a view
-            if chunk.dtype == torch.float32:
-                torch.sub(z, lse_z[:, None], out=chunk).exp_().sub_(p_ref)  # softmax(z) - p_ref
+            z = source[row, offset : offset + stop - start]  # [n, V], a view
+            ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
+            chunk = None if grad_source is None else grad_source[row, offset : offset + stop - start]  # a view
+            if chunk is not None and chunk.dtype == torch.float32 and z.dtype == torch.float32:
+                logp = torch._log_softmax(z, -1, False, out=chunk)  # in the gradient's own memory
             else:
-                chunk.copy_((z - lse_z[:, None]).exp_().sub_(p_ref))
+                logp = torch.log_softmax(z.float(), dim=-1)
+            p_ref = ref_logp.exp()
+            out[b, start:stop] = ref_logp.sub_(logp).mul_(p_ref).sum(dim=-1)  # sum_v p_ref (log p_ref - log p)
+            if chunk is None:
+                continue
+            if logp is chunk:
+                chunk.exp_().sub_(p_ref)  # softmax(z) - p_ref
+            else:
+                chunk.copy_(logp.exp_().sub_(p_ref))
         ctx.grad_source, ctx.spans = grad_source, spans
         ctx.save_for_backward(valid)
         return out * valid
@@ -169,6 +172,23 @@ class _LogitsKL(torch.autograd.Function):
             grad_source[row, offset : offset + stop - start].mul_(grad[b, start:stop, None])  # d KL / d z
         ctx.grad_source, ctx.spans = None, None
         return grad_source, None, None, None, None, None
+
+
+def _zeros_outside(source: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+    """An uninitialised tensor like `source` `[B, T, V]`, zero except on the spans' positions (which the
+    caller fills): a memset of the prompt positions only."""
+    out = torch.empty_like(source)
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for _, start, stop, row, offset in spans:
+        covered.setdefault(row, []).append((offset, offset + stop - start))
+    for row in range(source.shape[0]):
+        column = 0
+        for lo, hi in sorted(covered.get(row, [])):
+            if lo > column:
+                out[row, column:lo].zero_()
+            column = max(column, hi)
+        out[row, column:].zero_()
+    return out
 
 
 class _ChunkedKL(torch.autograd.Function):
