@@ -5,7 +5,7 @@
 
 JOBS.json: {"model": DIR, "reference": DIR, "train_file": FILE, "out": DIR, "world": 2, "jobs": [...]},
 each job a dict: name, method (full | terms | rho1 | rho1_ema | rho1_lagged | rho1_lora | sstoken_ema), strategy (single | ddp | fsdp2),
-per_rank_batch, max_steps, and optionally accumulate, precision, checkpoint_every (ModelCheckpoint every n steps into
+per_rank_batch, max_steps, and optionally packing (packed batches), accumulate, precision, checkpoint_every (ModelCheckpoint every n steps into
 `<out>/<name>/step=<n>.ckpt`), resume (a ckpt_path; with consolidate, from its consolidated single file),
 export (ExportOnFitEnd into `<out>/<name>_export`).
 Rank 0 writes `<out>/<name>.pt` (full weights, full history tensors, losses); every rank writes
@@ -179,7 +179,8 @@ def run_job(spec: dict[str, Any], job: dict[str, Any]) -> None:
     out = Path(spec["out"])
     world, single = spec["world"], job["strategy"] == "single"
     data = OrderedData(world=world, per_rank_batch=job["per_rank_batch"], train_file=spec["train_file"],
-                       tokenizer=spec["model"], max_length=128, cache_dir=str(out / "hf_cache"))
+                       tokenizer=spec["model"], max_length=128, cache_dir=str(out / "hf_cache"),
+                       packing=job.get("packing", False))
     strategy: Any = {"single": "auto", "ddp": "ddp", "fsdp2": FSDP2Strategy()}[job["strategy"]]
     callbacks: list[L.Callback] = [Collect(out, job["name"])]
     if job.get("export"):

@@ -251,6 +251,53 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(runs, method, st
         assert max((single["weights"][k] - full[k]).abs().max() for k in full) > 1e-3
 
 
+PACKED_METHODS = ("full", "rho1")  # rho1: batch scope, its top-k over the global batch's sample views
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
+    """Packed batches (`data.packing`): FullSFT and Rho-1 in one process, padded and packed, and packed on
+    2 ranks (DDP; Rho-1 also FSDP2) in one torchrun. Apart from `runs`, so it can run alone."""
+    out = tmp_path_factory.mktemp("distributed_packed")
+    save_perturbed_copy(tiny_model_dir, out / "reference", seed=5)
+    rows = QUICKSTART_TRAIN.read_text().splitlines()[: WORLD * PER_RANK_BATCH * 2]
+    (out / "train.jsonl").write_text("\n".join(rows) + "\n")
+    spec: dict[str, Any] = {"model": tiny_model_dir, "reference": str(out / "reference"),
+                            "train_file": str(out / "train.jsonl"), "out": str(out), "world": WORLD}
+    job = {"per_rank_batch": PER_RANK_BATCH, "max_steps": STEPS}
+    single = [{"name": f"single_{m}{suffix}", "method": m, "strategy": "single", "packing": packing, **job}
+              for m in PACKED_METHODS for suffix, packing in (("", False), ("_packed", True))]
+    distributed = [{"name": f"{s}_{m}_packed", "method": m, "strategy": s, "packing": True, **job}
+                   for m, s in (("full", "ddp"), ("rho1", "ddp"), ("rho1", "fsdp2"))]
+    (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+          str(WORKER), str(out / "distributed.json")], out / "distributed.log")
+
+    from tests.distributed_worker import run_job
+
+    for single_job in single:
+        run_job(spec, single_job)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("method", "strategy"), [("full", "ddp"), ("rho1", "ddp"), ("rho1", "fsdp2")])
+def test_two_ranks_packed_equal_one_process_packed(packed_runs, method, strategy):
+    """Packing on 2 ranks: each rank packs its own samples; the global-batch selection and the global kept-token
+    count make the update that of one process packing the same global batches, which is the padded run's."""
+    single = _result(packed_runs, f"single_{method}_packed")
+    distributed = _result(packed_runs, f"{strategy}_{method}_packed")
+    padded = _result(packed_runs, f"single_{method}")
+    assert single["global_step"] == distributed["global_step"] == padded["global_step"] == STEPS
+    _assert_same_tensors(single["weights"], distributed["weights"], rtol=1e-5, atol=1e-4)  # AdamW: see above
+    torch.testing.assert_close(distributed["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    _assert_same_tensors(padded["weights"], single["weights"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(single["losses"], padded["losses"], rtol=1e-5, atol=1e-5)
+    if method != "full":  # the comparison has power: selection changed the weights
+        full = _result(packed_runs, "single_full_packed")["weights"]
+        assert max((single["weights"][k] - full[k]).abs().max() for k in full) > 1e-3
+
+
 @pytest.mark.slow
 def test_fsdp2_with_gradient_accumulation_equals_one_process(runs):
     """Two micro-batches of 1 per rank and step: the window's kept count is summed over micro-batches and ranks."""

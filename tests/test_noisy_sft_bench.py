@@ -159,3 +159,25 @@ def test_random_rows_draw_their_selection_from_the_run_seed(tmp_path, seed):
     assert args[args.index("--model.init_args.selection_seed") + 1] == str(seed)
     assert args[args.index("--seed_everything") + 1] == str(seed)
 
+
+
+def test_merge_keeps_the_earlier_rows_this_run_lacks_in_plan_order():
+    from lit_tokensel_bench.noisy_sft.collect import merge_results
+
+    def row(regime, key, gen):
+        return {"regime": regime, "key": key, "method": key, "gen_acc": {"mean": gen}}
+
+    earlier = {"command": "python -m old", "rows": [
+        row("scratch", "full", 0.1), row("scratch", "rho1-0.6", 0.2), row("scratch", "reference", 0.3),
+        row("pretrained", "full", 0.4), row("pretrained", "profit", 0.5), row("pretrained", "base-model", 0.0)]}
+    fresh = {"command": "python -m new --only dft", "settings": {}, "rows": [
+        row("scratch", "full", 0.15), row("scratch", "dft", 0.6), row("scratch", "reference", 0.35),
+        row("pretrained", "full", 0.45), row("pretrained", "dft", 0.7)]}
+    merged = merge_results(fresh, earlier, "old/results.json")
+    assert [(r["regime"], r["key"], r["gen_acc"]["mean"]) for r in merged["rows"]] == [
+        ("scratch", "full", 0.15), ("scratch", "rho1-0.6", 0.2), ("scratch", "dft", 0.6),
+        ("scratch", "reference", 0.35), ("pretrained", "full", 0.45), ("pretrained", "profit", 0.5),
+        ("pretrained", "dft", 0.7), ("pretrained", "base-model", 0.0)]
+    assert merged["command"] == ("python -m new --only dft; the rows ['base-model', 'profit', 'rho1-0.6'] are kept "
+                                 "from old/results.json (python -m old)")
+    assert merge_results(fresh, {"rows": []}, "x")["command"] == fresh["command"]

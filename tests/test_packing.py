@@ -16,7 +16,10 @@ from lit_tokensel import FullSFT, Rho1SFT, TokenCleaningSFT
 from lit_tokensel.data import SFTDataModule
 from lit_tokensel.data.collate import DataCollatorForSFT
 from lit_tokensel.data.packing import PackedCollatorForSFT, best_fit_decreasing, padding_fraction
+from lit_tokensel.methods.asft import ASFTSFT
 from lit_tokensel.methods.base import TokenSelectionModule
+from lit_tokensel.methods.dft import DFTSFT
+from lit_tokensel.methods.eaft import EAFTSFT
 from lit_tokensel.methods.forgetting import ForgettingSFT
 from lit_tokensel.methods.profit import ProFitSFT
 from lit_tokensel.methods.qtuning import QTuningSFT
@@ -65,10 +68,20 @@ def _cached(features: list[dict], seed: int) -> dict[int, np.ndarray]:
     return {f["sample_id"]: rng.uniform(0, 8, len(f["input_ids"]) - 1).astype(np.float32) for f in features}
 
 
-def _collators(features: list[dict], **kwargs) -> tuple[dict, dict]:
+def _data_weights(features: list[dict], seed: int) -> dict[int, list[float]]:
+    """Per-token data weights by sample id (index 0 unused, as `collect_token_weights` gives them): 0 (the
+    token leaves the loss), 1, and a few other values; one sample has none (1 everywhere)."""
+    rng = np.random.default_rng(seed)
+    values = np.array([0.0, 1.0, 1.0, 0.5, 2.0, 3.0])
+    return {f["sample_id"]: rng.choice(values, len(f["input_ids"])).tolist() for f in features[1:]}
+
+
+def _collators(features: list[dict], weights: bool = False, **kwargs) -> tuple[dict, dict]:
     cached = {"reference": _cached(features, 1), "base": _cached(features, 2)}
-    padded = DataCollatorForSFT(0, cached=cached)(features)
-    packed = PackedCollatorForSFT(0, cached=cached, max_tokens_per_row=ROW, **kwargs)(features)
+    token_weights = _data_weights(features, 3) if weights else {}
+    padded = DataCollatorForSFT(0, cached=cached, token_weights=token_weights)(features)
+    packed = PackedCollatorForSFT(0, cached=cached, token_weights=token_weights, max_tokens_per_row=ROW,
+                                  **kwargs)(features)
     return padded, packed
 
 
@@ -173,6 +186,9 @@ def other_model_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactor
 
 COMMON = {"lr_schedule": "constant", "warmup_ratio": 0.0,
           "optimizer": lambda params: torch.optim.SGD(params, lr=1.0)}  # update = -normalised gradient
+# DFT's weight is the target's probability, about 1/V = 1/500 on the random-init model: a larger step
+# makes its update as large as the others' (so the 1e-5 comparison is as strict)
+DFT_STEP = {**COMMON, "optimizer": lambda params: torch.optim.SGD(params, lr=300.0)}
 
 
 def _with_threshold(module: TokenSelectionModule, padded: dict, ratio: float) -> TokenSelectionModule:
@@ -206,6 +222,19 @@ def _lora_adapter_off(model_dir: str) -> SsTokenSFT:
     return module
 
 
+def _asft_lora(model_dir: str) -> ASFTSFT:
+    """ASFT with LoRA: the reference is the adapter-off base; the adapter moved off zero so they differ."""
+    module = ASFTSFT(model=model_dir, alpha=0.5, chunk_size=7, lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+                     **DFT_STEP)
+    torch.manual_seed(4)
+    module.configure_model()
+    with torch.no_grad():
+        for name, param in module.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    return module
+
+
 METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "FullSFT": lambda d, o, p: FullSFT(model=d, **COMMON),
     "Random": lambda d, o, p: RandomTokenSFT(model=d, **COMMON),
@@ -220,7 +249,20 @@ METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "ssToken (LoRA, adapter-off history)": lambda d, o, p: _lora_adapter_off(d),
     "Q-Tuning": lambda d, o, p: QTuningSFT(model=d, sample_ratio=0.5, **COMMON),
     "ProFit": lambda d, o, p: ProFitSFT(model=d, tau=0.002, **COMMON),
+    # token-weighting losses: per-token weights from the training forward's logits (chunks of 7 positions,
+    # so a sample's span is cut in several chunks), ASFT's KL against a reference run on the same rows
+    "DFT": lambda d, o, p: DFTSFT(model=d, **DFT_STEP),
+    "EAFT": lambda d, o, p: EAFTSFT(model=d, chunk_size=7, **COMMON),
+    "EAFT (chunked_loss)": lambda d, o, p: EAFTSFT(model=d, chunk_size=7, chunked_loss=True, **COMMON),
+    "ASFT (frozen reference)": lambda d, o, p: ASFTSFT(model=d, reference=FrozenModelReference(model=o), alpha=0.5,
+                                                       chunk_size=7, **DFT_STEP),
+    "ASFT (frozen reference, chunked_loss)": lambda d, o, p: ASFTSFT(
+        model=d, reference=FrozenModelReference(model=o), alpha=0.5, chunk_size=7, chunked_loss=True, **DFT_STEP),
+    "ASFT (LoRA, adapter-off reference)": lambda d, o, p: _asft_lora(d),
 }
+WEIGHTED = ("FullSFT", "Rho1 (cached)", "ssToken (EMA)", "Q-Tuning", "DFT", "EAFT", "ASFT (frozen reference)",
+            "ASFT (LoRA, adapter-off reference)")
+"""Methods also checked with weights from the data on the samples."""
 
 
 def _one_step(module: TokenSelectionModule, batch: dict) -> tuple[list, dict[str, torch.Tensor]]:
@@ -242,9 +284,10 @@ def _one_step(module: TokenSelectionModule, batch: dict) -> tuple[list, dict[str
     return seen, update
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_method_packed_equals_padded(method: str, tiny_model_dir: str, other_model_dir: str) -> None:
-    padded, packed = _collators(_features())
+@pytest.mark.parametrize(("method", "weights"), [(m, False) for m in METHODS] + [(m, True) for m in WEIGHTED],
+                         ids=[*METHODS, *(f"{m}, data weights" for m in WEIGHTED)])
+def test_method_packed_equals_padded(method: str, weights: bool, tiny_model_dir: str, other_model_dir: str) -> None:
+    padded, packed = _collators(_features(), weights=weights)
     make = METHODS[method]
     (sel_padded,), update_padded = _one_step(make(tiny_model_dir, other_model_dir, padded), padded)
     (sel_packed,), update_packed = _one_step(make(tiny_model_dir, other_model_dir, padded), packed)
@@ -262,6 +305,17 @@ def test_method_packed_equals_padded(method: str, tiny_model_dir: str, other_mod
         torch.testing.assert_close(sel_packed.selection.scores[name][valid], score[valid], atol=1e-4, rtol=0)
     if sel_padded.selection.weights is not None:
         torch.testing.assert_close(sel_packed.selection.weights, sel_padded.selection.weights, atol=ATOL, rtol=0)
+    assert sel_packed.selection.terms.keys() == sel_padded.selection.terms.keys()
+    for name, term in sel_padded.selection.terms.items():  # ASFT's KL, Forgetting's ascent
+        other = sel_packed.selection.terms[name]
+        assert torch.equal(other.mask & sel_packed.valid, term.mask & sel_padded.valid)
+        if term.losses is not None:
+            torch.testing.assert_close(other.losses, term.losses, atol=ATOL, rtol=0)
+    if weights:  # the data weights reach the same tokens, and 0 takes a token out of the count
+        assert torch.equal(sel_packed.data_weights, sel_padded.data_weights)
+        response = sel_padded.batch["labels"][:, 1:] != -100
+        assert torch.equal(sel_padded.valid, response & (sel_padded.data_weights != 0))
+        assert int(sel_padded.valid.sum()) < int(response.sum())
     moved = max(float(u.abs().max()) for u in update_padded.values())
     assert moved > 1e-3  # the step did something
     for name, u in update_padded.items():
@@ -421,6 +475,56 @@ def test_inspect_and_score_accept_packed(packed_dm, tiny_model_dir: str, tmp_pat
         np.testing.assert_allclose(b["loss"], a["loss"], atol=ATOL)
     for sid, row in cache_a.items():
         np.testing.assert_allclose(cache_b[sid], row, atol=ATOL)
+
+
+def _weighted_rows(n: int) -> list[dict]:
+    """`_rows` with weights from the data: a turn weighted 0, turns weighted 0.5, character spans."""
+    rows = _rows(n)
+    for i, row in enumerate(rows):
+        answer = row["messages"][1]
+        if i % 4 == 1:
+            answer["weight"] = 0
+        elif i % 4 == 2:
+            answer["weight"], answer["weights"] = 0.5, [[0, min(5, len(answer["content"])), 3.0]]
+        elif i % 4 == 3:
+            answer["weights"] = [[1, len(answer["content"]), 2.0]]
+    return rows
+
+
+def test_data_weights_on_packed_rows_land_on_the_same_tokens(tiny_model_dir: str, tmp_path) -> None:
+    """Weights from the data, packed: each sample's (target token, weight) pairs read off the packed rows are
+    the padded batch's; the sample view carries them per sample; `inspect` shows the same weights."""
+    from lit_tokensel.inspection import inspect_selection
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _weighted_rows(24)))
+    padded_dm = setup_datamodule(tiny_model_dir, tmp_path, max_length=96)
+    packed_dm = setup_datamodule(tiny_model_dir, tmp_path, max_length=96, packing=True, packing_row_tokens=192)
+    weighted = 0
+    for padded, packed in zip(_epoch(padded_dm, 0), _epoch(packed_dm, 0), strict=True):
+        assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # samples share rows
+        view = sample_view(packed)
+        assert torch.equal(view["token_weights"], padded["token_weights"])
+        rows_weights = layout_of(packed).to_rows(packed["token_weights"], -1.0)  # [R, T-1]
+        for i in range(padded["sample_id"].shape[0]):
+            index = packed["sample_index"]
+            here = (index[:, 1:] == i) & (index[:, :-1] == i)  # [R, T-1] targets of sample i, in row order
+            response = padded["labels"][i, 1:] != -100
+            pairs_packed = list(zip(packed["labels"][:, 1:][here].tolist(), rows_weights[here].tolist(),
+                                    strict=True))
+            pairs_padded = list(zip(padded["labels"][i, 1:].tolist(), padded["token_weights"][i].tolist(),
+                                    strict=True))[: len(pairs_packed)]
+            assert pairs_packed == pairs_padded
+            weighted += int((padded["token_weights"][i][response] != 1).sum())
+    assert weighted > 20  # the weights are not all 1
+    outputs = []
+    for dm in (padded_dm, packed_dm):
+        path = inspect_selection(FullSFT(model=tiny_model_dir), dm, tmp_path / f"inspect_{dm.packing}.jsonl",
+                                 limit=16, progress=False)
+        outputs.append([json.loads(line) for line in path.read_text().splitlines()])
+    for a, b in zip(*outputs, strict=True):
+        assert (a["sample_id"], a["keep"], a["data_weight"]) == (b["sample_id"], b["keep"], b["data_weight"])
+        np.testing.assert_allclose(b["weight"], a["weight"], atol=ATOL)
+    assert any(0.0 in r["data_weight"] for r in outputs[0]) and any(1.5 in r["data_weight"] for r in outputs[0])
 
 
 def test_default_rows_are_as_wide_as_the_longest_sample(packed_dm) -> None:

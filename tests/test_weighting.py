@@ -246,6 +246,37 @@ def test_asft_kl_loss_and_gradient_equal_float64_and_the_authors_formula(tiny_mo
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_kl_from_logits_with_any_incoming_gradient_equals_float64(dtype):
+    """The logits path writes its gradient in the forward and scales it in the backward: with per-position
+    incoming gradients (data weights), gaps inside a row's response span, and chunks that cut the spans,
+    value and gradient equal autograd through the float64 formula; a second backward is refused."""
+    from lit_tokensel.selection.weighting import ResponseLogits, kl_to_reference
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V, H = 3, 9, 50, 8
+    logits = (2 * torch.randn(B, T, V, generator=g)).to(dtype).requires_grad_(True)
+    ref_hidden, ref_weight, ref_bias = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), torch.randn(V)
+    valid = torch.zeros(B, T - 1, dtype=torch.bool)
+    valid[0, 2:7] = True
+    valid[1, 1:3] = valid[1, 5:8] = True  # a prompt gap inside the span
+    incoming = torch.rand(B, T - 1, generator=g) * 3  # e.g. data weights times the coefficient
+    kl = kl_to_reference(ResponseLogits(logits, valid), ref_hidden, ref_weight, ref_bias, chunk_size=2)
+    z = logits.detach().double().requires_grad_(True)
+    ref_logp = torch.log_softmax(torch.nn.functional.linear(ref_hidden.double(), ref_weight.double(),
+                                                            ref_bias.double()), -1)[:, :-1]
+    expected = (ref_logp.exp() * (ref_logp - torch.log_softmax(z, -1)[:, :-1])).sum(-1) * valid
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(kl.double(), expected, **tolerance)
+    (kl * incoming).sum().backward(retain_graph=True)
+    (expected * incoming).sum().backward()
+    assert logits.grad.dtype == dtype and float(z.grad.abs().max()) > 0.1
+    torch.testing.assert_close(logits.grad.double(), z.grad, **tolerance)
+    assert not logits.grad[2].any() and not logits.grad[1, 3:5].any()  # no response there: no gradient
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        (kl * incoming).sum().backward()
+
+
 def test_asft_default_reference_is_the_base_and_adapter_off_under_lora(tiny_model_dir):
     batch = _batch()
     full = ASFTSFT(model=tiny_model_dir)

@@ -5,6 +5,7 @@
     python -m lit_tokensel_bench.step_time --only QTuning ProFit   # FullSFT plus the methods matching a substring
     python -m lit_tokensel_bench.step_time --only Forgetting --accumulate 2   # steps of 2 accumulated micro-batches
     python -m lit_tokensel_bench.step_time --only DFT EAFT ASFT   # the token-weighting losses
+    python -m lit_tokensel_bench.step_time --threads 1 --clock cpu   # CPU time per step, on a shared machine
 
 Every method trains the same model (a Llama built here, random weights) on the same batches.
 Each method runs in its own child process, so its peak resident memory (CPU) or peak allocated
@@ -23,6 +24,7 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -98,29 +100,35 @@ def make_module(method: str, model_dir: str, batches: list[dict[str, torch.Tenso
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training batch (forward, selection, backward, optimizer step)."""
+    """Time of each training batch (forward, selection, backward, optimizer step).
 
-    def __init__(self) -> None:
+    `clock` is `time.perf_counter` (wall time, the default) or `time.process_time` (CPU time of this
+    process, all threads): on a machine that other jobs share, CPU time counts the step's own work and
+    not the time it waited for a core.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         super().__init__()
         self.times: list[float] = []
+        self.clock = clock
         self._start = 0.0
 
     def on_train_batch_start(self, *args) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_train_batch_end(self, *args) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self._start)
+        self.times.append(self.clock() - self._start)
 
 
 def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     from torch.utils.data import DataLoader
 
     torch.set_num_threads(args.threads)
-    timer_callback = StepTimer()
+    timer_callback = StepTimer(time.process_time if args.clock == "cpu" else time.perf_counter)
     batches = make_batches((args.warmup + args.steps) * args.accumulate, args.batch_size, args.length, args.vocab)
     module = make_module(method, model_dir, batches)
     trainer = L.Trainer(
@@ -153,6 +161,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--accumulate", type=int, default=1,
                         help="accumulate_grad_batches; the step time is that of a whole optimizer step")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the process's CPU time per step instead of wall time, for a machine shared with "
+                             "other jobs (with --threads 1 it is the step's own work; CPU only)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run FullSFT and the methods containing NAME")
     args = parser.parse_args()
     if args.quick:
@@ -177,6 +188,7 @@ def main() -> None:
                       flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
+    device += ", CPU time per step" if args.clock == "cpu" else ""
     memory = "peak CUDA allocated" if torch.cuda.is_available() else "peak RSS"
     print(f"\n{device}; Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
           f"batch {args.batch_size} x {args.length} tokens, accumulate {args.accumulate}; "

@@ -82,12 +82,16 @@ class DataCollatorForSFT:
         for name, lookup in self.cached.items():
             batch[f"cached/{name}"] = self._join(name, lookup, sample_id.tolist(), lengths, max_len)
         if self.token_weights:
-            weights = torch.ones((batch_size, max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
-            for i, (sid, length) in enumerate(zip(sample_id.tolist(), lengths, strict=True)):
-                if sid in self.token_weights:
-                    weights[i, : length - 1] = torch.tensor(self.token_weights[sid][1:length], dtype=torch.float32)
-            batch["token_weights"] = weights
+            batch["token_weights"] = self._join_weights(sample_id.tolist(), lengths, max_len)
         return batch
+
+    def _join_weights(self, sample_ids: list[int], lengths: list[int], max_len: int) -> torch.Tensor:
+        """The data weights of these samples' targets, float32 `[B, max_len-1]`, 1 where none is given."""
+        weights = torch.ones((len(sample_ids), max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
+        for i, (sid, length) in enumerate(zip(sample_ids, lengths, strict=True)):
+            if sid in self.token_weights:
+                weights[i, : length - 1] = torch.tensor(self.token_weights[sid][1:length], dtype=torch.float32)
+        return weights
 
     @staticmethod
     def _join(name: str, lookup: LossLookup, sample_ids: list[int], lengths: list[int], max_len: int) -> torch.Tensor:

@@ -345,11 +345,6 @@ class SFTDataModule(L.LightningDataModule):
             return
         weights = collect_token_weights(train.source, train.format, self.system_prompt, self.tokenizer,
                                         self.train_dataset)
-        if weights and self.packing:
-            raise ValueError(
-                f"{train.source}: rows carry data weights (`weight`/`weights` in assistant messages), which packed "
-                "batches do not carry yet; pass --data.packing false, or remove the weights"
-            )
         if weights:
             self.train_collator = dataclasses.replace(self.train_collator, token_weights=weights)
 

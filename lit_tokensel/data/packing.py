@@ -7,8 +7,8 @@ the resume position (`consumed_samples`), are those of the padded run; only the 
 Best-fit decreasing depends on the lengths and their order alone, so packing is deterministic from the
 sampler's seed and epoch.
 
-A packed batch holds, besides the padded collator's `sample_id` `[N]` and `cached/<name>` `[N, L-1]`
-(joined by sample id, per sample, `L` the longest sample):
+A packed batch holds, besides the padded collator's `sample_id` `[N]`, `cached/<name>` `[N, L-1]` and
+data weights `token_weights` `[N, L-1]` (joined by sample id, per sample, `L` the longest sample):
 
 - `input_ids`, `labels`, `attention_mask`, `position_ids`, `sample_index`: `[R, T]` long.
 - `position_ids` restart at 0 at every sample (and at the row's tail padding, its own segment), which is
@@ -127,6 +127,8 @@ class PackedCollatorForSFT(DataCollatorForSFT):
         }
         for name, lookup in self.cached.items():  # per sample, [N, L-1], as in a padded batch
             batch[f"cached/{name}"] = self._join(name, lookup, sample_id.tolist(), lengths, max(lengths))
+        if self.token_weights:  # per sample too, [N, L-1]
+            batch["token_weights"] = self._join_weights(sample_id.tolist(), lengths, max(lengths))
         return batch
 
 

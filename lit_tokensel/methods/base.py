@@ -19,6 +19,9 @@ at once and it is folded into the same backward (factor `c_k * N_main / N_k`); w
 its gradient sum is collected apart (`torch.autograd.grad`, one extra backward per micro-batch, one
 buffer the size of the trainable parameters) and added as `c_k / N_k` times it at the step. A term
 counted over the main tokens (`shares_main_count`) never needs the buffer.
+
+The contract's dataclasses live in `lit_tokensel.methods.contract`, the own-count terms' gradient
+accumulation in `lit_tokensel.methods.term_gradients`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import inspect
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -39,7 +42,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_tokensel.callbacks.finite import FiniteGuard
 from lit_tokensel.choices import check_choices
+from lit_tokensel.methods.contract import (  # noqa: F401 - re-exported: the contract's names stay importable here
+    DATA_WEIGHTS_KEY,
+    WINDOW_KEYS,
+    Batch,
+    LossTerm,
+    SelectedBatch,
+    Selection,
+    _TermSums,
+    check_accumulation_support,
+)
 from lit_tokensel.methods.optim import LRSchedule, check_optimizer_settings, lr_factor
+from lit_tokensel.methods.term_gradients import TermGradientAccumulation
 from lit_tokensel.modeling.forward import (
     decoder_hidden_and_head,
     model_inputs,
@@ -63,110 +77,8 @@ from lit_tokensel.selection.token_loss import (
 )
 from lit_tokensel.selection.weighting import ResponseLogits
 
-Batch = dict[str, torch.Tensor]
-# Per-window sums behind the loss normalization and the logged step metrics.
-WINDOW_KEYS = ("loss_sum", "kept", "normalizer", "response", "tokens")
-# The collated `[B, T-1]` per-token weights taken from the data (`lit_tokensel.data.weights`).
-DATA_WEIGHTS_KEY = "token_weights"
 
-
-@dataclass
-class LossTerm:
-    """A named extra term `coefficient * sum(weights * losses over mask) / N`, N its own token count.
-
-    N is `mask`'s count over the whole accumulation window and all ranks (see the module docstring).
-
-    Attributes:
-        mask: `[B, T-1]` bool, the term's tokens (what its mean runs over).
-        weights: Optional `[B, T-1]` per-token factors (default 1); a 0 leaves a token in the count
-            but out of the sum (e.g. Forgetting's capped negatives).
-        losses: Optional `[B, T-1]` per-token values with the graph; None means the training CE.
-        coefficient: The term's signed factor (Forgetting's ascent: `-lambda`).
-        needs_main_tokens: The term contributes nothing in a window without main tokens
-            (Forgetting scales its ascent to the positives).
-        shares_main_count: The term is normalised by the main count instead of its own (its mask is
-            the main tokens, e.g. ASFT's KL over the same response tokens): no extra accumulation cost.
-    """
-
-    mask: torch.Tensor
-    weights: torch.Tensor | None = None
-    losses: torch.Tensor | None = None
-    coefficient: float = 1.0
-    needs_main_tokens: bool = False
-    shares_main_count: bool = False
-
-
-@dataclass
-class Selection:
-    """A method's decision for a micro-batch: which tokens enter the objective, and how.
-
-    The first score is the one ranked; its quantiles are logged as `select/score_q*`.
-
-    Attributes:
-        keep: `[B, T-1]` bool, the tokens that enter the objective (any term); the main term's tokens.
-        scores: Named `[B, T-1]` signals behind the decision (logged, and written by `inspect`).
-        weights: Optional `[B, T-1]` signed weights on the kept tokens' CE in the main term (default 1).
-        normalizer: The main term's token count in this micro-batch (default: the kept count).
-        terms: Named extra loss terms, each normalised over its own tokens of the window.
-        diagnostics: Scalars logged as `select/<name>` (e.g. ssToken's mean loss gap).
-    """
-
-    keep: torch.Tensor
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    weights: torch.Tensor | None = None
-    normalizer: torch.Tensor | None = None
-    terms: dict[str, LossTerm] = field(default_factory=dict)
-    diagnostics: dict[str, torch.Tensor | float] = field(default_factory=dict)
-
-
-@dataclass
-class SelectedBatch:
-    """What `select_batch` decided: the (possibly sample-pruned) batch, its losses and the selection."""
-
-    batch: Batch  # for packed rows: the sample view (`lit_tokensel.selection.segments.sample_view`)
-    samples: torch.Tensor | None  # [B] bool over the original batch, None when every sample stays
-    token_losses: torch.Tensor  # [B', T-1], with the graph
-    valid: torch.Tensor  # [B', T-1], response tokens the data does not weight 0
-    selection: Selection
-    data_weights: torch.Tensor | None = None  # [B', T-1] from the data, None when the data has none
-
-
-@dataclass
-class _TermSums:
-    """One term of one micro-batch: its weighted sum (with the graph) and its token count."""
-
-    loss_sum: torch.Tensor
-    count: torch.Tensor
-
-
-def check_accumulation_support(
-    strategy: Any, device_mesh: Any, precision_plugin: Any, method: str = "A method with its own loss terms"
-) -> None:
-    """Refuse the settings under which a separately normalised term cannot be accumulated exactly.
-
-    With `accumulate_grad_batches > 1` such a term's gradient is taken per micro-batch with
-    `torch.autograd.grad` with respect to the trainable parameters and added to their `.grad` at the step.
-    That needs whole (unsharded) parameters, and a gradient that fp16 loss scaling does not have to check.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
-    if device_mesh is not None or isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
-        name = "FSDP2 (ModelParallelStrategy)" if device_mesh is not None else type(strategy).__name__
-        raise ValueError(
-            f"{method} with trainer.accumulate_grad_batches > 1 is not supported under {name}: its "
-            "separately normalised loss term is accumulated on whole parameters, which FSDP shards. Set "
-            "`trainer.accumulate_grad_batches: 1` (raise data.batch_size or the number of devices instead), "
-            "or train with DDP."
-        )
-    if getattr(precision_plugin, "scaler", None) is not None:
-        raise ValueError(
-            f"{method} with trainer.accumulate_grad_batches > 1 does not support fp16 loss scaling "
-            "(precision 16-mixed): the scaler would not check the separately accumulated gradient "
-            "for overflow. Use precision bf16-mixed or 32-true, or `trainer.accumulate_grad_batches: 1`."
-        )
-
-
-class TokenSelectionModule(L.LightningModule):
+class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
     """Base class of every method: trains a causal LM on the response tokens that `select_tokens` keeps.
 
     Settings, here and in every method, are read from attributes that `__init__` sets once, validated,
@@ -365,43 +277,60 @@ class TokenSelectionModule(L.LightningModule):
         return losses, valid
 
     def token_losses_and_logits(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, ResponseLogits]:
-        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`)."""
+        """`token_losses` plus the response positions' logits, from the same forward (no extra `[B, T, V]`).
+
+        For a sample view of a packed batch the losses and mask are in the view's frame `[N, L-1]`; the
+        logits stay the rows' `[R, T, V]`, read in place through the layout (`ResponseLogits.layout`).
+        """
         if self.chunked_loss:
-            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H]
+            hidden, head = decoder_hidden_and_head(self.model, batch)  # [B, T, H] (a view's [N, L, H])
             losses, valid = per_token_cross_entropy_chunked(hidden, head.weight, batch["labels"], head.bias)
             return losses, valid, ResponseLogits(hidden, valid, head.weight, head.bias)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        losses, valid = per_token_cross_entropy(logits, batch["labels"])  # [B, T-1] each
-        return losses, valid, ResponseLogits(logits, valid)
+        rows = packed_rows(batch)  # a sample view runs on its packed rows
+        source = rows.batch if rows is not None else batch
+        logits = unflatten(self.model(**model_inputs(self.model, source)).logits, source)  # [B, T, V]
+        losses, valid = per_token_cross_entropy(logits, source["labels"])  # [B, T-1] each
+        if rows is None:
+            return losses, valid, ResponseLogits(logits, valid)
+        layout = rows.layout
+        valid = layout.to_samples(valid, False)  # [N, L-1]
+        return layout.to_samples(losses), valid, ResponseLogits(logits, valid, layout=layout)
 
     def select_batch(self, batch: Batch) -> SelectedBatch:
         """Select samples, run the forward in the method's context, then select tokens (training and `inspect`).
 
         Tokens the data weights 0 leave `valid` before the method sees it, so no method ranks or counts them.
+        For packed rows the forwards run on the rows and the method selects in the sample view (the padded
+        frame of the same samples, `lit_tokensel.selection.segments`), so every ranking and every weight
+        stays per sample; samples that `select_samples` drops leave the rows before the training forward.
         """
-        if is_packed(batch):
-            return self._select_packed(batch)
-        samples = self.select_samples(batch)  # [B] bool or None
+        packed = is_packed(batch)
+        view = sample_view(batch) if packed else batch  # [N, L] frame
+        samples = self.select_samples(view)  # [B] bool or None
         if samples is not None:
             if not samples.any():
                 raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
-            batch = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-        logits = None
-        with self.forward_context(batch):
-            if self.needs_logits:
-                token_losses, valid, logits = self.token_losses_and_logits(batch)  # [B', T-1] each
+            if packed:
+                batch = drop_samples(batch, samples)
+                view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
             else:
-                token_losses, valid = self.token_losses(batch)  # [B', T-1] each
-        data_weights = batch.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
+                batch = view = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+        logits = None
+        with self.forward_context(batch):  # the packed rows themselves, e.g. for an attention hook's mask
+            if self.needs_logits:
+                token_losses, valid, logits = self.token_losses_and_logits(view)  # [B', T-1] each
+            else:
+                token_losses, valid = self.token_losses(view)  # [B', T-1] each
+        data_weights = view.get(DATA_WEIGHTS_KEY)  # [B', T-1] or None
         if data_weights is not None:
             data_weights = data_weights.to(device=token_losses.device, dtype=token_losses.dtype)
             valid = valid & (data_weights != 0)
         if logits is not None:
             logits.valid = valid
-            selection = self.select_tokens(batch, token_losses, valid, logits)
+            selection = self.select_tokens(view, token_losses, valid, logits)
         else:
-            selection = self.select_tokens(batch, token_losses, valid)
-        return SelectedBatch(batch, samples, token_losses, valid, selection, data_weights)
+            selection = self.select_tokens(view, token_losses, valid)
+        return SelectedBatch(view, samples, token_losses, valid, selection, data_weights)
 
     def objective_terms(self, selected: SelectedBatch) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:
         """The micro-batch's main sum and count, and each extra term's, data weights multiplied in."""
@@ -449,29 +378,6 @@ class TokenSelectionModule(L.LightningModule):
             weights = weights * selected.data_weights
         return weights
 
-    def _select_packed(self, batch: Batch) -> SelectedBatch:
-        """`select_batch` for packed rows: the forwards run on the rows, the method selects in the sample
-        view (the padded frame of the same samples, `lit_tokensel.selection.segments`), so every ranking
-        stays per sample. Samples that `select_samples` drops leave the rows before the training forward."""
-        if self.needs_logits:
-            raise ValueError(
-                f"{type(self).__name__} weights tokens from the response logits, which packed batches do not "
-                "provide yet; pass --data.packing false"
-            )
-        view = sample_view(batch)  # [N, L] frame
-        samples = self.select_samples(view)  # [N] bool or None
-        if samples is not None:
-            if not samples.any():
-                raise RuntimeError(f"{type(self).__name__}.select_samples dropped every sample of the batch")
-            batch = drop_samples(batch, samples)
-            view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
-        with self.forward_context(batch):
-            row_losses, row_valid = self.token_losses(batch)  # [R, T-1] each
-        layout = packed_rows(view).layout
-        token_losses, valid = layout.to_samples(row_losses), layout.to_samples(row_valid, False)  # [N, L-1]
-        selection = self.select_tokens(view, token_losses, valid)
-        return SelectedBatch(view, samples, token_losses, valid, selection)
-
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         response_count = (batch["labels"][:, 1:] != -100).sum()  # before any sample is dropped
         token_count = batch["attention_mask"].sum()
@@ -509,50 +415,6 @@ class TokenSelectionModule(L.LightningModule):
         # and divides by the window's main-token count instead.
         return loss
 
-    def _own_terms_now_or_later(self, main: _TermSums, own: dict[str, tuple[LossTerm, _TermSums]]) -> torch.Tensor:
-        """The separately normalised terms: folded into this backward when the window is this micro-batch
-        (counts all-reduced now), else their gradient sums collected apart for the step. Returns the loss to add."""
-        if self._trainer is not None and self.trainer.training and self.trainer.accumulate_grad_batches > 1:
-            active = {n: ts for n, ts in own.items() if ts[0].coefficient and ts[1].loss_sum.requires_grad
-                      and bool(ts[1].count > 0)}
-            if active:
-                check_accumulation_support(self.trainer.strategy, self.device_mesh, self.trainer.precision_plugin,
-                                           type(self).__name__)
-                params, views = self._term_buffer_views(list(active))
-                for name, (_, sums) in active.items():
-                    # Local gradient (autograd.grad does not fire DDP's hooks; summed over ranks at the step);
-                    # the graph stays for Lightning's backward of the main loss.
-                    grads = torch.autograd.grad(sums.loss_sum, params, retain_graph=True, allow_unused=True)
-                    for view, grad in zip(views[name], grads, strict=True):
-                        if grad is not None:
-                            view.add_(grad)
-            return torch.zeros((), device=main.loss_sum.device)
-        counts = torch.stack([main.count] + [s.count for _, s in own.values()]).float()  # [1 + K]
-        if self._trainer is not None and self.trainer.world_size > 1:
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-        n_main, *n_terms = counts.tolist()
-        extra = torch.zeros((), device=main.loss_sum.device)
-        for (term, sums), n_term in zip(own.values(), n_terms, strict=True):
-            if n_term > 0 and not (term.needs_main_tokens and n_main == 0):
-                # The step divides by N_main: this makes the term's contribution c_k * sum_k / N_k.
-                extra = extra + term.coefficient * max(n_main, 1.0) / n_term * sums.loss_sum
-        return extra
-
-    def _term_buffer_views(self, names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
-        """The trainable parameters, and per term views shaped like them into one flat gradient buffer (zeros)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        views = {}
-        for name in names:
-            if name not in self._term_grads:
-                dtypes = {p.dtype for p in params}
-                dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
-                sizes = [p.numel() for p in params]
-                self._term_grads[name] = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
-            flat = self._term_grads[name]
-            views[name] = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params,
-                                                        strict=True)]
-        return params, views
-
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         names = sorted(self._term_window)
         window = torch.stack([self._window[k].float() for k in WINDOW_KEYS]
@@ -567,22 +429,8 @@ class TokenSelectionModule(L.LightningModule):
         for param in params:
             if param.grad is not None:
                 param.grad.mul_(scale)
-        loss = loss_sum / max(normalizer, 1.0)
-        metrics = {}
-        for i, name in enumerate(names):
-            term = self._term_window[name]["term"]
-            term_sum, term_count = values[len(WINDOW_KEYS) + 2 * i: len(WINDOW_KEYS) + 2 * i + 2]
-            gated = term_count > 0 and not (term.needs_main_tokens and normalizer == 0)
-            coefficient = term.coefficient / term_count if gated else 0.0
-            loss += coefficient * term_sum
-            metrics[f"train/{name}"] = term_sum / max(term_count, 1.0)
-            flat = self._term_grads.get(name)
-            if flat is not None and coefficient and not term.shares_main_count:
-                if self.trainer.world_size > 1:
-                    torch.distributed.all_reduce(flat)  # sum over ranks
-                self._add_term_gradient(flat, coefficient)
-        for flat in self._term_grads.values():
-            flat.zero_()
+        term_loss, metrics = self._apply_term_gradients(names, values[len(WINDOW_KEYS):], normalizer)
+        loss = loss_sum / max(normalizer, 1.0) + term_loss
         now = time.perf_counter()
         metrics.update({
             "train/loss": loss,
@@ -595,15 +443,6 @@ class TokenSelectionModule(L.LightningModule):
         self.log("loss", metrics["train/loss"], prog_bar=True, logger=False, rank_zero_only=True)
         self._last_step_time = now
         self._reset_window()
-
-    def _add_term_gradient(self, flat: torch.Tensor, coefficient: float) -> None:
-        """`grad += coefficient * buffer` over the trainable parameters (the buffer's layout)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        for param, view in zip(params, torch.split(flat, [p.numel() for p in params]), strict=True):
-            if param.grad is None:
-                param.grad = (coefficient * view).view_as(param).to(param.dtype)
-            else:
-                param.grad.add_(view.view_as(param), alpha=coefficient)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = time.perf_counter()

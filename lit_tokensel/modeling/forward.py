@@ -19,14 +19,14 @@ def uses_varlen_attention(model: torch.nn.Module) -> bool:
 def model_inputs(model: torch.nn.Module, batch: dict[str, Any], flatten: bool | None = None) -> dict[str, torch.Tensor]:
     """Keyword inputs of `model` for `batch`.
 
-    Padded: `input_ids` and `attention_mask`. Packed (`position_ids` present): `input_ids` and
+    Padded: `input_ids` and `attention_mask`, no KV cache. Packed (`position_ids` present): `input_ids` and
     `position_ids`, no `attention_mask` and no KV cache, which makes transformers build a block-diagonal causal mask
     from the restarting positions (SDPA, eager, flex). FlashAttention's varlen path only reads packing
     from a single row, so with `flatten` (default: `uses_varlen_attention(model)`) the rows go as one
     `[1, R*T]` row; `unflatten` restores `[R, T, ...]` outputs.
     """
-    if "position_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" not in batch:  # no KV cache: nothing here generates, and building one costs time and memory
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     flatten = uses_varlen_attention(model) if flatten is None else flatten
     ids, positions = batch["input_ids"], batch["position_ids"]  # [R, T] each
     if flatten:

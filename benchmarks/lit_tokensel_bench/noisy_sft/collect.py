@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lit_tokensel_bench.noisy_sft.metrics import stat
-from lit_tokensel_bench.noisy_sft.plan import MethodRow, Settings
+from lit_tokensel_bench.noisy_sft.plan import FULL, REGIMES, MethodRow, Settings, method_rows
 
 if TYPE_CHECKING:
     from lit_tokensel_bench.noisy_sft.run import Paths
@@ -116,3 +116,26 @@ def collect_samples(settings: Settings, paths: Paths, regime: str, rows: list[Me
                         "tokens": first["text"], "corrupted": labels[sample_id], "kinds": kinds[sample_id],
                         "methods": methods})
     return {"regime": regime, "samples": samples}
+
+
+def merge_results(results: dict[str, Any], earlier: dict[str, Any], source: str) -> dict[str, Any]:
+    """`results` with every row of `earlier` (a results.json) that it lacks, by (regime, key), in plan order.
+
+    For re-running a few rows (`--only`) without losing the others' committed results: this run's rows
+    replace the earlier ones of the same key, the rest are kept as they were (their step-time ratios are
+    to the full SFT of the run that measured them). The command says which rows came from where.
+    """
+    fresh = {(r["regime"], r["key"]) for r in results["rows"]}
+    kept = [r for r in earlier["rows"] if (r["regime"], r["key"]) not in fresh]
+    order = [r.key for r in method_rows(FULL)] + ["base-model"]
+    regimes = list(REGIMES)
+
+    def position(row: dict[str, Any]) -> tuple[int, int]:
+        regime = regimes.index(row["regime"]) if row["regime"] in regimes else len(regimes)
+        return regime, order.index(row["key"]) if row["key"] in order else len(order)
+
+    rows = sorted(results["rows"] + kept, key=position)  # stable: unknown keys keep their order
+    keys = sorted({r["key"] for r in kept})
+    command = (f"{results['command']}; the rows {keys} are kept from {source} "
+               f"({earlier.get('command', 'command not recorded')})") if kept else results["command"]
+    return {**results, "command": command, "rows": rows}

@@ -3,6 +3,8 @@ r"""The noisy-SFT benchmark: does each method keep the right tokens, what does i
     python -m lit_tokensel_bench.noisy_sft                 # full run: 2 regimes x 3 seeds x every method (~45 min, 2 cores)
     python -m lit_tokensel_bench.noisy_sft --quick         # one seed, ratio 0.8, smaller model and data (~5 min)
     python -m lit_tokensel_bench.noisy_sft --only rho1 sstoken --regimes pretrained   # a subset (rows by key prefix)
+    python -m lit_tokensel_bench.noisy_sft --only dft --merge benchmarks/results/noisy_sft/results.json
+                                                          # re-run some rows, keep the other rows' results
 
 Stages, each a job in a fresh worker process (`--jobs` at a time, one thread each):
   1. data (`lit_tokensel_bench.noisy_sft.data`): noisy SFT rows with every corrupted span recorded, clean
@@ -394,6 +396,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="README to write the summary into (default: the repo README for full runs, none for "
                              "--quick); the full tables go to docs/benchmarks.md beside it")
     parser.add_argument("--no-readme", action="store_true", help="write neither the README nor docs/benchmarks.md")
+    parser.add_argument("--merge", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="keep the rows of this results.json that this run does not have (e.g. the committed "
+                             "benchmarks/results/noisy_sft/results.json when re-running a few rows with --only); "
+                             "the token page then shows this run's rows only")
     parser.add_argument("--report-dir", type=Path, default=None,
                         help="where the report goes (default benchmarks/results/<mode> for full and --smollm2 runs, "
                              "<workdir>/report for --quick)")
@@ -401,7 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lit_tokensel_bench.noisy_sft.collect import collect_results, collect_samples
+    from lit_tokensel_bench.noisy_sft.collect import collect_results, collect_samples, merge_results
     from lit_tokensel_bench.noisy_sft.report import write_outputs
 
     args = parse_args(argv)
@@ -430,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{list(settings.ratios)}, {settings.total_steps} optimizer steps per run")
     failed = run_graph(tasks, workers)
     results = collect_results(settings, paths, rows, command)
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text(encoding="utf-8"))  # read before the report overwrites it
+        results = merge_results(results, earlier, str(args.merge))
     samples = [collect_samples(settings, paths, regime, rows[regime]) for regime in regimes]
     readme = None if args.no_readme else (args.readme or (None if args.quick else REPO / "README.md"))
     report_dir = args.report_dir or (paths.root / "report" if args.quick else REPO / "benchmarks" / "results" /
