@@ -2,11 +2,12 @@
 the training rows and a held-out slice that trains the warm-up reference.
 
 Both sources come from PyPI archives through `lit_tokensel.data.real_sources` (prepared once into the
-cache, never fetched from a hub). Rows are rendered to chat `messages`; rows whose conversation does not
-fit `max_length` tokens whole are left out (right-truncation would cut the answer, or all of it, away:
-NaturalInstructions' task definitions alone often run to hundreds of tokens). The pool is shuffled with
-the data seed and cut into train and reference, so both hold the same mix in expectation; the realised
-counts per source are written to `data/manifest.json` and into the report.
+cache, never fetched from a hub). Rows are rendered to chat `messages`; a row is kept when its prompt
+leaves at least `min_answer_tokens` of `max_length` to the answer (the DataModule right-truncates the
+rest of a long answer; NaturalInstructions' task definitions alone often run to hundreds of tokens, and a
+row cut inside its prompt would train nothing). The pool is shuffled with the data seed and cut into
+train and reference, so both hold the same mix in expectation; the realised counts per source are
+written to `data/manifest.json` and into the report.
 """
 
 from __future__ import annotations
@@ -23,23 +24,25 @@ from lit_tokensel_bench.noisy_sft.report import atomic_write_text
 from lit_tokensel_bench.real_sft.plan import StudySettings
 
 
-def conversation_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
-    ids = tokenizer.apply_chat_template(messages, tokenize=True)
+def prompt_length(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens of the chat-template rendering up to the assistant turn (generation prompt included)."""
+    ids = tokenizer.apply_chat_template([m for m in messages if m["role"] != "assistant"], tokenize=True,
+                                        add_generation_prompt=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return len(ids)
 
 
 def pool(settings: StudySettings, tokenizer: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Every candidate row (with its `source`) that fits `max_length`, shuffled with the data seed; and
-    per source the number of rows left out for length."""
+    """Every candidate row (with its `source`) whose prompt leaves `min_answer_tokens` to the answer,
+    shuffled with the data seed; and per source the number of rows left out for length."""
     rows = [{"messages": to_messages(r, "alpaca"), "source": "alpaca_en_demo"}
             for r in alpaca_rows()[: settings.alpaca_rows]]
     rows += [{"messages": r["messages"], "source": "natural_instructions", "task": r["task"]}
              for r in natural_instruction_rows(settings.ni_rows, seed=settings.data_seed)]
     kept, too_long = [], Counter()
     for row in rows:
-        if conversation_length(tokenizer, row["messages"]) <= settings.max_length:
+        if prompt_length(tokenizer, row["messages"]) <= settings.max_length - settings.min_answer_tokens:
             kept.append(row)
         else:
             too_long[row["source"]] += 1
@@ -56,7 +59,8 @@ def write_study_data(settings: StudySettings, tokenizer: Any, directory: Path) -
     rows, too_long = pool(settings, tokenizer)
     need = settings.train_rows + settings.reference_rows
     if len(rows) < need:
-        raise ValueError(f"the data pool holds {len(rows)} rows that fit {settings.max_length} tokens, "
+        raise ValueError(f"the data pool holds {len(rows)} rows whose prompt fits {settings.max_length} - "
+                         f"{settings.min_answer_tokens} tokens, "
                          f"{need} needed (train {settings.train_rows} + reference {settings.reference_rows})")
     splits = {"train": rows[: settings.train_rows],
               "reference": rows[settings.train_rows: need]}
