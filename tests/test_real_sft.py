@@ -297,3 +297,14 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
     assert summary.startswith("intro\n") and summary.endswith("outro\n") and "old" not in summary
     assert "better than full SFT: Rho-1 (0.6)" in summary and "**PARTIAL**" in summary
     assert json.loads(paths["results"].read_text(encoding="utf-8"))["missing"] == collected["missing"]
+
+
+def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
+    import dataclasses
+
+    from lit_tokensel_bench.real_sft.run import check_workdir
+
+    check_workdir(tmp_path, CPU)
+    check_workdir(tmp_path, dataclasses.replace(CPU, seeds=(0, 1, 2, 3)))  # more seeds: same study
+    with pytest.raises(SystemExit, match=r"differs in \['limits', 'train_rows'\]"):
+        check_workdir(tmp_path, dataclasses.replace(CPU, train_rows=64, limits={"arc_easy": 1}))
