@@ -282,6 +282,9 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
     # accuracy: rho1 [1, 1, 0, 1] - full mean [1, 0, 0.5, 1] = [0, 1, -0.5, 0] -> +12.5 points
     assert rows["rho1"]["diff"]["arc_easy"]["diff"] == pytest.approx(12.5)
     assert rows["rho1"]["cost"] == {"step_time_ratio": 1.5, "extra_peak_mib": 50.0, "step_time_s": 3.0}
+    # one run's standard error (full SFT, seed 0): accuracy 50% on 4 documents -> sqrt(.5 * .5 / 4) = 25 points
+    assert rows["full"]["se"]["arc_easy"] == pytest.approx(25.0)
+    assert rows["full"]["se"]["alpaca_eval_nll"] == pytest.approx(0.0)
     assert stats.verdict(rows["dft"]["diff"]["alpaca_eval_nll"], higher_is_better=False) == "worse"
 
     readme = tmp_path / "README.md"
@@ -294,6 +297,7 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
     text, summary = page.read_text(encoding="utf-8"), readme.read_text(encoding="utf-8")
     assert "**PARTIAL**" in text and "base-model" in text and "rho1/seed1" in text
     assert "| Rho-1 (0.6) | 1 |" in text and "-0.500 [" in text
+    assert "| *standard error of one run* | | 0.000 | 25.0 |" in text
     assert summary.startswith("intro\n") and summary.endswith("outro\n") and "old" not in summary
     assert "better than full SFT: Rho-1 (0.6)" in summary and "**PARTIAL**" in summary
     assert json.loads(paths["results"].read_text(encoding="utf-8"))["missing"] == collected["missing"]

@@ -10,10 +10,13 @@ missing is marked PARTIAL and lists them.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from lit_tokensel_bench.noisy_sft.metrics import stat
 from lit_tokensel_bench.noisy_sft.report import atomic_write_text, update_readme
@@ -89,8 +92,17 @@ def method_rows(settings: StudySettings, collected: dict[str, Any], iters: int =
             if suite:
                 row["diff"]["average"] = paired_bootstrap([diffs[t] for t in suite], iters=iters)
         row["cost"] = cost(method.key, seeds, full)
+        if method.key == "full":
+            row["se"] = {t: standard_error([r["docs"][t] for r in results], _scale(t)) for t in tasks}
         rows.append(row)
     return rows
+
+
+def standard_error(per_seed: list[dict[str, float]], scale: float) -> float:
+    """The standard error of one run's score over its documents (the first seed's): sd / sqrt(n), which for
+    0/1 accuracies is the binomial sqrt(p (1 - p) / n)."""
+    values = np.array(list(per_seed[0].values()), dtype=np.float64) * scale  # [D]
+    return float(values.std(ddof=0) / math.sqrt(values.size)) if values.size else math.nan
 
 
 def cost(key: str, seeds: dict[int, dict[str, Any]], full: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -144,6 +156,10 @@ def scores_table(settings: StudySettings, rows: list[dict[str, Any]], base: dict
         lines.append(f"| {row['name']} | {len(row['seeds'])} | " + " | ".join(
             _ms(row["scores"][t], _digits(t)) for t in tasks) + f" | {_ms(row['average'], 1)} | "
             f"{_num(c['step_time_ratio'], '.2f')} | {_num(c['extra_peak_mib'], '+.0f')} |")
+    full = next((row for row in rows if "se" in row), None)
+    if full is not None:
+        lines.append("| *standard error of one run* | | " + " | ".join(
+            _num(full["se"][t], f".{_digits(t)}f") for t in tasks) + " | | | |")
     return "\n".join(lines)
 
 
