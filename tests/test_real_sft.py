@@ -155,6 +155,7 @@ def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
     full = args("full")
     assert value(full, "--model.init_args.model") == CPU.model
     assert value(full, "--trainer.accumulate_grad_batches") == "1"
+    assert value(full, "--trainer.precision") == "bf16-mixed"
     assert str(METHOD_CONFIGS.parent / "presets" / "smollm2_lora.yaml") in full
     # paper defaults: no ratio is overridden
     assert not any(a in ("--model.init_args.ratio", "--model.init_args.rho", "--model.init_args.token_ratio")

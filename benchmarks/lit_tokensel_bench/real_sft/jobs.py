@@ -78,7 +78,7 @@ def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings,
 def load_for_eval(path: str, settings: StudySettings) -> tuple[torch.nn.Module, Any]:
     from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
 
-    model = load_causal_lm(path).to(settings.device)
+    model = load_causal_lm(path).to(device=settings.device, dtype=getattr(torch, settings.eval_dtype))
     model.eval()
     return model, load_tokenizer(path)
 

@@ -80,6 +80,11 @@ class StudySettings:
     eval_batch_size: int = 32
     device: str = "cpu"
     threads: int = 2
+    precision: str = "bf16-mixed"
+    """Training precision. bf16 autocast with fp32 master weights: this CPU has AMX-BF16, and a LoRA step of
+    SmolLM2 at 8 x 192 tokens measured 1.6x faster than fp32."""
+    eval_dtype: str = "bfloat16"
+    """The merged model is scored in this dtype (a forward at 8 x 192 tokens: 3.4 s in bf16, 11.6 s in fp32)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -42,14 +42,14 @@ console = Console(stderr=True, highlight=False)
 def noisy_settings(settings: StudySettings) -> Settings:
     """The noisy-SFT benchmark's settings that make its run builders (`common_args`, `method_args`,
     `regime_tasks`) train this study's runs: the given pretrained model, the LoRA preset, one regime."""
-    device = (["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"] if settings.device == "cuda"
-              else [])
+    device = ["--trainer.accelerator", "gpu"] if settings.device == "cuda" else []
     return Settings(
         seeds=settings.seeds, ratios=(0.6,), train_rows=settings.train_rows, reference_rows=settings.reference_rows,
         epochs=settings.epochs, batch_size=settings.batch_size, max_length=settings.max_length,
         learning_rate={REGIME: settings.learning_rate}, data_seed=settings.data_seed,
         pretrained_model=settings.model, extra_configs=("presets/smollm2_lora.yaml",),
-        extra_args=("--trainer.accumulate_grad_batches", "1", *device), regimes=(REGIME,), ablations=False)
+        extra_args=("--trainer.accumulate_grad_batches", "1", "--trainer.precision", settings.precision, *device),
+        regimes=(REGIME,), ablations=False)
 
 
 def result_path(root: Path, key: str, seed: int) -> Path:
