@@ -310,11 +310,14 @@ def _fence(text: str) -> str:
     return "`" * max(3, longest + 1)
 
 
-def readme_block(table_md: str, command: str) -> str:
+WRITER = "benchmarks/lit_tokensel_bench/noisy_sft/report.py"
+
+
+def readme_block(table_md: str, command: str, writer: str = WRITER) -> str:
     """What `update_readme` puts between the markers (markers excluded), with "\\n" line ends."""
     fence = _fence(command)
     return (
-        "<!-- Written by benchmarks/lit_tokensel_bench/noisy_sft/report.py: edits between these markers are overwritten. -->\n"
+        f"<!-- Written by {writer}: edits between these markers are overwritten. -->\n"
         "Produced by:\n\n"
         f"{fence}bash\n{command.strip()}\n{fence}\n\n"
         f"{table_md.strip()}\n"
@@ -326,7 +329,8 @@ def readme_markers(section: str = "noisy-sft-results") -> tuple[str, str]:
     return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(readme: Path, table_md: str, command: str, section: str = "noisy-sft-results") -> bool:
+def update_readme(readme: Path, table_md: str, command: str, section: str = "noisy-sft-results",
+                  writer: str = WRITER) -> bool:
     """Replace the README text between the `section`'s markers (kept) with the command and table.
 
     Text outside the markers is left byte for byte. Raises ValueError naming the file when a marker is
@@ -341,12 +345,12 @@ def update_readme(readme: Path, table_md: str, command: str, section: str = "noi
         if text.count(marker) != 1:
             problems.append(f"{marker!r} found {text.count(marker)} times, expected once")
     if problems:
-        raise ValueError(f"{readme}: cannot update the noisy-SFT results: " + "; ".join(problems))
+        raise ValueError(f"{readme}: cannot update the {section} section: " + "; ".join(problems))
     start, end = text.index(start_marker), text.index(end_marker)
     if end < start:
         raise ValueError(f"{readme}: {end_marker!r} comes before {start_marker!r}")
     newline = "\r\n" if text.count("\r\n") * 2 > text.count("\n") else "\n"  # the file's usual line end
-    block = readme_block(table_md, command).replace("\n", newline)
+    block = readme_block(table_md, command, writer).replace("\n", newline)
     new = text[: start + len(start_marker)] + newline + block + text[end:]
     if new == text:
         return False

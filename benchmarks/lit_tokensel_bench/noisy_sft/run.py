@@ -56,6 +56,8 @@ class Task:
     done: Callable[[], bool] = lambda: False
     result: dict[str, Any] | None = None
     error: str | None = None
+    cost: float = 1.0
+    """Relative cost, for the ETA (e.g. 2 for a job twice as long as a cost-1 job)."""
 
 
 @dataclass
@@ -295,8 +297,11 @@ def method_tasks(settings: Settings, paths: Paths, regime: str, rows: list[Metho
 # ------------------------------------------------------------------------------------------------ scheduling
 
 
-def run_graph(tasks: list[Task], workers: int) -> list[Task]:
-    """Run tasks in dependency order, `workers` at a time, each in a fresh process; return the failed ones."""
+def run_graph(tasks: list[Task], workers: int,
+              describe: Callable[[dict[str, Any]], str] | None = None) -> list[Task]:
+    """Run tasks in dependency order, `workers` at a time, each in a fresh process; return the failed ones.
+    A line per finished job: `describe(result)` (default `summary`), its time and the ETA of the rest."""
+    describe = describe or summary
     by_name = {t.name: t for t in tasks}
     pending = [t for t in tasks if not t.done()]
     finished = {t.name for t in tasks} - {t.name for t in pending}
@@ -306,6 +311,7 @@ def run_graph(tasks: list[Task], workers: int) -> list[Task]:
     failed: list[Task] = []
     running: dict[Future, tuple[Task, float]] = {}
     total, count = len(pending), 0
+    spent, done_cost, left_cost = 0.0, 0.0, sum(t.cost for t in pending)
     context = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         while pending or running:
@@ -324,16 +330,23 @@ def run_graph(tasks: list[Task], workers: int) -> list[Task]:
             for future in done:
                 task, started = running.pop(future)
                 count += 1
+                seconds = time.perf_counter() - started
+                spent, done_cost, left_cost = spent + seconds, done_cost + task.cost, left_cost - task.cost
+                eta = f", ETA {eta_text(spent / done_cost * left_cost / workers)}" if left_cost > 0 else ""
                 try:
                     task.result = future.result()
                     finished.add(task.name)
-                    console.print(f"[{count}/{total}] {task.name}  {summary(task.result)}  "
-                                  f"({time.perf_counter() - started:.0f} s)")
+                    console.print(f"[{count}/{total}] {task.name}  {describe(task.result)}  ({seconds:.0f} s{eta})")
                 except Exception as err:  # noqa: BLE001 - reported, the others go on
                     task.error = f"{type(err).__name__}: {err}"
                     failed.append(task)
                     console.print(f"[red][{count}/{total}] {task.name} FAILED: {task.error}[/red]")
     return failed
+
+
+def eta_text(seconds: float) -> str:
+    """`42 min` or `3.5 h`: the time the remaining jobs take at the finished jobs' pace (per unit of cost)."""
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -1,0 +1,116 @@
+"""The study's units of work, each in a fresh worker process: score a model (the AlpacaEval NLL proxy and
+the offline suite, per document), and train-then-score one method x seed.
+
+A job writes its result file atomically at the very end (the done-marker), so an interrupted study
+redoes only unfinished jobs. The trained model is exported with LoRA merged (lm-eval then runs a plain
+model, no adapter hooks) and the export is deleted once scored: only the result file is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lit_tokensel_bench.noisy_sft.jobs import fit_job, quiet_worker, write_json
+from lit_tokensel_bench.real_sft.plan import StudySettings
+
+
+def eval_suite(settings: StudySettings) -> Any:
+    """The offline suite (its few-shot counts and headline metrics) with the study's per-task limits; tasks
+    without a limit are left out."""
+    from lit_tokensel_eval.suites import Suite, load_suite
+
+    offline = load_suite("offline")
+    specs = [dataclasses.replace(spec, limit=settings.limits[spec.task]) for spec in offline.tasks
+             if spec.task in settings.limits]
+    return Suite(name="real_sft", tasks=specs, description="the offline suite with the study's limits")
+
+
+def per_document(results: dict[str, Any], suite: Any) -> dict[str, dict[str, float]]:
+    """Per suite task: document key -> headline-metric value, from lm-eval's logged samples. Group tasks
+    (MMLU) pool their subtasks' documents under `subtask/doc_id`; with several filters (GSM8K) the first
+    one of the task's records is used."""
+    metric = {spec.task: spec.metric for spec in suite.tasks}
+    out: dict[str, dict[str, float]] = {task: {} for task in metric}
+    for name, records in results.get("samples", {}).items():
+        task = name if name in metric else next((t for t in metric if name.startswith(f"{t}_") or
+                                                 name.startswith(f"{t}-")), None)
+        if task is None:  # lit_tokensel_eval's offline rename (truthfulqa_mc2 -> truthfulqa_mc2_bb299)
+            task = next((t for t in metric if name.startswith(t)), None)
+        if task is None:
+            raise ValueError(f"lm-eval samples of {name!r} belong to no task of the suite ({list(metric)})")
+        first_filter = records[0].get("filter") if records else None
+        for record in records:
+            if record.get("filter") != first_filter:
+                continue
+            key = str(record["doc_id"]) if name == task else f"{name}/{record['doc_id']}"
+            out[task][key] = float(record[metric[task]])
+    return out
+
+
+def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings, name: str) -> dict[str, Any]:
+    """The NLL proxy and the offline suite, per document and in total, with the seconds each took."""
+    from lit_tokensel_bench.real_sft.alpaca_eval import alpaca_eval_rows, answer_nll, proxy_subset
+    from lit_tokensel_eval import InMemoryModel, evaluate
+
+    started = time.perf_counter()
+    rows = proxy_subset(alpaca_eval_rows(), settings.proxy_rows, settings.proxy_seed)
+    nll = answer_nll(model, tokenizer, rows, max_answer_tokens=settings.proxy_max_tokens,
+                     batch_size=settings.eval_batch_size // 2)
+    docs: dict[str, dict[str, float]] = {"alpaca_eval_nll": {str(r["index"]): v for r, v in zip(rows, nll)}}
+    seconds = {"alpaca_eval_nll": time.perf_counter() - started}
+    suite = eval_suite(settings)
+    if suite.tasks:
+        started = time.perf_counter()
+        run = evaluate(InMemoryModel(model, tokenizer, name=name), suite=suite, batch_size=settings.eval_batch_size,
+                       bootstrap_iters=0, offline=True, log_samples=True, progress=False)
+        docs |= per_document(run.results, suite)
+        seconds["suite"] = time.perf_counter() - started
+    return {"docs": docs, "scores": {task: sum(v.values()) / len(v) for task, v in docs.items() if v},
+            "eval_seconds": seconds}
+
+
+def load_for_eval(path: str, settings: StudySettings) -> tuple[torch.nn.Module, Any]:
+    from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
+
+    model = load_causal_lm(path).to(device=settings.device, dtype=getattr(torch, settings.eval_dtype))
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Score the model `job["model"]` (an export directory or a `builtin:` name) into `job["result"]`."""
+    settings = StudySettings(**job["settings"])
+    quiet_worker(settings.threads, Path(job["result"]).with_suffix(".log"))
+    model, tokenizer = load_for_eval(job["model"], settings)
+    result = {"name": job["name"], **score_model(model, tokenizer, settings, job["name"])}
+    write_json(Path(job["result"]), result)
+    return result
+
+
+def train_eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one method x seed (noisy-SFT's fit job: step times, peak memory, export), score the export,
+    write the result, delete the export. A finished fit (its `fit.json` and export) is not redone."""
+    settings = StudySettings(**job["settings"])
+    run_dir = Path(job["run_dir"])
+    fit_file, export = run_dir / "fit.json", run_dir / "export"
+    started = time.perf_counter()
+    if not (fit_file.is_file() and (export / "config.json").is_file()):
+        fit_job({"name": job["name"], "args": job["args"], "run_dir": str(run_dir), "threads": settings.threads,
+                 "result": str(fit_file)})
+    else:
+        quiet_worker(settings.threads, run_dir / "worker.log")
+    import json
+
+    fit = json.loads(fit_file.read_text(encoding="utf-8"))
+    model, tokenizer = load_for_eval(str(export), settings)
+    result = {"name": job["name"], "fit": fit, **score_model(model, tokenizer, settings, job["name"]),
+              "seconds": time.perf_counter() - started}
+    write_json(Path(job["result"]), result)
+    shutil.rmtree(export, ignore_errors=True)
+    return result

@@ -1,0 +1,187 @@
+r"""The real-data study: does any token-selection method beat full SFT on real instruction data?
+
+    python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft           # the CPU budget (~3 h of compute, 2 cores)
+    python -m lit_tokensel_bench.real_sft --out runs/real_sft_gpu --gpu       # the larger budget on one CUDA device
+    python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --report  # tables from whatever has finished,
+                                                                               # into docs/benchmarks.md and the README
+
+SmolLM2-135M-Instruct with the LoRA preset (`configs/presets/smollm2_lora.yaml`) is fine-tuned on a mix
+of Alpaca-demo and NaturalInstructions v1 rows (`data.py`) by every method at its shipped defaults
+(`plan.py`); the reference-based methods get a warm-up reference trained on a held-out slice of the same
+data. Each run is scored on the AlpacaEval GPT-4-answer NLL proxy (`alpaca_eval.py`) and the offline
+suite with fixed per-task limits (`lit_tokensel_eval`, per document). Jobs (a worker process each, two
+torch threads): the data, the reference, the base and reference scoring passes, the base model's scores
+(once, shared), then every method x seed, seed 0 of every method first. Finished jobs are kept in `--out`
+and skipped when the same command runs again; a line per job gives its time and the ETA of the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lit_tokensel_bench.noisy_sft.plan import Settings
+from lit_tokensel_bench.noisy_sft.run import Paths, Task, method_args, regime_tasks, run_graph
+from lit_tokensel_bench.real_sft import jobs
+from lit_tokensel_bench.real_sft.plan import CPU, GPU, QUICK, StudySettings, job_order
+
+REPO = Path(__file__).resolve().parents[3]
+REGIME = "pretrained"
+SECTION = "real-sft-results"
+console = Console(stderr=True, highlight=False)
+
+
+def noisy_settings(settings: StudySettings) -> Settings:
+    """The noisy-SFT benchmark's settings that make its run builders (`common_args`, `method_args`,
+    `regime_tasks`) train this study's runs: the given pretrained model, the LoRA preset, one regime."""
+    device = ["--trainer.accelerator", "gpu"] if settings.device == "cuda" else []
+    return Settings(
+        seeds=settings.seeds, ratios=(0.6,), train_rows=settings.train_rows, reference_rows=settings.reference_rows,
+        epochs=settings.epochs, batch_size=settings.batch_size, max_length=settings.max_length,
+        learning_rate={REGIME: settings.learning_rate}, data_seed=settings.data_seed,
+        pretrained_model=settings.model, extra_configs=("presets/smollm2_lora.yaml",),
+        extra_args=("--trainer.accumulate_grad_batches", "1", "--trainer.precision", settings.precision, *device),
+        regimes=(REGIME,), ablations=False)
+
+
+def result_path(root: Path, key: str, seed: int) -> Path:
+    return root / "results" / key / f"seed{seed}.json"
+
+
+def base_result(root: Path) -> Path:
+    return root / "results" / "base-model" / "seed0.json"
+
+
+def prepare_data(settings: StudySettings, paths: Paths) -> None:
+    from lit_tokensel.modeling.loading import load_tokenizer
+    from lit_tokensel_bench.real_sft.data import write_study_data
+
+    paths.data = write_study_data(settings, load_tokenizer(settings.model), paths.root / "data")
+
+
+def study_tasks(settings: StudySettings, paths: Paths, only: list[str] | None = None) -> list[Task]:
+    """The job graph: reference and scoring passes (noisy-SFT's builders), the base model's scores, then
+    every method x seed in `job_order`. Costs (for the ETA) are relative to one training-and-scoring job."""
+    noisy = noisy_settings(settings)
+    shared = {"settings": settings.to_dict()}
+    prep = [t for t in regime_tasks(noisy, paths, REGIME, settings.threads) if "/eval-" not in t.name]
+    for task in prep:
+        task.cost = 0.5 if "/reference" in task.name else 0.15
+    base = base_result(paths.root)
+    tasks = [*prep, Task("base-model", jobs.eval_job, {"name": "base-model", "model": settings.model,
+                                                       "result": str(base), **shared},
+                         done=base.is_file, cost=0.6)]
+    needs = tuple(t.name for t in prep)
+    for row, seed in job_order(settings):
+        if only is not None and row.key not in only:
+            continue
+        run_dir = paths.run_dir(REGIME, f"{row.key}/seed{seed}")
+        result = result_path(paths.root, row.key, seed)
+        tasks.append(Task(f"{row.key}/seed{seed}", jobs.train_eval_job, {
+            "name": f"{row.key}/seed{seed}", "run_dir": str(run_dir), "result": str(result), **shared,
+            "args": method_args(noisy, paths, REGIME, row, seed, run_dir)}, deps=needs, done=result.is_file))
+    return tasks
+
+
+def describe(result: dict[str, Any]) -> str:
+    """A finished job's line: its proxy NLL, suite average, step time."""
+    scores = result.get("scores", {})
+    parts = []
+    if "alpaca_eval_nll" in scores:
+        parts.append(f"AlpacaEval NLL {scores['alpaca_eval_nll']:.3f}")
+    suite = [v for k, v in scores.items() if k != "alpaca_eval_nll"]
+    if suite:
+        parts.append(f"suite avg {100 * sum(suite) / len(suite):.1f}")
+    fit = result.get("fit") or {}
+    if fit.get("step_time_s"):
+        parts.append(f"{fit['step_time_s']:.2f} s/step")
+    return " | ".join(parts) or result.get("name", result.get("cache", ""))
+
+
+def check_workdir(root: Path, settings: StudySettings) -> None:
+    """A workdir holds one set of settings (seeds may grow): refuse to mix results of another."""
+    saved = root / "settings.json"
+    current = json.loads(json.dumps({k: v for k, v in settings.to_dict().items() if k != "seeds"}))
+    if saved.is_file():
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        if before != current:
+            changed = sorted(k for k in current if before.get(k) != current[k])
+            raise SystemExit(f"{root} holds a study run with other settings (differs in {changed}); "
+                             "use another --out or delete it")
+    jobs.write_json(saved, current)
+
+
+def load_settings(args: argparse.Namespace) -> StudySettings:
+    settings = GPU if args.gpu else QUICK if args.quick else CPU
+    if args.device:
+        settings = dataclasses.replace(settings, device=args.device)
+    if args.seeds is not None:
+        settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
+    return settings
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.real_sft", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/real_sft"), help="the workdir (default runs/real_sft)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--gpu", action="store_true", help="the larger budget, on a CUDA device")
+    budget.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per method, a few documents")
+    parser.add_argument("--only", nargs="+", default=None, help="only these methods (keys, e.g. full rho1)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the budget's device")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the report from the finished jobs into the workdir, "
+                             "docs/benchmarks.md and the README")
+    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
+                        help="README for the summary (--report); docs/benchmarks.md beside it gets the tables")
+    parser.add_argument("--no-readme", action="store_true", help="--report writes the workdir only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lit_tokensel_bench.real_sft.report import write_report
+
+    args = parse_args(argv)
+    settings = load_settings(args)
+    root = args.out.resolve()
+    command = "python -m lit_tokensel_bench.real_sft " + shlex.join(argv if argv is not None else sys.argv[1:])
+    paths = Paths(root)
+    if args.report:
+        if not (root / "settings.json").is_file():
+            raise SystemExit(f"{root} holds no study run (no settings.json)")
+        saved = json.loads((root / "settings.json").read_text(encoding="utf-8"))
+        settings = StudySettings(**{**saved, "seeds": settings.seeds})
+        readme = None if args.no_readme else args.readme
+        ran = root / "command.json"  # the command that ran the jobs, not this --report
+        command = json.loads(ran.read_text(encoding="utf-8")) if ran.is_file() else command
+        for name, path in write_report(settings, root, readme=readme, command=command).items():
+            console.print(f"{name:<10} {path}")
+        return 0
+    check_workdir(root, settings)
+    jobs.write_json(root / "command.json", command)
+    started = time.perf_counter()
+    console.rule(f"real-data study → {root}")
+    prepare_data(settings, paths)
+    tasks = study_tasks(settings, paths, args.only)
+    console.print(f"{len(tasks)} jobs, one at a time with {settings.threads} torch threads; seeds {list(settings.seeds)}; "
+                  f"{settings.steps} optimizer steps of {settings.batch_size} rows per run on {settings.device}")
+    failed = run_graph(tasks, 1, describe=describe)
+    outputs = write_report(settings, root, readme=None, command=command)
+    console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    for name, path in outputs.items():
+        console.print(f"{name:<10} {path}")
+    if failed:
+        console.print(f"[red]{len(failed)} job(s) failed:[/red]")
+        for task in failed:
+            console.print(f"  {task.name}: {task.error}")
+        return 1
+    return 0

