@@ -12,9 +12,9 @@ from torchmetrics.functional import spearman_corrcoef
 
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
-from lit_tokensel.selection.scorers import sstoken_scores
+from lit_tokensel.selection.scorers import Combine, RelForm, retrospective_excess, sstoken_scores
 from lit_tokensel.selection.segments import to_sample_frame
-from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
+from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence, turn_ends
 
 if TYPE_CHECKING:
     from lit_tokensel.modeling.attention_score import PromptAttentionScore
@@ -45,15 +45,22 @@ class SsTokenSFT(TokenSelectionModule):
 
     Args:
         history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
-        rho: Fraction of each sequence's response tokens kept (0.6; the paper uses 0.8 for large models).
+        rho: Fraction of each sequence's (ranked) response tokens kept (0.6; the paper uses 0.8 for large models).
         gamma: Weight of REL; `1` is REL only, `0` attention only.
-        attention_layer: Decoder layer whose attention is scored (negative counts from the end).
+        attention_layer: Decoder layer whose attention is scored (negative counts from the end), or
+            `"middle"` for layer `num_hidden_layers // 2`.
         exclude_sink: Leave the sequence's first token out of the prompt mass. Off for parity with the
             paper; on trained models that attention sink takes most of each row's mass.
         warmup: Fraction of `warmup_unit` spent selecting by attention only.
         warmup_unit: `epoch` (fraction of the first epoch's optimizer steps) or `training` (of all).
         warmup_every_epoch: Repeat the warm-up at the start of every epoch, as the released code does
             (only with `warmup_unit="epoch"`).
+        rel_form: The loss gap's form (`selection.scorers.retrospective_excess`): `difference` (the
+            paper's), `relative` or `inverted`. The last two are variants of this project's search beyond
+            ssToken (docs/beyond-sstoken.md), not the paper's method.
+        combine: `minmax` (the paper's: min-max REL plus raw attention) or `rank` (per-sequence ranks of both).
+        keep_end_of_turn: Always keep each turn's last response token (its end-of-turn token) and rank only
+            the others (a search variant: the paper ranks every response token).
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
@@ -62,11 +69,14 @@ class SsTokenSFT(TokenSelectionModule):
         history: ReferenceModel | None = None,
         rho: float = 0.6,
         gamma: float = 0.5,
-        attention_layer: int = -1,
+        attention_layer: int | Literal["middle"] = -1,
         exclude_sink: bool = False,
         warmup: float = 0.2,
         warmup_unit: Literal["epoch", "training"] = "epoch",
         warmup_every_epoch: bool = False,
+        rel_form: RelForm = "difference",
+        combine: Combine = "minmax",
+        keep_end_of_turn: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -96,7 +106,10 @@ class SsTokenSFT(TokenSelectionModule):
             from lit_tokensel.modeling.attention_score import PromptAttentionScore
 
             hp = self.hparams
-            self.attention = PromptAttentionScore(self.model, layer=hp.attention_layer, exclude_sink=hp.exclude_sink)
+            layer = hp.attention_layer
+            if layer == "middle":
+                layer = int(self.model.config.num_hidden_layers) // 2
+            self.attention = PromptAttentionScore(self.model, layer=layer, exclude_sink=hp.exclude_sink)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -130,23 +143,27 @@ class SsTokenSFT(TokenSelectionModule):
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         attention = self.attention.scores if self.attention is not None else None  # [B, T-1] or None
         attention = to_sample_frame(batch, attention)  # scored on packed rows: into the sample frame
+        protected = turn_ends(valid) if self.hparams.keep_end_of_turn else torch.zeros_like(valid)  # [B, T-1]
+        ranked = valid & ~protected  # [B, T-1]: the tokens the ratio applies to
         if self.in_warmup():
             if attention is None:  # gamma == 1: nothing to select by yet
                 return Selection(keep=valid)
-            return Selection(keep=top_k_per_sequence(attention, valid, self.rho), scores={"attention": attention})
+            keep = top_k_per_sequence(attention, ranked, self.rho) | protected
+            return Selection(keep=keep, scores={"attention": attention})
         losses = token_losses.detach().float()  # [B, T-1]
         scores: dict[str, torch.Tensor] = {}
         diagnostics: dict[str, torch.Tensor | float] = {}
         rel = None
         if self.gamma > 0.0:
             history_losses = self.history.token_losses(self, batch)  # [B, T-1]
-            rel = history_losses - losses  # [B, T-1], L_his - L_theta
+            rel = retrospective_excess(history_losses, losses, self.hparams.rel_form)  # [B, T-1]
             scores.update(rel=rel, history_loss=history_losses)
             diagnostics = rel_diagnostics(rel, losses, valid)
-        combined = sstoken_scores(rel, attention, valid, self.gamma)  # [B, T-1]
+        combined = sstoken_scores(rel, attention, ranked, self.gamma, self.hparams.combine)  # [B, T-1]
         if attention is not None:
             scores["attention"] = attention
-        keep = top_k_per_sequence(combined, valid, self.rho)
+        keep = top_k_per_sequence(combined, ranked, self.rho) | protected
+        combined = torch.where(protected, torch.full_like(combined, 2.0), combined)  # above every ranked score
         return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
 
 
