@@ -181,3 +181,24 @@ def test_merge_keeps_the_earlier_rows_this_run_lacks_in_plan_order():
     assert merged["command"] == ("python -m new --only dft; the rows ['base-model', 'profit', 'rho1-0.6'] are kept "
                                  "from old/results.json (python -m old)")
     assert merge_results(fresh, {"rows": []}, "x")["command"] == fresh["command"]
+
+
+def test_search_rows_are_the_six_preregistered_variants_with_valid_sstoken_settings():
+    """docs/beyond-sstoken.md fixes six variants at ratio 0.6; each override must be an SsTokenSFT setting."""
+    import inspect as pyinspect
+
+    from lit_tokensel import SsTokenSFT
+    from lit_tokensel_bench.noisy_sft.plan import SEARCH_BASELINES, search_regime_rows, search_rows
+
+    variants = search_rows()
+    assert [row.key for row in variants] == ["v1-relative-0.6", "v2-inverted-0.6", "v3-eot-base-0.6", "v4-rank-0.6",
+                                             "v5-middle-nosink-0.6", "v6-relative-eot-0.6"]
+    accepted = set(pyinspect.signature(SsTokenSFT.__init__).parameters)
+    for row in variants:
+        flags = [a.removeprefix("--model.init_args.") for a in row.overrides[::2]]
+        assert set(flags) <= accepted, row.key
+        assert row.config == "sstoken" and row.ratio == 0.6
+    pretrained = [row.key for row in search_regime_rows(FULL, "pretrained")]
+    scratch = [row.key for row in search_regime_rows(FULL, "scratch")]
+    assert set(SEARCH_BASELINES) <= set(pretrained) and "v3-eot-base-0.6" in pretrained
+    assert "v3-eot-base-0.6" not in scratch and "sstoken-base-0.6" not in scratch  # no base from scratch

@@ -14,9 +14,9 @@ from lit_tokensel.choices import check_choices
 from lit_tokensel.methods.base import Batch, Selection, TokenSelectionModule
 from lit_tokensel.reference import HistoryReference, ReferenceModel, reference_from_config
 from lit_tokensel.renamed_settings import refuse_renamed
-from lit_tokensel.selection.scorers import sstoken_scores
+from lit_tokensel.selection.scorers import Combine, RelForm, retrospective_excess, sstoken_scores
 from lit_tokensel.selection.segments import to_sample_frame
-from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence
+from lit_tokensel.selection.selectors import check_ratio, top_k_per_sequence, turn_ends
 
 if TYPE_CHECKING:
     from lit_tokensel.modeling.attention_score import PromptAttentionScore
@@ -47,15 +47,22 @@ class SsTokenSFT(TokenSelectionModule):
 
     Args:
         history: Where `L_his` comes from; default `HistoryReference(mode="ema", decay=0.99)`.
-        ratio: Fraction of each sequence's response tokens kept (the paper's rho: 0.6, 0.8 for large models).
+        ratio: Fraction of each sequence's (ranked) response tokens kept (the paper's rho: 0.6, 0.8 for large models).
         gamma: Weight of REL; `1` is REL only, `0` attention only.
-        attention_layer: Decoder layer whose attention is scored (negative counts from the end).
+        attention_layer: Decoder layer whose attention is scored (negative counts from the end), or
+            `"middle"` for layer `num_hidden_layers // 2`.
         exclude_sink: Leave the sequence's first token out of the prompt mass. Off for parity with the
             paper; on trained models that attention sink takes most of each row's mass.
         warmup: Fraction of `warmup_unit` spent selecting by attention only.
         warmup_unit: `epoch` (fraction of the first epoch's optimizer steps) or `training` (of all).
         warmup_every_epoch: Repeat the warm-up at the start of every epoch, as the released code does
             (only with `warmup_unit="epoch"`).
+        rel_form: The loss gap's form (`selection.scorers.retrospective_excess`): `difference` (the
+            paper's), `relative` or `inverted`. The last two are variants of this project's search beyond
+            ssToken (docs/beyond-sstoken.md), not the paper's method.
+        combine: `minmax` (the paper's: min-max REL plus raw attention) or `rank` (per-sequence ranks of both).
+        keep_end_of_turn: Always keep each turn's last response token (its end-of-turn token) and rank only
+            the others (a search variant: the paper ranks every response token).
         **kwargs: Model, optimizer and schedule settings of `TokenSelectionModule`.
     """
 
@@ -66,11 +73,14 @@ class SsTokenSFT(TokenSelectionModule):
         history: ReferenceModel | None = None,
         ratio: float = 0.6,
         gamma: float = 0.5,
-        attention_layer: int = -1,
+        attention_layer: int | Literal["middle"] = -1,
         exclude_sink: bool = False,
         warmup: float = 0.2,
         warmup_unit: Literal["epoch", "training"] = "epoch",
         warmup_every_epoch: bool = False,
+        rel_form: RelForm = "difference",
+        combine: Combine = "minmax",
+        keep_end_of_turn: bool = False,
         **kwargs: Any,
     ) -> None:
         refuse_renamed(type(self), kwargs)
@@ -87,7 +97,10 @@ class SsTokenSFT(TokenSelectionModule):
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
         self.ratio = check_ratio(ratio)
         self.gamma = float(gamma)
+        if isinstance(attention_layer, str) and attention_layer != "middle":
+            raise ValueError(f"attention_layer={attention_layer!r}: use a layer index or 'middle'")
         self.attention_layer, self.exclude_sink = attention_layer, exclude_sink
+        self.rel_form, self.combine, self.keep_end_of_turn = rel_form, combine, keep_end_of_turn
         self.warmup, self.warmup_unit, self.warmup_every_epoch = warmup, warmup_unit, warmup_every_epoch
         self.warmup_steps = 0
         self.epoch_steps = 0  # optimizer steps per epoch, set at fit start
@@ -102,7 +115,10 @@ class SsTokenSFT(TokenSelectionModule):
         if self.gamma < 1.0 and self.attention is None:
             from lit_tokensel.modeling.attention_score import PromptAttentionScore
 
-            self.attention = PromptAttentionScore(self.model, layer=self.attention_layer, exclude_sink=self.exclude_sink)
+            layer = self.attention_layer
+            if layer == "middle":
+                layer = int(self.model.config.num_hidden_layers) // 2
+            self.attention = PromptAttentionScore(self.model, layer=layer, exclude_sink=self.exclude_sink)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -136,23 +152,27 @@ class SsTokenSFT(TokenSelectionModule):
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         attention = self.attention.scores if self.attention is not None else None  # [B, T-1] or None
         attention = to_sample_frame(batch, attention)  # scored on packed rows: into the sample frame
+        protected = turn_ends(valid) if self.keep_end_of_turn else torch.zeros_like(valid)  # [B, T-1]
+        ranked = valid & ~protected  # [B, T-1]: the tokens the ratio applies to
         if self.in_warmup():
             if attention is None:  # gamma == 1: nothing to select by yet
                 return Selection(keep=valid)
-            return Selection(keep=top_k_per_sequence(attention, valid, self.ratio), scores={"attention": attention})
+            keep = top_k_per_sequence(attention, ranked, self.ratio) | protected
+            return Selection(keep=keep, scores={"attention": attention})
         losses = token_losses.detach().float()  # [B, T-1]
         scores: dict[str, torch.Tensor] = {}
         diagnostics: dict[str, torch.Tensor | float] = {}
         rel = None
         if self.gamma > 0.0:
             history_losses = self.history.token_losses(self, batch)  # [B, T-1]
-            rel = history_losses - losses  # [B, T-1], L_his - L_theta
+            rel = retrospective_excess(history_losses, losses, self.rel_form)  # [B, T-1]
             scores.update(rel=rel, history_loss=history_losses)
             diagnostics = rel_diagnostics(rel, losses, valid)
-        combined = sstoken_scores(rel, attention, valid, self.gamma)  # [B, T-1]
+        combined = sstoken_scores(rel, attention, ranked, self.gamma, self.combine)  # [B, T-1]
         if attention is not None:
             scores["attention"] = attention
-        keep = top_k_per_sequence(combined, valid, self.ratio)
+        keep = top_k_per_sequence(combined, ranked, self.ratio) | protected
+        combined = torch.where(protected, torch.full_like(combined, 2.0), combined)  # above every ranked score
         return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
 
 

@@ -52,6 +52,16 @@ def top_k_per_sequence(scores: torch.Tensor, valid: torch.Tensor, ratio: float) 
     return (ranks < k[:, None]) & valid
 
 
+def turn_ends(valid: torch.Tensor) -> torch.Tensor:
+    """The last response token of each contiguous response span (each assistant turn), `[B, T-1]` bool.
+
+    With chat templates that label the end-of-turn token (the DataModule does), that is the end-of-turn token.
+    """
+    following = torch.zeros_like(valid)  # [B, T-1]
+    following[:, :-1] = valid[:, 1:]
+    return valid & ~following
+
+
 def top_k_per_batch(
     scores: torch.Tensor, valid: torch.Tensor, ratio: float, group: Any | None = None
 ) -> torch.Tensor:

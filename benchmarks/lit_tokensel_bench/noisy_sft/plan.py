@@ -164,6 +164,41 @@ def method_rows(settings: Settings) -> list[MethodRow]:
     return rows
 
 
+SEARCH_RATIO = 0.6
+"""The search beyond ssToken runs every variant at ssToken's paper ratio (docs/beyond-sstoken.md)."""
+SEARCH_BASELINES = ("full", "sstoken-0.6", "sstoken-base-0.6", "rho1-0.6")
+"""The rows each variant is compared with (run again in the search's own workdir, same seeds)."""
+_BASE_HISTORY = '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'
+
+
+def search_rows() -> list[MethodRow]:
+    """The six pre-registered variants of ssToken (docs/beyond-sstoken.md), at ratio 0.6, EMA history unless
+    the variant says otherwise. V3 uses the base history, so it runs where a base exists (pretrained regime)."""
+    r = f"{SEARCH_RATIO:g}"
+
+    def variant(key: str, name: str, *settings: str, regimes: tuple[str, ...] = REGIMES) -> MethodRow:
+        return MethodRow(f"{key}-{r}", f"{name} ({r})", key, "sstoken", SEARCH_RATIO,
+                         ("--model.init_args.ratio", r, *settings), ("sstoken", 1), regimes=regimes)
+
+    return [
+        variant("v1-relative", "V1 relative REL", "--model.init_args.rel_form", "relative"),
+        variant("v2-inverted", "V2 inverted REL", "--model.init_args.rel_form", "inverted"),
+        variant("v3-eot-base", "V3 protected end-of-turn, base history", "--model.init_args.keep_end_of_turn",
+                "true", "--model.init_args.history", _BASE_HISTORY, regimes=("pretrained",)),
+        variant("v4-rank", "V4 rank combination", "--model.init_args.combine", "rank"),
+        variant("v5-middle-nosink", "V5 middle layer, no sink", "--model.init_args.attention_layer", "middle",
+                "--model.init_args.exclude_sink", "true"),
+        variant("v6-relative-eot", "V6 relative REL + protected end-of-turn", "--model.init_args.rel_form",
+                "relative", "--model.init_args.keep_end_of_turn", "true"),
+    ]
+
+
+def search_regime_rows(settings: Settings, regime: str) -> list[MethodRow]:
+    """The search's rows in `regime`: the baselines of `SEARCH_BASELINES` and the six variants."""
+    baselines = [row for row in method_rows(settings) if row.key in SEARCH_BASELINES + ("reference",)]
+    return [row for row in baselines + search_rows() if regime in row.regimes]
+
+
 def regime_rows(settings: Settings, regime: str) -> list[MethodRow]:
     return [row for row in method_rows(settings)
             if regime in row.regimes and (settings.row_keys is None or row.key in settings.row_keys)]

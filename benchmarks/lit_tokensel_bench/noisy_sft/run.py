@@ -38,7 +38,16 @@ from typing import Any
 from rich.console import Console
 
 from lit_tokensel_bench.noisy_sft import jobs
-from lit_tokensel_bench.noisy_sft.plan import FULL, QUICK, REGIMES, SMOLLM2, MethodRow, Settings, regime_rows
+from lit_tokensel_bench.noisy_sft.plan import (
+    FULL,
+    QUICK,
+    REGIMES,
+    SMOLLM2,
+    MethodRow,
+    Settings,
+    regime_rows,
+    search_regime_rows,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 METHOD_CONFIGS = REPO / "configs" / "methods"
@@ -397,6 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="one seed, ratio 0.8, smaller model and data")
     mode.add_argument("--smollm2", action="store_true",
                       help="the real-model run: SmolLM2-135M-Instruct with LoRA (needs the smollm2 extra)")
+    parser.add_argument("--search", action="store_true",
+                        help="the pre-registered search beyond ssToken (docs/beyond-sstoken.md): its six variants and "
+                             "the rows they are compared with; report into docs/beyond-sstoken.md")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="default runs/noisy_sft, runs/noisy_sft_quick or runs/noisy_sft_smollm2")
     parser.add_argument("--jobs", type=int, default=None,
@@ -426,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args)
     suffix = "_smollm2" if args.smollm2 else "_quick" if args.quick else ""
-    paths = Paths((args.workdir or Path("runs") / f"noisy_sft{suffix}").resolve())
+    name = "beyond_sstoken" if args.search else "noisy_sft"
+    paths = Paths((args.workdir or Path("runs") / f"{name}{suffix}").resolve())
     regimes = args.regimes or list(settings.regimes)
     workers = args.jobs or (1 if args.smollm2 else 2)
     threads = max(1, (os.cpu_count() or 2) // workers)
@@ -436,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     console.rule(f"noisy-SFT benchmark → {paths.root}")
     prepare_data(settings, paths)
     write_oracle_config(paths)
-    rows = {regime: [r for r in regime_rows(settings, regime)
+    select_rows = search_regime_rows if args.search else regime_rows
+    rows = {regime: [r for r in select_rows(settings, regime)
                      if args.only is None or r.key in ("full", "reference") or r.key.startswith(tuple(args.only))]
             for regime in regimes}
     tasks = []
@@ -455,10 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     samples = [collect_samples(settings, paths, regime, rows[regime]) for regime in regimes]
     readme = None if args.no_readme else (args.readme or (None if args.quick else REPO / "README.md"))
     report_dir = args.report_dir or (paths.root / "report" if args.quick else REPO / "benchmarks" / "results" /
-                                     f"noisy_sft{suffix}")
-    page = None if readme is None else readme.resolve().parent / "docs" / "benchmarks.md"
-    outputs = write_outputs(results, samples, report_dir, page, section=f"noisy-sft{suffix.replace('_', '-')}-results",
-                            summary_readme=readme)
+                                     f"{name}{suffix}")
+    page = None if readme is None else readme.resolve().parent / "docs" / (
+        "beyond-sstoken.md" if args.search else "benchmarks.md")
+    section = f"{name.replace('_', '-')}{suffix.replace('_', '-')}-results"
+    outputs = write_outputs(results, samples, report_dir, page, section=section,
+                            summary_readme=None if args.search else readme)
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     for name, path in outputs.items():
         console.print(f"{name:<18} {path}")
