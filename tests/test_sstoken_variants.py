@@ -10,11 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lit_tokensel import SsTokenSFT
+from lit_tokensel.builtin.models import build_model_dir
 from lit_tokensel.reference import FrozenModelReference
 from lit_tokensel.selection.scorers import rank_per_sequence, retrospective_excess, sstoken_scores
 from lit_tokensel.selection.selectors import turn_ends
 from lit_tokensel.selection.token_loss import per_token_cross_entropy
-from lit_tokensel.builtin.models import build_model_dir
 from tests.model_fixtures import QUICKSTART_TRAIN, TINY_SPEC, save_perturbed_copy
 from tests.test_sstoken import _batch, history_dir, workdir  # noqa: F401  (module fixtures)
 
