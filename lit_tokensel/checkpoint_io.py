@@ -55,7 +55,9 @@ def load_checkpoint_file(
             f"checkpoint; re-save it as plain data from a trusted environment."
         ) from None
     if not isinstance(checkpoint, dict):
-        raise UnsafeCheckpointError(f"{path}: not a Lightning checkpoint (a {type(checkpoint).__name__}, not a dict)")
+        raise UnsafeCheckpointError(
+            f"{path}: not a Lightning checkpoint (a {type(checkpoint).__name__}, not a dict)"
+        )
     check_checkpoint_classes(checkpoint, str(path), also_trusted)
     return checkpoint
 
@@ -78,7 +80,9 @@ class ChecksummedCheckpointIO(TorchCheckpointIO):
         atomic_write_bytes(path, data)
         write_sidecar(path, hashlib.sha256(data).hexdigest())
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         if "://" in str(path):
             return super().load_checkpoint(path, map_location=map_location, weights_only=True)
         return load_checkpoint_file(path, map_location=map_location or "cpu")
@@ -143,12 +147,21 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
             obj = super().find_class(module, name)
             if isinstance(obj, type) and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
                 return obj
-        elif module == "torch" and (name == "Size" or isinstance(
-                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+        elif module == "torch" and (
+            name == "Size"
+            or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
             return getattr(torch, name)
-        elif (module, name) == ("torch.serialization", "_get_layout"):  # str -> torch.layout, as torch pickles it
+        elif (module, name) == (
+            "torch.serialization",
+            "_get_layout",
+        ):  # str -> torch.layout, as torch pickles it
             return super().find_class(module, name)
-        elif (module, name) in (("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")):
+        elif (module, name) in (
+            ("collections", "OrderedDict"),
+            ("pathlib", "PosixPath"),
+            ("pathlib", "PurePosixPath"),
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in DCP metadata")
 

@@ -23,7 +23,9 @@ def literal_choices(function: Callable[..., Any]) -> dict[str, tuple[Any, ...]]:
     hints = typing.get_type_hints(function)
     choices: dict[str, tuple[Any, ...]] = {}
     for name, hint in hints.items():
-        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        options = (
+            typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        )
         literals = [a for o in options if typing.get_origin(o) is Literal for a in typing.get_args(o)]
         if literals and all(typing.get_origin(o) is Literal or o is type(None) for o in options):
             choices[name] = tuple(literals) + ((None,) if type(None) in options else ())

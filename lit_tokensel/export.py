@@ -41,7 +41,13 @@ from lit_tokensel.renamed_settings import migrate_hparams
 from lit_tokensel.trusted_classes import register_trusted_class, resolve_trusted_class
 
 log = logging.getLogger(__name__)
-_LORA_KEY_PARTS = (".lora_A.", ".lora_B.", ".lora_embedding_A.", ".lora_embedding_B.", ".lora_magnitude_vector.")
+_LORA_KEY_PARTS = (
+    ".lora_A.",
+    ".lora_B.",
+    ".lora_embedding_A.",
+    ".lora_embedding_B.",
+    ".lora_magnitude_vector.",
+)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -150,8 +156,11 @@ def check_export_target(output: Path, source: str | None, overwrite: bool) -> No
     manifest = read_export_manifest(output) if (output / EXPORT_MANIFEST).is_file() else None
     if manifest is not None and source is not None and manifest.get("source") == source:
         return  # re-export of the same run or checkpoint: replace it
-    held = (f"the export of {manifest.get('source')!r}" if manifest is not None
-            else "files that are not an export of this run")
+    held = (
+        f"the export of {manifest.get('source')!r}"
+        if manifest is not None
+        else "files that are not an export of this run"
+    )
     raise ExportError(
         f"export target {output} already holds {held}; two runs never share an export directory. Pick "
         f"another output dir, or pass overwrite=True (`--overwrite true`, `--export.overwrite true`) to replace it."

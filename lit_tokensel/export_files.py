@@ -41,7 +41,8 @@ def write_export_manifest(directory: Path, source: str | None) -> Path:
     """Record every file under `directory` with its size and sha256 in `export_manifest.json`."""
     files = {
         str(file.relative_to(directory)): {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
-        for file in sorted(directory.rglob("*")) if file.is_file() and file.name != EXPORT_MANIFEST
+        for file in sorted(directory.rglob("*"))
+        if file.is_file() and file.name != EXPORT_MANIFEST
     }
     manifest = {"format": EXPORT_FORMAT, "version": 1, "source": source, "files": files}
     target = directory / EXPORT_MANIFEST
@@ -59,8 +60,10 @@ def read_export_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IntegrityError(f"{file} is corrupted ({e}); re-export the model.") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != EXPORT_FORMAT or not isinstance(files, dict) or not all(
-        isinstance(v, dict) for v in files.values()
+    if (
+        manifest.get("format") != EXPORT_FORMAT
+        or not isinstance(files, dict)
+        or not all(isinstance(v, dict) for v in files.values())
     ):
         raise IntegrityError(f"{file} is not a lit_tokensel export manifest (damaged); re-export the model.")
     return manifest

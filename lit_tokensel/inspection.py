@@ -48,7 +48,10 @@ def load_training_state(module: TokenSelectionModule, checkpoint_path: str | os.
 
 
 def sample_records(
-    selected: SelectedBatch, original: dict[str, torch.Tensor], tokenizer: Any, step: int | None,
+    selected: SelectedBatch,
+    original: dict[str, torch.Tensor],
+    tokenizer: Any,
+    step: int | None,
     weights: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """One JSON-ready record per sample of `original`; samples the method dropped keep nothing.
@@ -80,7 +83,9 @@ def sample_records(
             keep = selected.selection.keep[i] & selected.valid[i]
             record["loss"] = _values(selected.token_losses[i], positions)
             record["keep"] = keep[positions].tolist()
-            record["scores"] = {name: _values(s[i], positions) for name, s in selected.selection.scores.items()}
+            record["scores"] = {
+                name: _values(s[i], positions) for name, s in selected.selection.scores.items()
+            }
             if weights is not None:
                 record["weight"] = _values(weights[i], positions)
             if selected.data_weights is not None:
@@ -123,13 +128,16 @@ def inspect_selection(
     module.prepare_selection(datamodule)
     module.eval()
     count = len(dataset) if limit is None else min(limit, len(dataset))
-    loader = DataLoader(Subset(dataset, range(count)), batch_size=datamodule.batch_size, shuffle=False,
-                        collate_fn=collator)
+    loader = DataLoader(
+        Subset(dataset, range(count)), batch_size=datamodule.batch_size, shuffle=False, collate_fn=collator
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(output.name + ".partial")  # an interrupted run never clobbers a finished file
-    with partial.open("w") as handle, tqdm(total=count, desc=f"Inspecting {split}", unit="sample",
-                                           disable=not progress) as bar:
+    with (
+        partial.open("w") as handle,
+        tqdm(total=count, desc=f"Inspecting {split}", unit="sample", disable=not progress) as bar,
+    ):
         for batch in loader:
             batch = {k: v.to(module.device) for k, v in batch.items()}
             samples = as_samples(batch)  # packed rows: one record per sample all the same
@@ -160,22 +168,33 @@ def selection_summary(path: str | os.PathLike) -> dict[str, Any]:
             if record["scores"]:
                 name = name or next(iter(record["scores"]))
                 values += record["scores"].get(name, [])
-    summary: dict[str, Any] = {"samples": samples, "tokens": tokens, "kept": kept,
-                               "kept_fraction": kept / tokens if tokens else 0.0, "score": name}
+    summary: dict[str, Any] = {
+        "samples": samples,
+        "tokens": tokens,
+        "kept": kept,
+        "kept_fraction": kept / tokens if tokens else 0.0,
+        "score": name,
+    }
     if values:
-        q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor(SUMMARY_QUANTILES, dtype=torch.float64))
+        q = torch.quantile(
+            torch.tensor(values, dtype=torch.float64), torch.tensor(SUMMARY_QUANTILES, dtype=torch.float64)
+        )
         summary["quantiles"] = dict(zip(SUMMARY_QUANTILES, q.tolist(), strict=True))
     return summary
 
 
 def format_summary(summary: dict[str, Any]) -> list[str]:
     """The summary as lines for the terminal."""
-    lines = [f"{summary['samples']} samples, {summary['tokens']} response tokens, kept {summary['kept']} "
-             f"({100 * summary['kept_fraction']:.1f}%)"]
+    lines = [
+        f"{summary['samples']} samples, {summary['tokens']} response tokens, kept {summary['kept']} "
+        f"({100 * summary['kept_fraction']:.1f}%)"
+    ]
     if "quantiles" in summary:
         spread = "  ".join(f"q{round(100 * q)}={v:.4g}" for q, v in summary["quantiles"].items())
         lines.append(f"score {summary['score']}: {spread}")
         if summary["quantiles"][1.0] - summary["quantiles"][0.0] < 1e-4:
-            lines.append("every score is equal (within 1e-4): the keep flags are ties broken by position "
-                         "(is the reference the model itself?)")
+            lines.append(
+                "every score is equal (within 1e-4): the keep flags are ties broken by position "
+                "(is the reference the model itself?)"
+            )
     return lines

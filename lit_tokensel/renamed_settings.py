@@ -23,8 +23,10 @@ def renamed_message(cls: type, old: str) -> str | None:
     new = renamed_settings(cls).get(old)
     if new is None:
         return None
-    return (f"{cls.__name__}: `{old}` was renamed to `{new}`: write --model.init_args.{new} on the command "
-            f"line, `{new}:` under `init_args` in a config")
+    return (
+        f"{cls.__name__}: `{old}` was renamed to `{new}`: write --model.init_args.{new} on the command "
+        f"line, `{new}:` under `init_args` in a config"
+    )
 
 
 def refuse_renamed(cls: type, kwargs: Mapping[str, Any]) -> None:
@@ -45,7 +47,9 @@ def migrate_hparams(cls: type, hparams: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in hparams.items():
         new = renames.get(name, name)
         if new != name and new in hparams:
-            raise ValueError(f"{cls.__name__} checkpoint: hyper-parameters hold both `{name}` and `{new}` "
-                             f"(`{name}` was renamed to `{new}`)")
+            raise ValueError(
+                f"{cls.__name__} checkpoint: hyper-parameters hold both `{name}` and `{new}` "
+                f"(`{name}` was renamed to `{new}`)"
+            )
         migrated[new] = value
     return migrated

@@ -20,13 +20,23 @@ from typing import Any
 ENV_VAR = "LIT_TOKENSEL_TRUSTED_CLASSES"
 
 _METHODS = {  # public name -> module under lit_tokensel.methods
-    "FullSFT": "full_sft", "Rho1SFT": "rho1", "TokenCleaningSFT": "token_cleaning",
-    "SelfEvolvingTokenCleaningSFT": "self_evolving", "SsTokenSFT": "sstoken", "ForgettingSFT": "forgetting",
-    "QTuningSFT": "qtuning", "ProFitSFT": "profit", "RandomTokenSFT": "random_tokens",
-    "DFTSFT": "dft", "EAFTSFT": "eaft", "ASFTSFT": "asft",
+    "FullSFT": "full_sft",
+    "Rho1SFT": "rho1",
+    "TokenCleaningSFT": "token_cleaning",
+    "SelfEvolvingTokenCleaningSFT": "self_evolving",
+    "SsTokenSFT": "sstoken",
+    "ForgettingSFT": "forgetting",
+    "QTuningSFT": "qtuning",
+    "ProFitSFT": "profit",
+    "RandomTokenSFT": "random_tokens",
+    "DFTSFT": "dft",
+    "EAFTSFT": "eaft",
+    "ASFTSFT": "asft",
 }
 _REFERENCES = {  # public name -> module under lit_tokensel.reference
-    "AdapterDisabledReference": "adapter", "CachedReference": "cached", "FrozenModelReference": "frozen",
+    "AdapterDisabledReference": "adapter",
+    "CachedReference": "cached",
+    "FrozenModelReference": "frozen",
     "HistoryReference": "history",
 }
 # Lightning's loader for LightningCLI-written checkpoints; the only instantiator we accept.
@@ -36,7 +46,11 @@ TRUSTED_INSTANTIATORS = frozenset({"lightning.pytorch.cli.instantiate_module"})
 def _project_names() -> set[str]:
     names = set()
     for name, module in _METHODS.items():
-        names |= {f"lit_tokensel.{name}", f"lit_tokensel.methods.{name}", f"lit_tokensel.methods.{module}.{name}"}
+        names |= {
+            f"lit_tokensel.{name}",
+            f"lit_tokensel.methods.{name}",
+            f"lit_tokensel.methods.{module}.{name}",
+        }
     for name, module in _REFERENCES.items():
         names |= {f"lit_tokensel.reference.{name}", f"lit_tokensel.reference.{module}.{name}"}
     return names
@@ -80,7 +94,9 @@ def check_trusted_name(name: Any, where: str, also: Iterable[str] = ()) -> str:
     """`name` itself when it is allowed (or in `also`); otherwise an `UntrustedClassError` saying where it came from."""
     allowed = trusted_names() | set(also)
     if not isinstance(name, str) or name not in allowed:
-        public = {f"lit_tokensel.{n}" for n in _METHODS} | {f"lit_tokensel.reference.{n}" for n in _REFERENCES}
+        public = {f"lit_tokensel.{n}" for n in _METHODS} | {
+            f"lit_tokensel.reference.{n}" for n in _REFERENCES
+        }
         listing = ", ".join(sorted(public | (allowed - PROJECT_CLASSES)))
         raise UntrustedClassError(
             f"{where} names the class {name!r}, which is not on lit_tokensel's allow-list, so it was not "

@@ -54,8 +54,10 @@ class GlobalBatchSampler(Sampler[int]):
     """
 
     def __init__(self, n: int, world: int, per_rank_batch: int, seed: int) -> None:
-        self.ranks = [DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=seed)
-                      for r in range(world)]
+        self.ranks = [
+            DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=seed)
+            for r in range(world)
+        ]
         self.per_rank_batch = per_rank_batch
 
     def set_epoch(self, epoch: int) -> None:
@@ -83,14 +85,23 @@ class OrderedData(SFTDataModule):
     def train_dataloader(self) -> DataLoader:
         n, trainer = len(self.train_dataset), self.trainer
         if trainer.world_size > 1:
-            sampler: Sampler[int] = DistributedSampler(self.train_dataset, num_replicas=trainer.world_size,
-                                                       rank=trainer.global_rank, shuffle=True, seed=SEED)
+            sampler: Sampler[int] = DistributedSampler(
+                self.train_dataset,
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+                shuffle=True,
+                seed=SEED,
+            )
             batch_size = self.per_rank_batch
         else:
             sampler = GlobalBatchSampler(n, self.world, self.per_rank_batch, SEED)
             batch_size = self.world * self.per_rank_batch
-        return DataLoader(self.train_dataset, batch_size=batch_size, sampler=sampler,
-                          collate_fn=self.train_collator or self.collator)
+        return DataLoader(
+            self.train_dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.train_collator or self.collator,
+        )
 
 
 class Collect(L.Callback):
@@ -128,8 +139,15 @@ class Collect(L.Callback):
         info["model"] = {n: layout(p) for n, p in pl_module.model.named_parameters()}
         (self.out / f"{self.name}.rank{trainer.global_rank}.json").write_text(json.dumps(info))
         if trainer.is_global_zero:
-            torch.save({"weights": weights, "history": shadows, "losses": self.losses,
-                        "global_step": trainer.global_step}, self.out / f"{self.name}.pt")
+            torch.save(
+                {
+                    "weights": weights,
+                    "history": shadows,
+                    "losses": self.losses,
+                    "global_step": trainer.global_step,
+                },
+                self.out / f"{self.name}.pt",
+            )
 
 
 def layout(tensor: torch.Tensor) -> dict[str, Any]:
@@ -148,8 +166,12 @@ class SignedTermsSFT(FullSFT):
     def select_tokens(self, batch, token_losses, valid):
         third = valid & (torch.arange(valid.shape[1], device=valid.device) % 3 == 0)  # [B, T-1]
         rest = valid & ~third
-        return Selection(keep=valid, weights=rest.float(), normalizer=rest.sum(),
-                         terms={"third": LossTerm(mask=third, coefficient=-0.3)})
+        return Selection(
+            keep=valid,
+            weights=rest.float(),
+            normalizer=rest.sum(),
+            terms={"third": LossTerm(mask=third, coefficient=-0.3)},
+        )
 
 
 def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule:
@@ -157,7 +179,11 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
     if job["method"] == "full":
         return FullSFT(**common)
     if job["method"] in ("terms", "terms_full"):  # SGD: Adam would blow float noise on near-zero gradients up
-        sgd = {**{k: v for k, v in common.items() if k != "learning_rate"}, "optimizer": lambda p: torch.optim.SGD(p, lr=0.5), "lr_schedule": "constant"}
+        sgd = {
+            **{k: v for k, v in common.items() if k != "learning_rate"},
+            "optimizer": lambda p: torch.optim.SGD(p, lr=0.5),
+            "lr_schedule": "constant",
+        }
         return SignedTermsSFT(**sgd) if job["method"] == "terms" else FullSFT(**sgd)
     if job["method"] == "rho1":
         return Rho1SFT(reference=FrozenModelReference(model=spec["reference"]), ratio=0.6, **common)
@@ -169,8 +195,9 @@ def build_module(spec: dict[str, Any], job: dict[str, Any]) -> L.LightningModule
         lora = LoraSettings(r=4, alpha=8, dropout=0.0)
         return Rho1SFT(reference=AdapterDisabledReference(), ratio=0.6, lora=lora, **common)
     if job["method"] == "sstoken_ema":  # EMA history plus the attention score of the (sharded) last layer
-        return SsTokenSFT(history=HistoryReference(mode="ema", decay=0.5), ratio=0.6, gamma=0.5, warmup=0.0,
-                          **common)
+        return SsTokenSFT(
+            history=HistoryReference(mode="ema", decay=0.5), ratio=0.6, gamma=0.5, warmup=0.0, **common
+        )
     raise ValueError(f"unknown method {job['method']!r}")
 
 
@@ -178,21 +205,42 @@ def run_job(spec: dict[str, Any], job: dict[str, Any]) -> None:
     L.seed_everything(0, workers=True, verbose=False)
     out = Path(spec["out"])
     world, single = spec["world"], job["strategy"] == "single"
-    data = OrderedData(world=world, per_rank_batch=job["per_rank_batch"], train_file=spec["train_file"],
-                       tokenizer=spec["model"], max_length=128, cache_dir=str(out / "hf_cache"),
-                       packing=job.get("packing", False))
+    data = OrderedData(
+        world=world,
+        per_rank_batch=job["per_rank_batch"],
+        train_file=spec["train_file"],
+        tokenizer=spec["model"],
+        max_length=128,
+        cache_dir=str(out / "hf_cache"),
+        packing=job.get("packing", False),
+    )
     strategy: Any = {"single": "auto", "ddp": "ddp", "fsdp2": FSDP2Strategy()}[job["strategy"]]
     callbacks: list[L.Callback] = [Collect(out, job["name"])]
     if job.get("export"):
         callbacks.append(ExportOnFitEnd(output_dir=str(out / f"{job['name']}_export")))
     if job.get("checkpoint_every"):
-        callbacks.append(ModelCheckpoint(dirpath=out / job["name"], every_n_train_steps=job["checkpoint_every"],
-                                         save_top_k=-1, filename="{step}"))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=out / job["name"],
+                every_n_train_steps=job["checkpoint_every"],
+                save_top_k=-1,
+                filename="{step}",
+            )
+        )
     trainer = L.Trainer(
-        accelerator="cpu", devices=1 if single else world, strategy=strategy, max_steps=job["max_steps"],
-        accumulate_grad_batches=job.get("accumulate", 1), precision=job.get("precision", "32-true"), logger=False, enable_checkpointing=bool(job.get("checkpoint_every")),
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=str(out / job["name"]), callbacks=callbacks,
+        accelerator="cpu",
+        devices=1 if single else world,
+        strategy=strategy,
+        max_steps=job["max_steps"],
+        accumulate_grad_batches=job.get("accumulate", 1),
+        precision=job.get("precision", "32-true"),
+        logger=False,
+        enable_checkpointing=bool(job.get("checkpoint_every")),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(out / job["name"]),
+        callbacks=callbacks,
     )
     resume = job.get("resume")
     if resume and job.get("consolidate"):  # resume a sharded run from its consolidated single file

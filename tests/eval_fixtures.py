@@ -82,9 +82,17 @@ def eval_models(tmp_path_factory: pytest.TempPathFactory) -> EvalModels:
     with torch_threads(1):
         L.seed_everything(0)
         module = FullSFT(model=str(untrained), learning_rate=5e-3, lr_schedule="cosine", warmup_ratio=0.05)
-        datamodule = SFTDataModule(train_file=str(data), batch_size=16, max_length=96, cache_dir=str(root / "hf"))
-        trainer = L.Trainer(accelerator="cpu", max_steps=TRAIN_STEPS, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+        datamodule = SFTDataModule(
+            train_file=str(data), batch_size=16, max_length=96, cache_dir=str(root / "hf")
+        )
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=TRAIN_STEPS,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, datamodule=datamodule)
     checkpoint = root / "quickstart_sft.ckpt"
     trainer.save_checkpoint(checkpoint)

@@ -45,8 +45,12 @@ def pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str,
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(labs)] = torch.tensor(labs)
         attention_mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "sample_id": torch.arange(len(rows))}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "sample_id": torch.arange(len(rows)),
+    }
 
 
 def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -58,7 +62,6 @@ def synthetic_rows(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], l
         ids = torch.randint(3, vocab, (prompt_len + response_len,), generator=g).tolist()
         rows.append((ids, [-100] * prompt_len + ids[prompt_len:]))
     return rows
-
 
 
 def save_perturbed_copy(model_dir: str, target, seed: int, scale: float = 0.3) -> str:
@@ -78,8 +81,12 @@ def save_perturbed_copy(model_dir: str, target, seed: int, scale: float = 0.3) -
 
 def setup_datamodule(model_dir: str, workdir, **kwargs) -> SFTDataModule:
     """An `SFTDataModule` over `workdir/train.jsonl` with the model's tokenizer, batch 8, set up for fit."""
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=8,
-                       cache_dir=str(workdir / "hf"), **kwargs)
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=8,
+        cache_dir=str(workdir / "hf"),
+        **kwargs,
+    )
     dm.setup("fit")
     return dm
-

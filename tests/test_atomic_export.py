@@ -40,7 +40,9 @@ def test_export_writes_a_manifest_of_every_file(model_and_tokenizer, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".export.lock", "export"]  # no temporary left
 
 
-def test_export_killed_mid_write_keeps_the_previous_export_identical(model_and_tokenizer, tmp_path, monkeypatch):
+def test_export_killed_mid_write_keeps_the_previous_export_identical(
+    model_and_tokenizer, tmp_path, monkeypatch
+):
     model, tokenizer = model_and_tokenizer
     out = export_pretrained(model, tokenizer, tmp_path / "export", source="run:a")
     before = _snapshot(out)
@@ -118,7 +120,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(model_and_tokenizer, t
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
         model.model.layers[1].mlp.up_proj.weight[1, 0] = float("inf")
-    with pytest.raises(NonFiniteWeightsError, match=r"'model.layers.1.mlp.up_proj.weight' \(64, 32\) holds 2 non-finite"):
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"'model.layers.1.mlp.up_proj.weight' \(64, 32\) holds 2 non-finite"
+    ):
         export_pretrained(model, tokenizer, tmp_path / "export")
     assert not (tmp_path / "export").exists()
 
@@ -151,7 +155,9 @@ def test_eval_refuses_non_finite_weights_in_a_directory_and_in_memory(model_and_
         model.lm_head.weight[3, 3] = float("nan")
     model.save_pretrained(tmp_path / "plain")  # written without lit_tokensel: no manifest
     tokenizer.save_pretrained(tmp_path / "plain")
-    with pytest.raises(NonFiniteWeightsError, match=r"model.safetensors: tensor 'lm_head.weight' \(512, 32\) holds 1"):
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"model.safetensors: tensor 'lm_head.weight' \(512, 32\) holds 1"
+    ):
         with open_model(tmp_path / "plain", device="cpu"):
             pass
     with pytest.raises(NonFiniteWeightsError, match="in-memory: tensor 'lm_head.weight'"):

@@ -20,16 +20,23 @@ from transformers import (
 from lit_tokensel.modeling.attention_score import PromptAttentionScore, prompt_key_mask
 
 TINY = {
-    "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2,
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
     "initializer_range": 0.2,  # peaked attention, so a wrong mask or RoPE shows well above 1e-5
 }
 ARCHS = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     # layer 0 full, layer 1 (= -1) with a sliding window shorter than the sequences
-    "qwen2-window": (Qwen2Config, Qwen2ForCausalLM,
-                     {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 5}),
+    "qwen2-window": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        {"use_sliding_window": True, "max_window_layers": 1, "sliding_window": 5},
+    ),
     "mistral-window": (MistralConfig, MistralForCausalLM, {"sliding_window": 6}),
 }
 ATOL = 1e-5
@@ -87,7 +94,11 @@ def make_batch(samples: list[list[tuple[str, int]]], side: str, seed: int = 0) -
 
 
 def reference_scores(
-    eager: torch.nn.Module, batch: dict, spans: Spans, layer: int, exclude_sink: bool = False,
+    eager: torch.nn.Module,
+    batch: dict,
+    spans: Spans,
+    layer: int,
+    exclude_sink: bool = False,
     response_keys: bool = False,
 ) -> torch.Tensor:
     """Eager probabilities of `layer`, summed over the prompt keys from the turn spans, mean over heads.
@@ -116,8 +127,11 @@ def reference_scores(
 def run_scores(model: torch.nn.Module, batch: dict, decoder_only: bool = False, **kwargs) -> torch.Tensor:
     scorer = PromptAttentionScore(model, **kwargs)
     with scorer.capture(batch):
-        net = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder() \
-            if decoder_only else model
+        net = (
+            (model.get_base_model() if hasattr(model, "get_base_model") else model).get_decoder()
+            if decoder_only
+            else model
+        )
         net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     assert scorer.scores is not None
     return scorer.scores
@@ -177,8 +191,13 @@ def test_lora_adapter_is_included_and_dropout_does_not_leak() -> None:
     sdpa, eager = make_models("qwen2")
     batch, spans = make_batch(RAGGED, "left")
     base_ref = reference_scores(eager, batch, spans, -1)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, init_lora_weights=False,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.5,
+        init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     model = get_peft_model(sdpa, lora).eval()  # (new LoRA modules start in training mode)
     merged = copy.deepcopy(model).merge_and_unload()
     merged.set_attn_implementation("eager")
@@ -191,8 +210,9 @@ def test_lora_adapter_is_included_and_dropout_does_not_leak() -> None:
     # Training mode: dropout changes the hidden states that reach layer 1, but layer 0 sees the
     # embeddings, so its score must still equal the dropout-free reference.
     model.train()
-    torch.testing.assert_close(run_scores(model, batch, layer=0), reference_scores(merged, batch, spans, 0),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        run_scores(model, batch, layer=0), reference_scores(merged, batch, spans, 0), atol=ATOL, rtol=0
+    )
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     torch.manual_seed(1)
     plain = model(**inputs).logits
@@ -224,8 +244,9 @@ def test_scores_detached_and_loss_backpropagates() -> None:
     batch, _ = make_batch(RAGGED, "right")
     scorer = PromptAttentionScore(model)
     with scorer.capture(batch):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
     assert scorer.scores is not None and not scorer.scores.requires_grad
     loss.backward()
     grad = model.model.layers[-1].self_attn.q_proj.weight.grad
@@ -249,8 +270,9 @@ def test_gradient_checkpointing_scores_once(reentrant: bool, monkeypatch: pytest
     monkeypatch.setattr(PromptAttentionScore, "_score", counting_score)
     scorer = PromptAttentionScore(model)
     with scorer.capture(batch):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
+        loss = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
         loss.backward()
     assert scorer.calls == 2  # the hook fired again in the recomputation ...
     assert len(computed) == 1  # ... but scored only once

@@ -28,7 +28,10 @@ SHARD_SIZE = 5  # 4 shards: 5, 5, 5, 3 samples
 
 def rows(n: int = NUM_ROWS, offset: int = 0) -> list[dict]:
     return [
-        {"prompt": f"What is {i + offset} plus {i}?" + " Think." * (i % 4), "completion": "Answer: " + "ab " * (1 + i % 5)}
+        {
+            "prompt": f"What is {i + offset} plus {i}?" + " Think." * (i % 4),
+            "completion": "Answer: " + "ab " * (1 + i % 5),
+        }
         for i in range(n)
     ]
 
@@ -72,7 +75,9 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-def test_cached_losses_equal_live_losses_on_shuffled_batches(module, scored, tiny_model_dir, train_file, workdir):
+def test_cached_losses_equal_live_losses_on_shuffled_batches(
+    module, scored, tiny_model_dir, train_file, workdir
+):
     cache = TokenLossCache(scored)
     assert cache.complete and len(cache.rows) == NUM_ROWS and cache.split == "train"
     assert cache.model_fingerprint.startswith(f"{tiny_model_dir}@")
@@ -111,7 +116,9 @@ def test_resume_skips_finished_shards(module, scored, tiny_model_dir, train_file
         return live(batch)
 
     monkeypatch.setattr(module, "token_losses", counting)
-    score_to_cache(module, make_dm(tiny_model_dir, train_file, workdir), out, shard_size=SHARD_SIZE, progress=False)
+    score_to_cache(
+        module, make_dm(tiny_model_dir, train_file, workdir), out, shard_size=SHARD_SIZE, progress=False
+    )
     assert scored_ids == list(range(10, NUM_ROWS)), "only the two unfinished shards are scored"
     assert {n: (out / n).stat().st_mtime_ns for n in mtimes} == mtimes
     resumed, full = TokenLossCache(out).rows, TokenLossCache(scored).rows
@@ -126,18 +133,28 @@ def test_resume_skips_finished_shards(module, scored, tiny_model_dir, train_file
         ("data", {"train_file": "other"}),
         ("max_length", {"max_length": 48}),
         ("train_on", {"train_on": "last_turn"}),
-        ("tokenizer", {"chat_template": "{% for m in messages %}{{ m['role'] + ': ' }}"
-                       "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
-                       "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
-                       "override_chat_template": True}),
+        (
+            "tokenizer",
+            {
+                "chat_template": "{% for m in messages %}{{ m['role'] + ': ' }}"
+                "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}"
+                "{% endgeneration %}{% else %}{{ m['content'] }}{% endif %}{% endfor %}",
+                "override_chat_template": True,
+            },
+        ),
     ],
 )
 def test_fingerprint_mismatch_names_the_part(part, kwargs, scored, tiny_model_dir, train_file, workdir):
     if kwargs.get("train_file") == "other":
         kwargs = {"train_file": write_rows(workdir / "other.jsonl", rows(offset=100))}
     kwargs = {"train_file": train_file, **kwargs}
-    dm = SFTDataModule(tokenizer=tiny_model_dir, cache_dir=str(workdir / "hf"), batch_size=4,
-                       cached_losses={"ref": str(scored)}, **{"max_length": 64, **kwargs})
+    dm = SFTDataModule(
+        tokenizer=tiny_model_dir,
+        cache_dir=str(workdir / "hf"),
+        batch_size=4,
+        cached_losses={"ref": str(scored)},
+        **{"max_length": 64, **kwargs},
+    )
     with pytest.raises(FingerprintMismatchError, match=rf"{part}: cache has") as info:
         dm.setup("fit")
     assert set(info.value.parts) == {part}
@@ -155,7 +172,9 @@ def test_damaged_shard_is_a_clear_error(damage, scored, tiny_model_dir, train_fi
         dm.setup("fit")
 
 
-def test_damaged_shard_is_rescored_after_deleting_it(module, scored, tiny_model_dir, train_file, workdir, tmp_path):
+def test_damaged_shard_is_rescored_after_deleting_it(
+    module, scored, tiny_model_dir, train_file, workdir, tmp_path
+):
     cache_dir = Path(shutil.copytree(scored, tmp_path / "copy"))
     (cache_dir / "shard-00002.parquet").write_bytes(b"garbage")
     dm = make_dm(tiny_model_dir, train_file, workdir)
@@ -169,7 +188,9 @@ def test_damaged_shard_is_rescored_after_deleting_it(module, scored, tiny_model_
 def _write_cache(path: Path, dm: SFTDataModule, drop: int | None = None, stretch: int | None = None) -> None:
     """A cache with this DataModule's fingerprint, zeros as losses; sample `drop` left out, `stretch` one too long."""
     dataset = dm.train_dataset
-    writer = TokenLossCacheWriter(path, {**dm.loss_cache_fingerprint(), "model": "fake@0"}, "train", 100, len(dataset))
+    writer = TokenLossCacheWriter(
+        path, {**dm.loss_cache_fingerprint(), "model": "fake@0"}, "train", 100, len(dataset)
+    )
     ids, losses = [], []
     for sample in dataset:
         if sample["sample_id"] == drop:
@@ -186,22 +207,34 @@ def test_missing_sample_id_and_wrong_length_are_errors(tiny_model_dir, train_fil
     _write_cache(tmp_path / "missing", dm, drop=7)
     _write_cache(tmp_path / "long", dm, stretch=3)
     with pytest.raises(CacheError, match=rf"sample_id 7 is not in token-loss cache {tmp_path / 'missing'}"):
-        make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(tmp_path / "missing")}).setup("fit")
+        make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(tmp_path / "missing")}).setup(
+            "fit"
+        )
     with pytest.raises(CacheError, match=r"sample_id 3: .* has \d+ losses, but the sample has \d+ tokens"):
-        make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(tmp_path / "long")}).setup("fit")
+        make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(tmp_path / "long")}).setup(
+            "fit"
+        )
 
 
-def test_existing_dir_with_other_fingerprint_is_refused_untouched(module, scored, tiny_model_dir, train_file, workdir):
+def test_existing_dir_with_other_fingerprint_is_refused_untouched(
+    module, scored, tiny_model_dir, train_file, workdir
+):
     before = snapshot(scored)
     dm = make_dm(tiny_model_dir, train_file, workdir, max_length=48)
-    with pytest.raises(FingerprintMismatchError, match="(?s)max_length: cache has 64, current is 48.*Refusing"):
+    with pytest.raises(
+        FingerprintMismatchError, match="(?s)max_length: cache has 64, current is 48.*Refusing"
+    ):
         score_to_cache(module, dm, scored, shard_size=SHARD_SIZE, progress=False)
     with pytest.raises(CacheError, match="shard_size=5, now shard_size=6"):
-        score_to_cache(module, make_dm(tiny_model_dir, train_file, workdir), scored, shard_size=6, progress=False)
+        score_to_cache(
+            module, make_dm(tiny_model_dir, train_file, workdir), scored, shard_size=6, progress=False
+        )
     assert snapshot(scored) == before
 
 
-def test_other_model_is_refused_and_nonempty_dir_without_manifest(module, scored, tiny_model_dir, train_file, workdir):
+def test_other_model_is_refused_and_nonempty_dir_without_manifest(
+    module, scored, tiny_model_dir, train_file, workdir
+):
     other = FullSFT(model=tiny_model_dir)
     other.configure_model()
     with torch.no_grad():
@@ -217,11 +250,25 @@ def test_other_model_is_refused_and_nonempty_dir_without_manifest(module, scored
 def test_score_command(scored, tiny_model_dir, train_file, workdir, monkeypatch):
     out = workdir / "cli"
     monkeypatch.setattr("sys.argv", ["lit-tokensel"])
-    main([
-        "score", "--model.class_path", "lit_tokensel.FullSFT", "--model.init_args.model", tiny_model_dir,
-        "--data.train_file", train_file, "--data.max_length", "64", "--data.cache_dir", str(workdir / "hf"),
-        "--output_dir", str(out), "--shard_size", "8",
-    ])
+    main(
+        [
+            "score",
+            "--model.class_path",
+            "lit_tokensel.FullSFT",
+            "--model.init_args.model",
+            tiny_model_dir,
+            "--data.train_file",
+            train_file,
+            "--data.max_length",
+            "64",
+            "--data.cache_dir",
+            str(workdir / "hf"),
+            "--output_dir",
+            str(out),
+            "--shard_size",
+            "8",
+        ]
+    )
     cache, reference = TokenLossCache(out), TokenLossCache(scored)
     assert cache.complete and cache.manifest["num_shards"] == 3
     assert cache.fingerprint == reference.fingerprint

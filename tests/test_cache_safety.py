@@ -42,8 +42,13 @@ def module(tiny_model_dir: str) -> FullSFT:
 
 @pytest.fixture(scope="module")
 def scored(module, tiny_model_dir, train_file, workdir) -> Path:
-    return score_to_cache(module, make_dm(tiny_model_dir, train_file, workdir), workdir / "scored",
-                          shard_size=SHARD_SIZE, progress=False)
+    return score_to_cache(
+        module,
+        make_dm(tiny_model_dir, train_file, workdir),
+        workdir / "scored",
+        shard_size=SHARD_SIZE,
+        progress=False,
+    )
 
 
 def _damage(manifest: dict, how: str) -> object:
@@ -76,8 +81,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("how", sorted(DAMAGE))
-def test_structurally_damaged_manifest_is_a_cache_error(how, module, scored, tiny_model_dir, train_file, workdir,
-                                                        tmp_path):
+def test_structurally_damaged_manifest_is_a_cache_error(
+    how, module, scored, tiny_model_dir, train_file, workdir, tmp_path
+):
     cache_dir = Path(shutil.copytree(scored, tmp_path / "copy"))
     manifest = json.loads((cache_dir / MANIFEST).read_text())
     (cache_dir / MANIFEST).write_text(json.dumps(_damage(manifest, how)))  # still valid JSON
@@ -87,8 +93,13 @@ def test_structurally_damaged_manifest_is_a_cache_error(how, module, scored, tin
     with pytest.raises(CacheError, match=message):  # the DataModule's reader
         make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(cache_dir)}).setup("fit")
     with pytest.raises(CacheError, match=message):  # resuming the scoring pass
-        score_to_cache(module, make_dm(tiny_model_dir, train_file, workdir), cache_dir, shard_size=SHARD_SIZE,
-                       progress=False)
+        score_to_cache(
+            module,
+            make_dm(tiny_model_dir, train_file, workdir),
+            cache_dir,
+            shard_size=SHARD_SIZE,
+            progress=False,
+        )
 
 
 def test_flipped_byte_in_a_shard_is_named(scored, tiny_model_dir, train_file, workdir, tmp_path):
@@ -97,7 +108,9 @@ def test_flipped_byte_in_a_shard_is_named(scored, tiny_model_dir, train_file, wo
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    with pytest.raises(CacheError, match=rf"shard {shard} is corrupted or truncated \(\d+ bytes, manifest says"):
+    with pytest.raises(
+        CacheError, match=rf"shard {shard} is corrupted or truncated \(\d+ bytes, manifest says"
+    ):
         make_dm(tiny_model_dir, train_file, workdir, cached_losses={"ref": str(cache_dir)}).setup("fit")
 
 
@@ -107,10 +120,14 @@ def test_score_refuses_nan_losses_naming_the_samples(tiny_model_dir, train_file,
     with torch.no_grad():
         broken.model.lm_head.weight.fill_(float("nan"))
     out = tmp_path / "nan_cache"
-    with pytest.raises(CacheError, match=r"shard 0 of token-loss cache .*: the losses of 5 sample\(s\) are NaN or inf "
-                                         r"\(sample_id 0, 1, 2, 3, 4\)"):
-        score_to_cache(broken, make_dm(tiny_model_dir, train_file, workdir), out, shard_size=SHARD_SIZE,
-                       progress=False)
+    with pytest.raises(
+        CacheError,
+        match=r"shard 0 of token-loss cache .*: the losses of 5 sample\(s\) are NaN or inf "
+        r"\(sample_id 0, 1, 2, 3, 4\)",
+    ):
+        score_to_cache(
+            broken, make_dm(tiny_model_dir, train_file, workdir), out, shard_size=SHARD_SIZE, progress=False
+        )
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST]  # no shard, no temporary file
     cache = TokenLossCache(out)
     assert not cache.complete and cache.manifest["shards"] == []
@@ -140,14 +157,35 @@ def _wait_for(path: Path, text: str, timeout: float = 120.0) -> None:
 
 
 @pytest.mark.slow
-def test_two_concurrent_score_processes_end_with_one_valid_cache(scored, tiny_model_dir, train_file, workdir,
-                                                                   tmp_path):
+def test_two_concurrent_score_processes_end_with_one_valid_cache(
+    scored, tiny_model_dir, train_file, workdir, tmp_path
+):
     out = tmp_path / "shared"
-    command = [sys.executable, "-m", "lit_tokensel.cli", "score", "--model.class_path", "lit_tokensel.FullSFT",
-               "--model.init_args.model", tiny_model_dir, "--data.train_file", train_file, "--data.max_length",
-               "64", "--data.cache_dir", str(workdir / "hf"), "--output_dir", str(out), "--shard_size", "5"]
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "lit_tokensel.cli",
+        "score",
+        "--model.class_path",
+        "lit_tokensel.FullSFT",
+        "--model.init_args.model",
+        tiny_model_dir,
+        "--data.train_file",
+        train_file,
+        "--data.max_length",
+        "64",
+        "--data.cache_dir",
+        str(workdir / "hf"),
+        "--output_dir",
+        str(out),
+        "--shard_size",
+        "5",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     # Hold the lock ourselves until both processes have reached it, so they truly overlap.
     with open(tmp_path / ".shared.lock", "a+") as lock:
@@ -155,7 +193,9 @@ def test_two_concurrent_score_processes_end_with_one_valid_cache(scored, tiny_mo
         procs = []
         for log in logs:
             handle = log.open("w")
-            procs.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(command, cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
+            )
             _wait_for(log, "waiting for it to finish")
     codes = [p.wait(timeout=300) for p in procs]
     outputs = [log.read_text() for log in logs]
@@ -165,7 +205,9 @@ def test_two_concurrent_score_processes_end_with_one_valid_cache(scored, tiny_mo
     assert sum("waiting for it to finish" in text for text in outputs) == 2  # both met the lock
     cache, reference = TokenLossCache(out), TokenLossCache(scored)
     assert cache.complete and sorted(p.name for p in out.iterdir()) == [
-        MANIFEST, *(f"shard-0000{i}.parquet" for i in range(4))]
+        MANIFEST,
+        *(f"shard-0000{i}.parquet" for i in range(4)),
+    ]
     assert cache.rows.keys() == reference.rows.keys()
     for sample_id, row in reference.rows.items():
         np.testing.assert_allclose(cache[sample_id], row, atol=1e-6)

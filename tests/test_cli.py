@@ -22,12 +22,23 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run_dir)
         mp.setattr(sys, "argv", ["lit-tokensel"])
-        main([
-            "fit", "-c", str(QUICKSTART),
-            "--trainer.max_steps", "12", "--trainer.val_check_interval", "6",
-            "--trainer.limit_val_batches", "3", "--trainer.log_every_n_steps", "2",
-            "--trainer.enable_progress_bar", "false",
-        ])
+        main(
+            [
+                "fit",
+                "-c",
+                str(QUICKSTART),
+                "--trainer.max_steps",
+                "12",
+                "--trainer.val_check_interval",
+                "6",
+                "--trainer.limit_val_batches",
+                "3",
+                "--trainer.log_every_n_steps",
+                "2",
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
     return run_dir / "runs" / "quickstart" / "full_sft" / "version_0"
 
 

@@ -28,7 +28,11 @@ def _instantiate(*configs: Path) -> LightningCLI:
 def _requires(config: Path) -> list[Path]:
     """Configs a preset stacks on, declared in its header as `# stacks on: methods/x.yaml`."""
     prefix = "# stacks on:"
-    return [CONFIGS / line[len(prefix):].strip() for line in config.read_text().splitlines() if line.startswith(prefix)]
+    return [
+        CONFIGS / line[len(prefix) :].strip()
+        for line in config.read_text().splitlines()
+        if line.startswith(prefix)
+    ]
 
 
 def test_every_config_is_covered():

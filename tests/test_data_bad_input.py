@@ -43,15 +43,27 @@ LONG = " ".join(CHAT_CORPUS) * 40  # ~7,000 characters
 
 @pytest.mark.parametrize("tags", [True, False], ids=["generation_tags", "prefix_rendering"])
 @pytest.mark.parametrize("train_on", ["all_turns", "last_turn"])
-@pytest.mark.parametrize("messages", [
-    [{"role": "user", "content": LONG}, {"role": "assistant", "content": "4"}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": LONG}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "hello " * 30}, {"role": "user", "content": LONG},
-     {"role": "assistant", "content": "c b a"}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": LONG[:200]},
-     {"role": "user", "content": LONG}, {"role": "assistant", "content": LONG}],
-], ids=["long_prompt", "long_response", "long_middle_turn", "long_tail"])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": LONG}, {"role": "assistant", "content": "4"}],
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": LONG}],
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello " * 30},
+            {"role": "user", "content": LONG},
+            {"role": "assistant", "content": "c b a"},
+        ],
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": LONG[:200]},
+            {"role": "user", "content": LONG},
+            {"role": "assistant", "content": LONG},
+        ],
+    ],
+    ids=["long_prompt", "long_response", "long_middle_turn", "long_tail"],
+)
 @pytest.mark.parametrize("max_length", [16, 96])
 def test_cutting_long_conversations_before_tokenizing_changes_no_kept_token(
     chat_tokenizer, chat_tokenizer_no_tags, tags, train_on, messages, max_length
@@ -77,9 +89,13 @@ def test_a_budget_that_does_not_hold_enough_tokens_falls_back_to_the_whole_conve
     monkeypatch.setattr(tokenization, "max_token_chars", lambda tokenizer: 1)  # budget: 80 characters
     calls = []
     original = tokenization.assistant_token_mask
-    monkeypatch.setattr(tokenization, "assistant_token_mask",
-                        lambda tok, msgs, train_on: calls.append(sum(len(m["content"]) for m in msgs))
-                        or original(tok, msgs, train_on))
+    monkeypatch.setattr(
+        tokenization,
+        "assistant_token_mask",
+        lambda tok, msgs, train_on: (
+            calls.append(sum(len(m["content"]) for m in msgs)) or original(tok, msgs, train_on)
+        ),
+    )
     result = tokenization.tokenize_conversation(chat_tokenizer, messages, 16)
     assert calls == [80, 2 + len(LONG)]  # the cut render had < 16 + 64 tokens, so the whole one was tokenized
     ids, labels = _unbounded(chat_tokenizer, messages, 16, "all_turns")
@@ -117,8 +133,14 @@ def test_a_50_mb_row_stays_under_1_gb_peak_memory(tmp_path):
     with open(data, "w", encoding="utf-8") as f:
         f.write(json.dumps(chat("hi", text)) + "\n" + json.dumps(chat("What is 2+2?", "4")) + "\n")
     del text
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(data), str(tmp_path / "hf")], cwd=REPO,
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(data), str(tmp_path / "hf")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     peak_mib, seconds, truncated, samples, longest = out.stdout.split()
     # the whole process: interpreter, torch/transformers/datasets imports (~550 MiB) and the 50 MB row
     assert float(peak_mib) < 1024, f"peak {float(peak_mib):.0f} MiB in {float(seconds):.1f} s"
@@ -136,7 +158,9 @@ def _bom_file(path: Path, rows: list[dict], as_list: bool) -> Path:
 
 @pytest.mark.parametrize("on_invalid", ["error", "skip"])
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_utf8_bom_is_accepted_and_row_0_kept(make_sft_datamodule, chat_tokenizer, tmp_path, suffix, on_invalid):
+def test_utf8_bom_is_accepted_and_row_0_kept(
+    make_sft_datamodule, chat_tokenizer, tmp_path, suffix, on_invalid
+):
     rows = [chat("What is 2+2?", "4"), chat("Say hello.", "hello"), chat("Add 2 and 2.", "4")]
     path = _bom_file(tmp_path / f"bom{suffix}", rows, as_list=suffix == ".json")
     dm = make_sft_datamodule([], chat_tokenizer, train_file=str(path), on_invalid=on_invalid)
@@ -146,15 +170,20 @@ def test_utf8_bom_is_accepted_and_row_0_kept(make_sft_datamodule, chat_tokenizer
 
 
 @pytest.mark.parametrize("setting", ["train_file", "val_file"])
-def test_a_directory_as_data_file_says_it_is_a_directory(make_sft_datamodule, chat_tokenizer, tmp_path, setting):
+def test_a_directory_as_data_file_says_it_is_a_directory(
+    make_sft_datamodule, chat_tokenizer, tmp_path, setting
+):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "train.jsonl").write_text(json.dumps(chat("hi", "hello")) + "\n")
     kwargs = {setting: str(folder)}
     if setting == "val_file":
         kwargs["train_file"] = str(folder / "train.jsonl")
-    with pytest.raises(IsADirectoryError, match=rf"--data\.{setting}: .*data is a directory, not a data file.*"
-                                                r"\(this directory has: train\.jsonl\)"):
+    with pytest.raises(
+        IsADirectoryError,
+        match=rf"--data\.{setting}: .*data is a directory, not a data file.*"
+        r"\(this directory has: train\.jsonl\)",
+    ):
         make_sft_datamodule([], chat_tokenizer, **kwargs)
 
 
@@ -163,12 +192,16 @@ def test_a_missing_file_names_the_setting(make_sft_datamodule, chat_tokenizer, t
         make_sft_datamodule([chat("hi", "hello")], chat_tokenizer, val_file=str(tmp_path / "nope.jsonl"))
 
 
-def test_row_errors_in_the_val_file_name_the_setting_and_the_flag(make_sft_datamodule, chat_tokenizer, tmp_path):
+def test_row_errors_in_the_val_file_name_the_setting_and_the_flag(
+    make_sft_datamodule, chat_tokenizer, tmp_path
+):
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps(chat("hi", "hello")) + "\n" + json.dumps(chat("hi", 5)) + "\n")
     with pytest.raises(InvalidRowError) as error:
         make_sft_datamodule([chat("hi", "hello")], chat_tokenizer, val_file=str(val))
-    assert str(error.value).startswith(f"--data.val_file: {val} row 1, field 'messages[1].content': expected a string")
+    assert str(error.value).startswith(
+        f"--data.val_file: {val} row 1, field 'messages[1].content': expected a string"
+    )
     assert "--data.on_invalid skip" in str(error.value)
 
 

@@ -179,7 +179,9 @@ def test_epoch_orders_equal_a_seeded_shuffling_dataloader():
 
     from lit_tokensel.data.samplers import EpochShuffleSampler
 
-    loader = DataLoader(list(range(50)), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(42))
+    loader = DataLoader(
+        list(range(50)), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(42)
+    )
     expected = [[i for batch in loader for i in batch.tolist()] for _ in range(3)]
     sampler = EpochShuffleSampler(50, seed=42)
     for epoch in (2, 0, 1):  # any epoch, in any order, as after a resume
@@ -370,12 +372,15 @@ def test_mixed_types_through_load_dataset_give_the_row_error(write_jsonl, chat_t
 def test_a_trailing_user_turn_is_reported_once_with_the_count(make_sft_datamodule, chat_tokenizer):
     from lit_tokensel.data.pipeline import trailing_turns
 
-    answered = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}
+    answered = {
+        "messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+    }
     unanswered = {"messages": [*answered["messages"], {"role": "user", "content": "And 3+3?"}]}
     assert [trailing_turns(answered["messages"]), trailing_turns(unanswered["messages"])] == [0, 1]
     with pytest.warns(UserWarning) as caught:
         dm = make_sft_datamodule([answered, unanswered, unanswered, answered], chat_tokenizer)
     messages = [str(w.message) for w in caught if "after their last assistant turn" in str(w.message)]
-    assert messages == ["rows ending in turns after their last assistant turn (unanswered, not trained on): "
-                        "{'train': 2}"]
+    assert messages == [
+        "rows ending in turns after their last assistant turn (unanswered, not trained on): {'train': 2}"
+    ]
     assert dm.stats["train"].trailing_turn == 2 and dm.stats["train"].samples == 4

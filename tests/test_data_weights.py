@@ -27,8 +27,9 @@ def _sample_weights(dm, row: int = 0) -> tuple[list[str], list[float]]:
 
 
 @pytest.mark.parametrize("tags", [True, False], ids=["generation-tags", "prefix-rendering"])
-def test_span_weights_land_on_the_tokens_whose_characters_they_cover(make_sft_datamodule, chat_tokenizer,
-                                                                    chat_tokenizer_no_tags, tags):
+def test_span_weights_land_on_the_tokens_whose_characters_they_cover(
+    make_sft_datamodule, chat_tokenizer, chat_tokenizer_no_tags, tags
+):
     # "hello world" tokenizes as he | l | lo | " world" | <|im_end|> (characters 0-2, 2-3, 3-5, 5-11, then the
     # end of turn). [4, 8) cuts "lo" (3-5) and " world" (5-11) in two: both straddle a span edge.
     tokenizer = chat_tokenizer if tags else chat_tokenizer_no_tags
@@ -50,9 +51,14 @@ def test_span_weights_land_on_the_tokens_whose_characters_they_cover(make_sft_da
 
 
 def test_message_weight_zero_excludes_the_turn_and_its_end_of_turn_token(make_sft_datamodule, chat_tokenizer):
-    row = {"messages": [PROMPT, {"role": "assistant", "content": "hello", "weight": 0},
-                        {"role": "user", "content": "Add the numbers."},
-                        {"role": "assistant", "content": "The answer is 4.", "weight": 1.5}]}
+    row = {
+        "messages": [
+            PROMPT,
+            {"role": "assistant", "content": "hello", "weight": 0},
+            {"role": "user", "content": "Add the numbers."},
+            {"role": "assistant", "content": "The answer is 4.", "weight": 1.5},
+        ]
+    }
     dm = make_sft_datamodule([row], chat_tokenizer)
     tokens, weights = _sample_weights(dm)
     first_end = tokens.index("<|im_end|>")
@@ -61,7 +67,9 @@ def test_message_weight_zero_excludes_the_turn_and_its_end_of_turn_token(make_sf
     assert tokens[-1] == "<|im_end|>"
 
 
-def test_a_system_prompt_inserted_in_front_keeps_weights_on_their_message(make_sft_datamodule, chat_tokenizer):
+def test_a_system_prompt_inserted_in_front_keeps_weights_on_their_message(
+    make_sft_datamodule, chat_tokenizer
+):
     dm = make_sft_datamodule([_row(weights=[[2, 5, 2.0]])], chat_tokenizer, system_prompt="You are terse.")
     assert _sample_weights(dm)[1] == [1.0, 2.0, 2.0, 1.0, 1.0]
 
@@ -71,19 +79,27 @@ def test_without_weights_the_batch_has_no_weight_tensor(make_sft_datamodule, cha
     assert "token_weights" not in dm.train_collator([dm.train_dataset[0]])
 
 
-@pytest.mark.parametrize(("assistant", "field", "reason"), [
-    ({"weight": -1}, "messages[1].weight", "finite number >= 0"),
-    ({"weight": "2"}, "messages[1].weight", "expected a number"),
-    ({"weight": True}, "messages[1].weight", "expected a number"),
-    ({"weights": [[0, 12, 1.0]]}, "messages[1].weights[0]", "0 <= start < end <= 11"),
-    ({"weights": [[3, 3, 1.0]]}, "messages[1].weights[0]", "non-empty character range"),
-    ({"weights": [[0, 5, 1.0], [4, 8, 2.0]]}, "messages[1].weights[1]", "overlaps messages\\[1\\].weights\\[0\\]"),
-    ({"weights": [[0, 2]]}, "messages[1].weights[0]", "expected \\[start, end, weight\\]"),
-    ({"weights": [[0.5, 2, 1.0]]}, "messages[1].weights[0]", "start must be an integer"),
-    ({"weights": {"0": 1}}, "messages[1].weights", "expected a list"),
-])
-def test_bad_weights_name_the_file_row_and_field(make_sft_datamodule, chat_tokenizer, tmp_path, assistant, field,
-                                                 reason):
+@pytest.mark.parametrize(
+    ("assistant", "field", "reason"),
+    [
+        ({"weight": -1}, "messages[1].weight", "finite number >= 0"),
+        ({"weight": "2"}, "messages[1].weight", "expected a number"),
+        ({"weight": True}, "messages[1].weight", "expected a number"),
+        ({"weights": [[0, 12, 1.0]]}, "messages[1].weights[0]", "0 <= start < end <= 11"),
+        ({"weights": [[3, 3, 1.0]]}, "messages[1].weights[0]", "non-empty character range"),
+        (
+            {"weights": [[0, 5, 1.0], [4, 8, 2.0]]},
+            "messages[1].weights[1]",
+            "overlaps messages\\[1\\].weights\\[0\\]",
+        ),
+        ({"weights": [[0, 2]]}, "messages[1].weights[0]", "expected \\[start, end, weight\\]"),
+        ({"weights": [[0.5, 2, 1.0]]}, "messages[1].weights[0]", "start must be an integer"),
+        ({"weights": {"0": 1}}, "messages[1].weights", "expected a list"),
+    ],
+)
+def test_bad_weights_name_the_file_row_and_field(
+    make_sft_datamodule, chat_tokenizer, tmp_path, assistant, field, reason
+):
     with pytest.raises(InvalidRowError, match=reason) as info:
         make_sft_datamodule([_row(), _row(**assistant)], chat_tokenizer)
     assert (info.value.source, info.value.row, info.value.field) == (str(tmp_path / "train.jsonl"), 1, field)
@@ -111,8 +127,9 @@ def test_the_loss_uses_the_data_weights_and_inspect_shows_them(make_sft_datamodu
     main, _ = module.objective_terms(module.select_batch(batch))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                                           reduction="none", ignore_index=-100).view(valid.shape)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none", ignore_index=-100
+    ).view(valid.shape)
     counted = valid & (weights != 0)  # a weight-0 token leaves the count too
     expected = (ce * weights)[counted].sum() / counted.sum()
     assert float(main.loss_sum / main.count) == pytest.approx(float(expected), rel=1e-5)

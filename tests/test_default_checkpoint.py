@@ -12,8 +12,16 @@ import torch
 from lit_tokensel.cli import main
 
 QUICKSTART = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
-SHORT = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3", "--trainer.enable_progress_bar", "false",
-         "--trainer.log_every_n_steps", "1"]
+SHORT = [
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 def _fit(run_dir: Path, *args: str) -> Path:
@@ -30,7 +38,11 @@ def _fit(run_dir: Path, *args: str) -> Path:
 def test_quickstart_without_validation_data_keeps_the_latest_checkpoint(tmp_path):
     checkpoints = _fit(tmp_path, "--data.val_file", "null")
     assert sorted(p.name for p in checkpoints.iterdir()) == [  # each with its sha256 sidecar
-        "epoch=1-step=6.ckpt", "epoch=1-step=6.ckpt.sha256", "last.ckpt", "last.ckpt.sha256"]
+        "epoch=1-step=6.ckpt",
+        "epoch=1-step=6.ckpt.sha256",
+        "last.ckpt",
+        "last.ckpt.sha256",
+    ]
     state = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert state["global_step"] == 6 and state["SFTDataModule"] == {"epoch": 1, "consumed_samples": 3 * 16}
 

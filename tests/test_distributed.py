@@ -128,10 +128,16 @@ def test_fsdp2_strategy_is_pure_data_parallel():
 
 
 def test_callback_state_markers_round_trip():
-    state = {"HistoryUpdate": {"mode": "ema", "shadow": {"w": torch.ones(2)}, "pending": [{"w": torch.zeros(2)}]}}
+    state = {
+        "HistoryUpdate": {"mode": "ema", "shadow": {"w": torch.ones(2)}, "pending": [{"w": torch.zeros(2)}]}
+    }
     same, moved = extract_dtensors(state)
-    assert moved == {} and torch.equal(same["HistoryUpdate"]["shadow"]["w"], torch.ones(2))  # plain tensors stay
-    marked = {"HistoryUpdate": {"mode": "ema", "shadow": {"w": {MARKER: "/HistoryUpdate/shadow/w"}}, "pending": []}}
+    assert moved == {} and torch.equal(
+        same["HistoryUpdate"]["shadow"]["w"], torch.ones(2)
+    )  # plain tensors stay
+    marked = {
+        "HistoryUpdate": {"mode": "ema", "shadow": {"w": {MARKER: "/HistoryUpdate/shadow/w"}}, "pending": []}
+    }
     assert marker_paths(marked) == ["/HistoryUpdate/shadow/w"]
     filled = fill_markers(marked, {"/HistoryUpdate/shadow/w": torch.full((2,), 3.0)})
     assert torch.equal(filled["HistoryUpdate"]["shadow"]["w"], torch.full((2,), 3.0))
@@ -188,31 +194,78 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
     save_perturbed_copy(tiny_model_dir, out / "reference", seed=5)
     rows = QUICKSTART_TRAIN.read_text().splitlines()[: WORLD * PER_RANK_BATCH * 2]
     (out / "train.jsonl").write_text("\n".join(rows) + "\n")
-    spec: dict[str, Any] = {"model": tiny_model_dir, "reference": str(out / "reference"),
-                            "train_file": str(out / "train.jsonl"), "out": str(out), "world": WORLD}
+    spec: dict[str, Any] = {
+        "model": tiny_model_dir,
+        "reference": str(out / "reference"),
+        "train_file": str(out / "train.jsonl"),
+        "out": str(out),
+        "world": WORLD,
+    }
     job = {"per_rank_batch": PER_RANK_BATCH, "max_steps": STEPS}
     single = [{"name": f"single_{m}", "method": m, "strategy": "single", **job} for m in METHODS]
     next(j for j in single if j["name"] == "single_rho1_lora")["export"] = True
-    distributed = [{"name": f"{s}_{m}", "method": m, "strategy": s, **job} for m in METHODS for s in ("ddp", "fsdp2")]
+    distributed = [
+        {"name": f"{s}_{m}", "method": m, "strategy": s, **job} for m in METHODS for s in ("ddp", "fsdp2")
+    ]
     ema = next(j for j in distributed if j["name"] == "fsdp2_rho1_ema")
     ema["checkpoint_every"] = STEPS // 2  # at the end of epoch 0 and of epoch 1
     next(j for j in distributed if j["name"] == "fsdp2_rho1_lora")["export"] = True
     middle = str(out / "fsdp2_rho1_ema" / f"step={STEPS // 2}.ckpt")
     distributed += [
         {"name": "fsdp2_resumed", "method": "rho1_ema", "strategy": "fsdp2", "resume": middle, **job},
-        {"name": "fsdp2_resumed_from_file", "method": "rho1_ema", "strategy": "fsdp2", "resume": middle,
-         "consolidate": True, **job},
-        {"name": "fsdp2_lagged", "method": "rho1_lagged", "strategy": "fsdp2", "checkpoint_every": STEPS // 2, **job},
-        {"name": "fsdp2_lagged_resumed", "method": "rho1_lagged", "strategy": "fsdp2", **job,
-         "resume": str(out / "fsdp2_lagged" / f"step={STEPS // 2}.ckpt")},
-        {"name": "fsdp2_accumulate", "method": "full", "strategy": "fsdp2", "per_rank_batch": 1, "accumulate": 2,
-         "max_steps": STEPS},
-        {"name": "fsdp2_bf16", "method": "rho1", "strategy": "fsdp2", "precision": "bf16-mixed",
-         "per_rank_batch": PER_RANK_BATCH, "max_steps": 2},
+        {
+            "name": "fsdp2_resumed_from_file",
+            "method": "rho1_ema",
+            "strategy": "fsdp2",
+            "resume": middle,
+            "consolidate": True,
+            **job,
+        },
+        {
+            "name": "fsdp2_lagged",
+            "method": "rho1_lagged",
+            "strategy": "fsdp2",
+            "checkpoint_every": STEPS // 2,
+            **job,
+        },
+        {
+            "name": "fsdp2_lagged_resumed",
+            "method": "rho1_lagged",
+            "strategy": "fsdp2",
+            **job,
+            "resume": str(out / "fsdp2_lagged" / f"step={STEPS // 2}.ckpt"),
+        },
+        {
+            "name": "fsdp2_accumulate",
+            "method": "full",
+            "strategy": "fsdp2",
+            "per_rank_batch": 1,
+            "accumulate": 2,
+            "max_steps": STEPS,
+        },
+        {
+            "name": "fsdp2_bf16",
+            "method": "rho1",
+            "strategy": "fsdp2",
+            "precision": "bf16-mixed",
+            "per_rank_batch": PER_RANK_BATCH,
+            "max_steps": 2,
+        },
     ]
     (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-          str(WORKER), str(out / "distributed.json")], out / "distributed.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            str(WORKER),
+            str(out / "distributed.json"),
+        ],
+        out / "distributed.log",
+    )
 
     from tests.distributed_worker import run_job
 
@@ -242,7 +295,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batches(runs, method, st
     # (~1e-9) becomes an update of up to ~1e-4 (seen: one element of 2048 off by 6e-5 for ssToken/EMA with
     # the package versions of 12-02). A wrong normalisation moves every weight by ~lr = 1e-2, far above this.
     _assert_same_tensors(single["weights"], distributed["weights"], rtol=1e-5, atol=1e-4)
-    _assert_same_tensors(single["history"], distributed["history"], rtol=1e-5, atol=1e-4)  # averaged from them
+    _assert_same_tensors(
+        single["history"], distributed["history"], rtol=1e-5, atol=1e-4
+    )  # averaged from them
     torch.testing.assert_close(distributed["losses"], single["losses"], rtol=1e-5, atol=1e-5)
     if method == "rho1_lora":  # the comparison has power: the adapter trained
         assert max(v.abs().max() for k, v in single["weights"].items() if "lora_B" in k) > 1e-3
@@ -262,16 +317,37 @@ def packed_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -
     save_perturbed_copy(tiny_model_dir, out / "reference", seed=5)
     rows = QUICKSTART_TRAIN.read_text().splitlines()[: WORLD * PER_RANK_BATCH * 2]
     (out / "train.jsonl").write_text("\n".join(rows) + "\n")
-    spec: dict[str, Any] = {"model": tiny_model_dir, "reference": str(out / "reference"),
-                            "train_file": str(out / "train.jsonl"), "out": str(out), "world": WORLD}
+    spec: dict[str, Any] = {
+        "model": tiny_model_dir,
+        "reference": str(out / "reference"),
+        "train_file": str(out / "train.jsonl"),
+        "out": str(out),
+        "world": WORLD,
+    }
     job = {"per_rank_batch": PER_RANK_BATCH, "max_steps": STEPS}
-    single = [{"name": f"single_{m}{suffix}", "method": m, "strategy": "single", "packing": packing, **job}
-              for m in PACKED_METHODS for suffix, packing in (("", False), ("_packed", True))]
-    distributed = [{"name": f"{s}_{m}_packed", "method": m, "strategy": s, "packing": True, **job}
-                   for m, s in (("full", "ddp"), ("rho1", "ddp"), ("rho1", "fsdp2"))]
+    single = [
+        {"name": f"single_{m}{suffix}", "method": m, "strategy": "single", "packing": packing, **job}
+        for m in PACKED_METHODS
+        for suffix, packing in (("", False), ("_packed", True))
+    ]
+    distributed = [
+        {"name": f"{s}_{m}_packed", "method": m, "strategy": s, "packing": True, **job}
+        for m, s in (("full", "ddp"), ("rho1", "ddp"), ("rho1", "fsdp2"))
+    ]
     (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-          str(WORKER), str(out / "distributed.json")], out / "distributed.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            str(WORKER),
+            str(out / "distributed.json"),
+        ],
+        out / "distributed.log",
+    )
 
     from tests.distributed_worker import run_job
 
@@ -322,11 +398,14 @@ def test_fsdp2_history_reference_and_model_are_sharded(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("uninterrupted", "resumed"), [
-    ("fsdp2_rho1_ema", "fsdp2_resumed"),
-    ("fsdp2_rho1_ema", "fsdp2_resumed_from_file"),
-    ("fsdp2_lagged", "fsdp2_lagged_resumed"),  # its snapshot queue has no live shard to load into yet
-])
+@pytest.mark.parametrize(
+    ("uninterrupted", "resumed"),
+    [
+        ("fsdp2_rho1_ema", "fsdp2_resumed"),
+        ("fsdp2_rho1_ema", "fsdp2_resumed_from_file"),
+        ("fsdp2_lagged", "fsdp2_lagged_resumed"),  # its snapshot queue has no live shard to load into yet
+    ],
+)
 def test_fsdp2_resume_continues_exactly(runs, uninterrupted, resumed):
     """Fit 2 steps, checkpoint (DCP folder, or its consolidated file), resume to 4 == 4 steps uninterrupted."""
     full, part = _result(runs, uninterrupted), _result(runs, resumed)
@@ -386,20 +465,66 @@ def test_cli_fit_with_fsdp2_preset_exports_and_reexports(tmp_path, tiny_model_di
     from safetensors.torch import load_file
 
     configs = ROOT / "configs"
-    _run([sys.executable, "-m", "lit_tokensel.cli", "fit", "-c", str(configs / "quickstart.yaml"),
-          "-c", str(configs / "methods" / "rho1.yaml"), "-c", str(configs / "presets" / "fsdp2.yaml"),
-          "--trainer.accelerator", "cpu", "--trainer.devices", str(WORLD), "--trainer.precision", "32-true",
-          "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
-          "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-          "--trainer.logger.init_args.save_dir", str(tmp_path),
-          "--data.train_file", str(runs / "train.jsonl"), "--data.val_file", str(runs / "train.jsonl"),
-          "--data.batch_size", str(PER_RANK_BATCH), "--data.cache_dir", str(tmp_path / "hf"),
-          "--model.init_args.model", tiny_model_dir,
-          "--model.init_args.reference.init_args.model", str(runs / "reference")], tmp_path / "fit.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "lit_tokensel.cli",
+            "fit",
+            "-c",
+            str(configs / "quickstart.yaml"),
+            "-c",
+            str(configs / "methods" / "rho1.yaml"),
+            "-c",
+            str(configs / "presets" / "fsdp2.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            str(WORLD),
+            "--trainer.precision",
+            "32-true",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.val_check_interval",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--data.train_file",
+            str(runs / "train.jsonl"),
+            "--data.val_file",
+            str(runs / "train.jsonl"),
+            "--data.batch_size",
+            str(PER_RANK_BATCH),
+            "--data.cache_dir",
+            str(tmp_path / "hf"),
+            "--model.init_args.model",
+            tiny_model_dir,
+            "--model.init_args.reference.init_args.model",
+            str(runs / "reference"),
+        ],
+        tmp_path / "fit.log",
+    )
     version = tmp_path / "full_sft" / "version_0"
     last = version / "checkpoints" / "last.ckpt"
     assert (last / ".metadata").is_file()
-    _run([sys.executable, "-m", "lit_tokensel.cli", "export", "--checkpoint", str(last),
-          "--output_dir", str(tmp_path / "reexport")], tmp_path / "export.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "lit_tokensel.cli",
+            "export",
+            "--checkpoint",
+            str(last),
+            "--output_dir",
+            str(tmp_path / "reexport"),
+        ],
+        tmp_path / "export.log",
+    )
     at_fit_end = load_file(version / "export" / "model.safetensors")
     _assert_same_tensors(at_fit_end, load_file(tmp_path / "reexport" / "model.safetensors"), rtol=0, atol=0)

@@ -24,14 +24,32 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
     out = tmp_path_factory.mktemp("distributed_terms")
     rows = QUICKSTART_TRAIN.read_text().splitlines()[: WORLD * PER_RANK_BATCH * 2]
     (out / "train.jsonl").write_text("\n".join(rows) + "\n")
-    spec: dict[str, Any] = {"model": tiny_model_dir, "reference": tiny_model_dir, "train_file": str(out / "train.jsonl"),
-                            "out": str(out), "world": WORLD}
+    spec: dict[str, Any] = {
+        "model": tiny_model_dir,
+        "reference": tiny_model_dir,
+        "train_file": str(out / "train.jsonl"),
+        "out": str(out),
+        "world": WORLD,
+    }
     job = {"method": "terms", "per_rank_batch": PER_RANK_BATCH, "max_steps": STEPS}
-    distributed = [{"name": "ddp_terms", "strategy": "ddp", **job},
-                   {"name": "ddp_terms_accumulate", "strategy": "ddp", **job, "per_rank_batch": 1, "accumulate": 2}]
+    distributed = [
+        {"name": "ddp_terms", "strategy": "ddp", **job},
+        {"name": "ddp_terms_accumulate", "strategy": "ddp", **job, "per_rank_batch": 1, "accumulate": 2},
+    ]
     (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-          str(WORKER), str(out / "distributed.json")], out / "distributed.log")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            str(WORKER),
+            str(out / "distributed.json"),
+        ],
+        out / "distributed.log",
+    )
 
     from tests.distributed_worker import run_job
 

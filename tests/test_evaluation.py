@@ -49,7 +49,9 @@ def runs(eval_models, tmp_path_factory):
     """The quickstart suite on the untrained and the trained model, written under one output directory."""
     out = tmp_path_factory.mktemp("eval_runs")
     return {
-        "untrained": _evaluate(eval_models.untrained_dir, suite="quickstart", output_dir=out, run_name="untrained"),
+        "untrained": _evaluate(
+            eval_models.untrained_dir, suite="quickstart", output_dir=out, run_name="untrained"
+        ),
         "trained": _evaluate(eval_models.trained_dir, suite="quickstart", output_dir=out, run_name="trained"),
     }
 
@@ -59,7 +61,9 @@ def runs(eval_models, tmp_path_factory):
 
 def test_bundled_data_is_the_quickstart_format_and_up_to_date():
     rng = random.Random(0)
-    trained_pairs = {quickstart_data.FAMILIES[f](rng) for f in ("capital_city", "next_letter") for _ in range(3000)}
+    trained_pairs = {
+        quickstart_data.FAMILIES[f](rng) for f in ("capital_city", "next_letter") for _ in range(3000)
+    }
     gen = bundled_data.generation_docs()
     assert len(gen) == N_DOCS and {(d["question"], d["answer"]) for d in gen} == trained_pairs
     by_question = {d["question"]: d["answer"] for d in gen}
@@ -71,8 +75,13 @@ def test_bundled_data_is_the_quickstart_format_and_up_to_date():
     for name, docs in (("quickstart_gen", gen), ("quickstart_mc", bundled_data.multiple_choice_docs())):
         shipped = [json.loads(line) for line in (data_dir / f"{name}.jsonl").read_text().splitlines()]
         assert shipped == docs, f"{name}.jsonl is stale: run python -m lit_tokensel_eval.bundled_data"
-    assert registry.bundled_task_names() == ["noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll", "quickstart_gen",
-                                             "quickstart_mc"]
+    assert registry.bundled_task_names() == [
+        "noisy_sft_gen",
+        "noisy_sft_mc",
+        "noisy_sft_nll",
+        "quickstart_gen",
+        "quickstart_mc",
+    ]
 
 
 def test_shipped_task_files_are_package_data():
@@ -84,7 +93,8 @@ def test_shipped_task_files_are_package_data():
     package = Path(lit_tokensel_eval.__file__).parent
     assert package.parent.name == "evaluation"  # the installed name maps to the evaluation/ source tree
     globs = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
-        "package-data"]["lit_tokensel_eval"]
+        "package-data"
+    ]["lit_tokensel_eval"]
     covered = {p for g in globs for p in package.glob(g)}
     data = {p for p in package.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc")}
     assert data and data <= covered, sorted(str(p) for p in data - covered)
@@ -101,7 +111,10 @@ def test_bundled_tasks_end_to_end_json_csv_table_agree(runs, tmp_path):
         assert all(r.run == name and r.n == N_DOCS for r in rows)
         assert results["n-samples"]["quickstart_mc"]["effective"] == N_DOCS
         primary = {r.task: r for r in rows if r.primary}
-        assert {t: r.metric for t, r in primary.items()} == {"quickstart_gen": "exact_match", "quickstart_mc": "acc"}
+        assert {t: r.metric for t, r in primary.items()} == {
+            "quickstart_gen": "exact_match",
+            "quickstart_mc": "acc",
+        }
         for task, row in primary.items():
             assert results["results"][task][f"{row.metric},{row.filter}"] == pytest.approx(row.value)
             assert results["results"][task][f"{row.metric}_stderr,{row.filter}"] == pytest.approx(row.stderr)
@@ -129,14 +142,21 @@ def test_trained_model_scores_clearly_above_untrained(runs):
 
 
 def test_limit_sets_documents_and_prompts_use_the_chat_format(eval_models, tmp_path):
-    run = _evaluate(eval_models.trained_dir, tasks="quickstart_mc,quickstart_gen", limit=7, output_dir=tmp_path,
-                    log_samples=True)
+    run = _evaluate(
+        eval_models.trained_dir,
+        tasks="quickstart_mc,quickstart_gen",
+        limit=7,
+        output_dir=tmp_path,
+        log_samples=True,
+    )
     assert {r.n for r in run.rows} == {7}
     assert run.name == "trained" and all(r.apply_chat_template for r in run.requests)
     sample = json.loads((run.output_dir / "samples_quickstart_mc.jsonl").read_text().splitlines()[0])
     context, continuation = sample["arguments"][0]
     assert context == f"<|im_start|>user\n{sample['doc']['question']}<|im_end|>\n<|im_start|>assistant\n"
-    assert continuation == sample["doc"]["choices"][0]  # no space: the answer follows the header as in training
+    assert (
+        continuation == sample["doc"]["choices"][0]
+    )  # no space: the answer follows the header as in training
 
 
 def test_in_memory_model_and_checkpoint_match_the_exported_directory(eval_models, runs):
@@ -157,11 +177,28 @@ def test_in_memory_model_and_checkpoint_match_the_exported_directory(eval_models
 @pytest.mark.slow
 def test_lm_eval_cli_accepts_the_export_and_gives_the_same_numbers(eval_models, runs, tmp_path):
     command = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={eval_models.trained_dir}",
-        "--tasks", "quickstart_gen,quickstart_mc", "--include_path", str(registry.TASKS_DIR),
-        "--apply_chat_template", "--device", "cpu", "--batch_size", "8", "--output_path", str(tmp_path),
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={eval_models.trained_dir}",
+        "--tasks",
+        "quickstart_gen,quickstart_mc",
+        "--include_path",
+        str(registry.TASKS_DIR),
+        "--apply_chat_template",
+        "--device",
+        "cpu",
+        "--batch_size",
+        "8",
+        "--output_path",
+        str(tmp_path),
     ]
-    subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        command, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     (written,) = tmp_path.rglob("results_*.json")
     cli = json.loads(written.read_text())["results"]
     for row in runs["trained"].rows:
@@ -185,7 +222,9 @@ def test_every_suite_resolves_to_indexed_tasks_with_their_metric():
             entry = manager.task_index[spec.task]
             declared = entry.cfg.get("aggregate_metric_list") or entry.cfg.get("metric_list") or []
             metrics = {m["metric"] for m in declared}
-            assert spec.metric in metrics, f"suite {name}: {spec.task} reports {sorted(metrics)}, not {spec.metric}"
+            assert spec.metric in metrics, (
+                f"suite {name}: {spec.task} reports {sorted(metrics)}, not {spec.metric}"
+            )
     assert [t.task for t in load_suite("sstoken").tasks if t.num_fewshot == 5] == ["mmlu"]
     assert {t.task: t.limit for t in load_suite("forgetting").tasks}["tydiqa_goldp_oi"] == 100
 
@@ -195,8 +234,9 @@ def test_suite_settings_and_explicit_overrides():
     assert requests["tydiqa_goldp_oi"].num_fewshot == 1 and requests["tydiqa_goldp_oi"].limit == 100
     assert requests["quickstart_mc"].apply_chat_template and not requests["arc_easy"].apply_chat_template
     assert not requests["boolq"].apply_chat_template and requests["boolq"].metric == "acc"
-    overridden = resolve_requests("quickstart_mc", suite="forgetting", num_fewshot=3, limit=5,
-                                  apply_chat_template=False)
+    overridden = resolve_requests(
+        "quickstart_mc", suite="forgetting", num_fewshot=3, limit=5, apply_chat_template=False
+    )
     assert {(r.num_fewshot, r.limit, r.apply_chat_template) for r in overridden} == {(3, 5, False)}
     with pytest.raises(ValueError, match="twice"):
         resolve_requests("boolq", suite="forgetting")
@@ -218,10 +258,24 @@ def test_tydiqa_oi_prompt_and_scoring_match_open_instruct():
 
     def fake_tydiqa(**_):
         def rows(split, n):
-            return [{"id": f"{lang}-{split}-{i}", "title": "", "context": f"{lang} passage {split} {i}",
-                     "question": f"question {i}?", "answers": {"text": [f"Answer {i}.", "other"], "answer_start": [0, 0]}}
-                    for lang in ("english", "swahili") for i in range(n)]
-        return DatasetDict({"train": Dataset.from_list(rows("train", 6)), "validation": Dataset.from_list(rows("validation", 5))})
+            return [
+                {
+                    "id": f"{lang}-{split}-{i}",
+                    "title": "",
+                    "context": f"{lang} passage {split} {i}",
+                    "question": f"question {i}?",
+                    "answers": {"text": [f"Answer {i}.", "other"], "answer_start": [0, 0]},
+                }
+                for lang in ("english", "swahili")
+                for i in range(n)
+            ]
+
+        return DatasetDict(
+            {
+                "train": Dataset.from_list(rows("train", 6)),
+                "validation": Dataset.from_list(rows("validation", 5)),
+            }
+        )
 
     config = load_yaml(tydiqa_oi.TASK_DIR / "tydiqa_goldp_oi_swahili.yaml")
     config["custom_dataset"] = fake_tydiqa
@@ -229,10 +283,17 @@ def test_tydiqa_oi_prompt_and_scoring_match_open_instruct():
     docs = list(task.eval_docs)
     assert len(docs) == 5 and all(d["id"].startswith("swahili-") for d in docs)
     prompts = [task.fewshot_context(doc, num_fewshot=1) for doc in docs[:2]]
-    shot = re.escape("Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.\n\n"
-                     "Kifungu: swahili passage train ") + r"\d\nSwali: question \d\?\nJibu: Answer \d\.\n\n"
+    shot = (
+        re.escape(
+            "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.\n\n"
+            "Kifungu: swahili passage train "
+        )
+        + r"\d\nSwali: question \d\?\nJibu: Answer \d\.\n\n"
+    )
     for doc, prompt in zip(docs, prompts):
-        assert re.fullmatch(shot + re.escape(f"Kifungu: {doc['context']}\nSwali: {doc['question']}\nJibu:"), prompt)
+        assert re.fullmatch(
+            shot + re.escape(f"Kifungu: {doc['context']}\nSwali: {doc['question']}\nJibu:"), prompt
+        )
     assert prompts[0].split("\n\n")[1] == prompts[1].split("\n\n")[1]  # one demonstration per language
     doc = docs[0]
     assert task.process_results(doc, [f" the {doc['answers'][0].lower()}"]) == {"exact_match": 1.0, "f1": 1.0}
@@ -272,7 +333,9 @@ def test_without_offline_flags_an_unreachable_hub_is_reported(monkeypatch):
     monkeypatch.setattr(offline, "hub_reachable", lambda timeout=3.0: False)
     manager = registry.task_manager(include_defaults=True)
     offline.check_datasets_available(manager, ["quickstart_gen", "quickstart"])  # local data: no check at all
-    with pytest.raises(DatasetUnavailableError, match=r"the hub is not reachable(.|\n)*task tydiqa_goldp_oi_arabic"):
+    with pytest.raises(
+        DatasetUnavailableError, match=r"the hub is not reachable(.|\n)*task tydiqa_goldp_oi_arabic"
+    ):
         offline.check_datasets_available(manager, ["tydiqa_goldp_oi"])
     monkeypatch.setattr(offline, "hub_reachable", lambda timeout=3.0: True)
     offline.check_datasets_available(manager, ["tydiqa_goldp_oi"])  # downloadable: fine
@@ -299,24 +362,58 @@ def test_unknown_task_is_named(eval_models):
 
 def test_cli_run_and_compare(eval_models, runs, tmp_path, capsys):
     with torch_threads(1):
-        main(["run", "--model", str(eval_models.trained_dir), "--tasks", "quickstart_mc", "--limit", "10",
-              "--output_dir", str(tmp_path), "--name", "cli", "--bootstrap_iters", "0"])
+        main(
+            [
+                "run",
+                "--model",
+                str(eval_models.trained_dir),
+                "--tasks",
+                "quickstart_mc",
+                "--limit",
+                "10",
+                "--output_dir",
+                str(tmp_path),
+                "--name",
+                "cli",
+                "--bootstrap_iters",
+                "0",
+            ]
+        )
     printed = capsys.readouterr().out
     rows = read_rows(tmp_path / "cli")
     assert [(r.task, r.n, r.stderr) for r in rows] == [("quickstart_mc", 10, None)]
     assert f"| cli | {100 * rows[0].value:.1f} | {100 * rows[0].value:.1f} |" in printed
     output = tmp_path / "comparison.md"
-    main(["compare", str(runs["untrained"].output_dir), str(runs["trained"].output_dir / "results.csv"),
-          str(tmp_path / "cli"), "--output", str(output)])
+    main(
+        [
+            "compare",
+            str(runs["untrained"].output_dir),
+            str(runs["trained"].output_dir / "results.csv"),
+            str(tmp_path / "cli"),
+            "--output",
+            str(output),
+        ]
+    )
     table = output.read_text()
     assert table in capsys.readouterr().out
     assert [line.split("|")[1].strip() for line in table.splitlines()[2:5]] == ["untrained", "trained", "cli"]
-    assert table.splitlines()[4].endswith("| - | %.1f | - |" % (100 * rows[0].value))  # missing task: no average
+    assert table.splitlines()[4].endswith(
+        "| - | %.1f | - |" % (100 * rows[0].value)
+    )  # missing task: no average
 
 
 def test_results_csv_columns(runs):
     with (runs["trained"].output_dir / "results.csv").open() as f:
-        assert csv.DictReader(f).fieldnames == ["run", "task", "metric", "filter", "value", "stderr", "n", "primary"]
+        assert csv.DictReader(f).fieldnames == [
+            "run",
+            "task",
+            "metric",
+            "filter",
+            "value",
+            "stderr",
+            "n",
+            "primary",
+        ]
 
 
 # ---------------------------------------------------------------------------------------------- callback
@@ -332,7 +429,9 @@ def test_eval_callback_logs_metrics_and_restores_train_mode(eval_models, tmp_pat
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in quickstart_rows_for_bundled_tasks()[:64]))
-    callback = EvalCallback(tasks="quickstart_mc", every_n_steps=2, limit=5, output_dir=str(tmp_path / "evals"))
+    callback = EvalCallback(
+        tasks="quickstart_mc", every_n_steps=2, limit=5, output_dir=str(tmp_path / "evals")
+    )
     module = FullSFT(model=str(eval_models.untrained_dir), learning_rate=1e-3)
     modes = []
 
@@ -340,16 +439,28 @@ def test_eval_callback_logs_metrics_and_restores_train_mode(eval_models, tmp_pat
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             modes.append(pl_module.model.training)
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=CSVLogger(tmp_path, name="fit"),
-                        callbacks=[callback, RecordMode()], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=5,
+        logger=CSVLogger(tmp_path, name="fit"),
+        callbacks=[callback, RecordMode()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+    )
     with torch_threads(1):
-        trainer.fit(module, datamodule=SFTDataModule(train_file=str(data), batch_size=8, cache_dir=str(tmp_path / "hf")))
+        trainer.fit(
+            module,
+            datamodule=SFTDataModule(train_file=str(data), batch_size=8, cache_dir=str(tmp_path / "hf")),
+        )
     assert [step for step, _ in callback.history] == [2, 4, 5]
     assert all(set(m) == {"eval/quickstart_mc/acc"} for _, m in callback.history)
     assert all(modes) and module.model.training
     logged = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
-    values = {int(r["step"]): float(r["eval/quickstart_mc/acc"]) for r in logged if r.get("eval/quickstart_mc/acc")}
+    values = {
+        int(r["step"]): float(r["eval/quickstart_mc/acc"]) for r in logged if r.get("eval/quickstart_mc/acc")
+    }
     assert values == {step: m["eval/quickstart_mc/acc"] for step, m in callback.history}
     assert all(v in {i / 5 for i in range(6)} for v in values.values())  # limit=5 documents
     assert read_rows(tmp_path / "evals" / "step-4")[0].n == 5
@@ -361,9 +472,17 @@ def test_eval_callback_checks_tasks_before_training(eval_models, monkeypatch):
     from lit_tokensel import FullSFT
     from lit_tokensel_eval import EvalCallback
 
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # logiqa: no packaged data (arc_easy would now run offline)
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        callbacks=[EvalCallback(tasks="logiqa", limit=2)], enable_progress_bar=False)
+    monkeypatch.setenv(
+        "HF_DATASETS_OFFLINE", "1"
+    )  # logiqa: no packaged data (arc_easy would now run offline)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[EvalCallback(tasks="logiqa", limit=2)],
+        enable_progress_bar=False,
+    )
     with pytest.raises(DatasetUnavailableError, match="logiqa"):
         trainer.fit(FullSFT(model=str(eval_models.untrained_dir)), train_dataloaders=[])
 
@@ -384,24 +503,50 @@ def test_wheel_install_imports_lit_tokensel_eval_with_its_tasks(tmp_path):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(repo / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(tmp_path / "dist"),
-                    str(source)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "lit_tokensel_eval/tasks/tydiqa_oi/_tydiqa_goldp_oi_common_yaml" in names
     assert not any(n.startswith("evaluation/") for n in names)  # installed as lit_tokensel_eval only
-    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    entry_points = (
+        zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    )
     assert "lit-tokensel-eval = lit_tokensel_eval.cli:main" in entry_points
     target = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     script = (
         "import lit_tokensel_eval, lit_tokensel_eval.registry as r, lit_tokensel_eval.task_functions as f;"
         "print(lit_tokensel_eval.__file__); print(r.bundled_task_names());"
         "print(len(f.load_bundled_docs('quickstart_mc.jsonl')['test'])); print(lit_tokensel_eval.suite_names())"
     )
-    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(target)}).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(target)},
+    ).stdout.splitlines()
     assert out[0] == str(target / "lit_tokensel_eval" / "__init__.py")
-    assert out[1:] == ["['noisy_sft_gen', 'noisy_sft_mc', 'noisy_sft_nll', 'quickstart_gen', 'quickstart_mc']", "41",
-                       "['forgetting', 'offline', 'quickstart', 'sstoken', 'token_cleaning']"]
+    assert out[1:] == [
+        "['noisy_sft_gen', 'noisy_sft_mc', 'noisy_sft_nll', 'quickstart_gen', 'quickstart_mc']",
+        "41",
+        "['forgetting', 'offline', 'quickstart', 'sstoken', 'token_cleaning']",
+    ]

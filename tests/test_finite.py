@@ -48,8 +48,15 @@ def nan_model_dir(tiny_model_dir: str, workdir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def good_cache(tiny_model_dir: str, workdir: Path) -> str:
-    return str(score_to_cache(FullSFT(model=tiny_model_dir), setup_datamodule(tiny_model_dir, workdir),
-                              workdir / "cache-good", shard_size=16, progress=False))
+    return str(
+        score_to_cache(
+            FullSFT(model=tiny_model_dir),
+            setup_datamodule(tiny_model_dir, workdir),
+            workdir / "cache-good",
+            shard_size=16,
+            progress=False,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +65,9 @@ def nan_cache(good_cache: str, workdir: Path) -> tuple[str, int]:
     what `score` wrote before it refused NaN. Returns the directory and the bad sample's id."""
     good = TokenLossCache(good_cache)
     manifest = good.manifest
-    writer = TokenLossCacheWriter(workdir / "cache-nan", good.fingerprint, good.split, manifest["shard_size"],
-                                  manifest["num_samples"])
+    writer = TokenLossCacheWriter(
+        workdir / "cache-nan", good.fingerprint, good.split, manifest["shard_size"], manifest["num_samples"]
+    )
     bad_id = 20
     # The writer refuses NaN rows itself now; this cache stands for one written before it did.
     patch = pytest.MonkeyPatch()
@@ -73,7 +81,7 @@ def nan_cache(good_cache: str, workdir: Path) -> tuple[str, int]:
 
 def _write_all(writer: TokenLossCacheWriter, good: TokenLossCache, bad_id: int) -> None:
     for index in range(writer.num_shards):
-        ids = sorted(good.rows)[index * writer.shard_size:(index + 1) * writer.shard_size]
+        ids = sorted(good.rows)[index * writer.shard_size : (index + 1) * writer.shard_size]
         rows = [good.rows[i].copy() for i in ids]
         if bad_id in ids:
             row = rows[ids.index(bad_id)]
@@ -83,16 +91,28 @@ def _write_all(writer: TokenLossCacheWriter, good: TokenLossCache, bad_id: int) 
 
 def _datamodule(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
     """Batches of 4 of the 32 rows (8 steps an epoch), seeded order."""
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=4, seed=0,
-                       cache_dir=str(workdir / "hf"), **kwargs)
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=4,
+        seed=0,
+        cache_dir=str(workdir / "hf"),
+        **kwargs,
+    )
     dm.setup("fit")
     return dm
 
 
 def _trainer(**kwargs) -> L.Trainer:
     kwargs.setdefault("max_steps", 6)
-    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 class _StepRecorder(L.Callback):
@@ -106,7 +126,9 @@ class _StepRecorder(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.ids[trainer.global_step] = batch["sample_id"].tolist()
         self.batches[trainer.global_step] = {k: v.clone() for k, v in batch.items()}
-        self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        self.weights[trainer.global_step] = {
+            k: v.detach().clone() for k, v in pl_module.model.state_dict().items()
+        }
 
 
 # ------------------------------------------------------------------------------------------- training guard
@@ -133,7 +155,9 @@ def test_learning_rate_1e3_stops_within_one_optimizer_step(tiny_model_dir, workd
         model.zero_grad()
         batch = recorder.batches[s]
         losses, valid = per_token_cross_entropy(
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )
         loss = losses[valid].sum()
         loss.backward()
         finite = bool(torch.isfinite(loss)) and all(torch.isfinite(p.grad).all() for p in model.parameters())
@@ -151,8 +175,11 @@ def test_skip_option_drops_nonfinite_steps_and_counts_them(tiny_model_dir, workd
     assert trainer.global_step == 6 and all(torch.isfinite(p).all() for p in module.model.parameters())
     assert [c for c in trainer.callbacks if isinstance(c, FiniteGuard)] == [guard]  # no second, default guard
     recorder.weights[6] = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
-    unchanged = [s for s in range(6) if all(torch.equal(recorder.weights[s][k], recorder.weights[s + 1][k])
-                                            for k in recorder.weights[s])]
+    unchanged = [
+        s
+        for s in range(6)
+        if all(torch.equal(recorder.weights[s][k], recorder.weights[s + 1][k]) for k in recorder.weights[s])
+    ]
     assert 1 in unchanged and guard.skipped_steps == len(unchanged)  # a skipped step changes no weight
     assert float(trainer.callback_metrics["train/skipped_nonfinite_steps"]) == guard.skipped_steps
     assert guard.state_dict() == {"skipped_steps": guard.skipped_steps}
@@ -185,8 +212,13 @@ def test_nan_frozen_reference_is_named_with_step_and_samples(tiny_model_dir, nan
 def test_score_refuses_to_write_nonfinite_losses(nan_model_dir, tiny_model_dir, workdir):
     out = workdir / "cache-from-nan-model"
     with pytest.raises(CacheError, match=r"the losses of \d+ sample\(s\) are NaN or inf"):
-        score_to_cache(FullSFT(model=nan_model_dir), setup_datamodule(tiny_model_dir, workdir), out,
-                       shard_size=16, progress=False)
+        score_to_cache(
+            FullSFT(model=nan_model_dir),
+            setup_datamodule(tiny_model_dir, workdir),
+            out,
+            shard_size=16,
+            progress=False,
+        )
     assert not list(out.glob("shard-*.parquet"))  # nothing written that a method could read
 
 
@@ -220,8 +252,9 @@ def test_cached_reference_names_its_cache_directory(tiny_model_dir, workdir, goo
     batch = next(iter(dm.train_dataloader()))
     valid = batch["labels"][:, 1:] != -100
     batch["cached/reference"][valid.nonzero()[0].tolist()[0], valid.nonzero()[0].tolist()[1]] = math.inf
-    with pytest.raises(NonFiniteError, match=re.escape(f"CachedReference(name='reference'), token-loss cache "
-                                                       f"{good_cache}")):
+    with pytest.raises(
+        NonFiniteError, match=re.escape(f"CachedReference(name='reference'), token-loss cache {good_cache}")
+    ):
         module.reference.token_losses(module, batch)
 
 
@@ -233,7 +266,9 @@ def test_global_threshold_refuses_nonfinite_scores(bad):
     scores = torch.arange(10, dtype=torch.float32)
     assert global_threshold(scores, 0.6) == 4.0  # control: top 6 of 0..9
     scores[3] = bad
-    with pytest.raises(NonFiniteError, match="global_threshold: 1 (NaN|inf) among the dataset's 10 token scores"):
+    with pytest.raises(
+        NonFiniteError, match="global_threshold: 1 (NaN|inf) among the dataset's 10 token scores"
+    ):
         global_threshold(scores, 0.6)
 
 
@@ -242,7 +277,9 @@ def test_forgetting_partition_refuses_nonfinite_scores_and_threshold():
     valid = torch.tensor([[True, True, False]])
     positive, negative = partition_tokens(scores, valid, 0.0)
     assert positive.tolist() == [[True, False, False]] and negative.tolist() == [[False, True, False]]
-    assert partition_tokens(torch.tensor([[0.5, -1.0, math.nan]]), valid, 0.0)[0].tolist() == positive.tolist()
+    assert (
+        partition_tokens(torch.tensor([[0.5, -1.0, math.nan]]), valid, 0.0)[0].tolist() == positive.tolist()
+    )
     with pytest.raises(NonFiniteError, match="1 NaN"):
         partition_tokens(torch.tensor([[0.5, math.nan, 2.0]]), valid, 0.0)
     with pytest.raises(NonFiniteError, match="threshold is nan"):

@@ -78,15 +78,29 @@ class _Snapshots(L.Callback):
         self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
-def _fit_fixed_batch(model_dir, monkeypatch, steps: int, dataset_scores: torch.Tensor, **kwargs) -> _Snapshots:
+def _fit_fixed_batch(
+    model_dir, monkeypatch, steps: int, dataset_scores: torch.Tensor, **kwargs
+) -> _Snapshots:
     """Fit ForgettingSFT (SGD, constant lr) for `steps` steps on the fixed batch; the dataset's scores
     (normally read from the caches) are `dataset_scores`."""
     monkeypatch.setattr("lit_tokensel.methods.forgetting.dataset_scores", lambda *args: dataset_scores)
-    module = ForgettingSFT(model=model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant",
-                           warmup_ratio=0.0, **kwargs)
+    module = ForgettingSFT(
+        model=model_dir,
+        optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        **kwargs,
+    )
     snapshots = _Snapshots()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[snapshots])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[snapshots],
+    )
     trainer.fit(module, train_dataloaders=DataLoader([_fixed_batch()] * steps, batch_size=None))
     return snapshots
 
@@ -132,7 +146,9 @@ def test_loss_and_update_equal_hand_computation(tiny_model_dir, monkeypatch):
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2], objective)
     assert snapshots.metrics[2]["select/lambda"] == pytest.approx(lam)
     assert snapshots.metrics[2]["train/loss"] == pytest.approx(loss, abs=1e-5)
-    assert snapshots.metrics[2]["select/positive_fraction"] == pytest.approx(float(positive.sum() / valid.sum()))
+    assert snapshots.metrics[2]["select/positive_fraction"] == pytest.approx(
+        float(positive.sum() / valid.sum())
+    )
     for key, value in expected.items():
         torch.testing.assert_close(snapshots.after[2][key], value, rtol=1e-5, atol=1e-6)
     assert snapshots.metrics[0]["select/lambda"] == 0.0
@@ -150,7 +166,9 @@ def test_one_step_raises_negative_loss_and_lowers_positive_loss(tiny_model_dir, 
         after = _ce(_model_at(tiny_model_dir, snapshots.after[1]), batch)
     assert after[positive].mean() < before[positive].mean() - 1e-3
     assert after[negative].mean() > before[negative].mean() + 1e-3
-    assert snapshots.metrics[1]["select/loss_negative"] == pytest.approx(float(before[negative].mean()), abs=1e-5)
+    assert snapshots.metrics[1]["select/loss_negative"] == pytest.approx(
+        float(before[negative].mean()), abs=1e-5
+    )
 
 
 def test_batch_without_negatives_is_plain_sft_and_without_positives_is_a_no_op(tiny_model_dir, monkeypatch):
@@ -159,7 +177,10 @@ def test_batch_without_negatives_is_plain_sft_and_without_positives_is_a_no_op(t
     snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=1.0, lambda_max=1.0)
     valid = batch["labels"][:, 1:] != -100
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[1], lambda ce: ce[valid].mean())
-    assert snapshots.metrics[1]["select/negative_fraction"] == 0.0 and "select/loss_negative" not in snapshots.metrics[1]
+    assert (
+        snapshots.metrics[1]["select/negative_fraction"] == 0.0
+        and "select/loss_negative" not in snapshots.metrics[1]
+    )
     assert snapshots.metrics[1]["train/loss"] == pytest.approx(loss, abs=1e-5)
     for key, value in expected.items():
         torch.testing.assert_close(snapshots.after[1][key], value, rtol=1e-5, atol=1e-6)
@@ -188,8 +209,9 @@ def test_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_dir, monkeyp
     assert ((losses > cap) & negative).any() and (ours[(losses > cap) & negative] == 0).all()
     # in training: a cap below every token's loss leaves only the descent on positive tokens
     batch = _fixed_batch()
-    snapshots = _fit_fixed_batch(tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=0.5, lambda_max=2.0,
-                                 negative_loss_cap=1e-3)
+    snapshots = _fit_fixed_batch(
+        tiny_model_dir, monkeypatch, 2, _scores(batch), ratio=0.5, lambda_max=2.0, negative_loss_cap=1e-3
+    )
     valid = batch["labels"][:, 1:] != -100
     pos = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), 0.5)) & valid
     expected_state, _ = _sgd_step(tiny_model_dir, snapshots.before[1], lambda ce: ce[pos].mean())
@@ -209,18 +231,31 @@ def _shifted_batch(shift: float) -> dict:
     return batch
 
 
-def _fit_accumulated(model_dir, monkeypatch, batch: dict, windows: int, dataset_scores: torch.Tensor,
-                     **kwargs) -> _Snapshots:
+def _fit_accumulated(
+    model_dir, monkeypatch, batch: dict, windows: int, dataset_scores: torch.Tensor, **kwargs
+) -> _Snapshots:
     """Fit ForgettingSFT (SGD, constant lr) with `accumulate_grad_batches=2` for `windows` optimizer steps; each
     window is `batch` split into rows 0-1 and rows 2-3 (micro-batches of very different response lengths)."""
     monkeypatch.setattr("lit_tokensel.methods.forgetting.dataset_scores", lambda *args: dataset_scores)
-    module = ForgettingSFT(model=model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant",
-                           warmup_ratio=0.0, **kwargs)
+    module = ForgettingSFT(
+        model=model_dir,
+        optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        **kwargs,
+    )
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
     snapshots = _Snapshots()
-    trainer = L.Trainer(accelerator="cpu", max_steps=windows, accumulate_grad_batches=2, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[snapshots])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=windows,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[snapshots],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(halves * windows, batch_size=None))
     assert trainer.global_step == windows
     return snapshots
@@ -229,7 +264,9 @@ def _fit_accumulated(model_dir, monkeypatch, batch: dict, windows: int, dataset_
 def _partition(batch: dict, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Independent partition: positives by sorting the batch's scores (the batch is the whole dataset)."""
     valid = batch["labels"][:, 1:] != -100
-    positive = (batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), ratio)) & valid
+    positive = (
+        batch["cached/base"] - batch["cached/reference"] >= _kth_largest(_scores(batch), ratio)
+    ) & valid
     return positive, valid & ~positive
 
 
@@ -247,7 +284,9 @@ def test_accumulated_update_equals_the_means_over_the_whole_window(tiny_model_di
     counts = [(int(positive[rows].sum()), int(negative[rows].sum())) for rows in (slice(0, 2), slice(2, 4))]
     (pos_a, neg_a), (pos_b, neg_b) = counts
     assert min(pos_a, neg_a, pos_b, neg_b) > 0 and pos_a * neg_b != pos_b * neg_a, counts
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=0.9)
+    snapshots = _fit_accumulated(
+        tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=0.9
+    )
     # window 0: lambda 0, SGD on the positives' mean
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[0], lambda ce: ce[positive].mean(), batch)
     _assert_state(snapshots.after[1], expected)
@@ -255,32 +294,42 @@ def test_accumulated_update_equals_the_means_over_the_whole_window(tiny_model_di
     # window 1: lambda = 0.9 * 1 / 2; the weights do not move inside the window
     lam = 0.45
     _assert_state(snapshots.after[2], snapshots.before[2])
-    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2],
-                               lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch)
+    expected, loss = _sgd_step(
+        tiny_model_dir, snapshots.before[2], lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch
+    )
     _assert_state(snapshots.after[3], expected)
     assert snapshots.metrics[3]["select/lambda"] == pytest.approx(lam)
     assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
 
 
-@pytest.mark.parametrize("shift", [100.0, -100.0], ids=["first-micro-batch-all-positive", "first-micro-batch-all-negative"])
+@pytest.mark.parametrize(
+    "shift", [100.0, -100.0], ids=["first-micro-batch-all-positive", "first-micro-batch-all-negative"]
+)
 def test_accumulated_micro_batch_without_negatives_or_positives(tiny_model_dir, monkeypatch, shift):
     """One micro-batch of the window has no negative (or no positive) token: still the window's two means."""
     batch = _shifted_batch(shift)
     positive, negative = _partition(batch, 0.6)
     first = negative[:2] if shift > 0 else positive[:2]
     assert not first.any() and positive[2:].any() and negative.any()
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=1.0)
+    snapshots = _fit_accumulated(
+        tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.6, lambda_max=1.0
+    )
     lam = 0.5
-    expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2],
-                               lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch)
+    expected, loss = _sgd_step(
+        tiny_model_dir, snapshots.before[2], lambda ce: ce[positive].mean() - lam * ce[negative].mean(), batch
+    )
     _assert_state(snapshots.after[3], expected)
     assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
 
 
-def test_accumulated_window_without_negatives_is_sft_and_without_positives_is_a_no_op(tiny_model_dir, monkeypatch):
+def test_accumulated_window_without_negatives_is_sft_and_without_positives_is_a_no_op(
+    tiny_model_dir, monkeypatch
+):
     batch = _fixed_batch()
     valid = batch["labels"][:, 1:] != -100
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=1.0, lambda_max=1.0)
+    snapshots = _fit_accumulated(
+        tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=1.0, lambda_max=1.0
+    )
     expected, loss = _sgd_step(tiny_model_dir, snapshots.before[2], lambda ce: ce[valid].mean(), batch)
     assert snapshots.metrics[3]["train/loss"] == pytest.approx(loss, abs=1e-5)
     _assert_state(snapshots.after[3], expected)
@@ -304,15 +353,27 @@ def test_accumulated_negative_loss_cap_is_the_gradient_of_clamped_ce(tiny_model_
     middle = ordered.numel() // 2
     cap = float(ordered[middle - 1] + ordered[middle]) / 2
     assert float(ordered[middle] - ordered[middle - 1]) > 1e-4
-    snapshots = _fit_accumulated(tiny_model_dir, monkeypatch, batch, 2, _scores(batch), ratio=0.5, lambda_max=1.0,
-                                 negative_loss_cap=cap)
+    snapshots = _fit_accumulated(
+        tiny_model_dir,
+        monkeypatch,
+        batch,
+        2,
+        _scores(batch),
+        ratio=0.5,
+        lambda_max=1.0,
+        negative_loss_cap=cap,
+    )
     with torch.no_grad():
         ce = _ce(_model_at(tiny_model_dir, snapshots.before[2]), batch)
     over = negative & (ce > cap)
     assert over.any() and (negative & ~over).any()
     lam = 0.5
-    expected, _ = _sgd_step(tiny_model_dir, snapshots.before[2],
-                            lambda ce: ce[positive].mean() - lam * ce.clamp(max=cap)[negative].mean(), batch)
+    expected, _ = _sgd_step(
+        tiny_model_dir,
+        snapshots.before[2],
+        lambda ce: ce[positive].mean() - lam * ce.clamp(max=cap)[negative].mean(),
+        batch,
+    )
     _assert_state(snapshots.after[3], expected)
     # logged like without accumulation: a capped token leaves the loss, the mean still runs over all negatives
     logged = ce[positive].mean() - lam * ce[negative & ~over].sum() / negative.sum()
@@ -355,16 +416,30 @@ def caches(tiny_model_dir: str, workdir: Path) -> dict[str, str]:
     reference_dir = save_perturbed_copy(tiny_model_dir, workdir / "reference", seed=5)
     out = {}
     for name, model_dir in (("base", tiny_model_dir), ("reference", str(reference_dir))):
-        out[name] = str(score_to_cache(FullSFT(model=model_dir), setup_datamodule(model_dir, workdir),
-                                       workdir / f"cache-{name}", shard_size=16, progress=False))
+        out[name] = str(
+            score_to_cache(
+                FullSFT(model=model_dir),
+                setup_datamodule(model_dir, workdir),
+                workdir / f"cache-{name}",
+                shard_size=16,
+                progress=False,
+            )
+        )
     return out
 
 
 def test_partition_threshold_equals_sorting_all_cached_scores(tiny_model_dir, caches, workdir):
     dm = setup_datamodule(tiny_model_dir, workdir, cached_losses=caches)
     module = ForgettingSFT(model=tiny_model_dir, ratio=0.7)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=0,
+    )
     trainer.fit(module, datamodule=dm)  # on_fit_start: the threshold
     # independent: read the cache files by sample id, every response token of the dataset
     base, reference = TokenLossCache(caches["base"]), TokenLossCache(caches["reference"])
@@ -391,16 +466,26 @@ def test_partition_threshold_equals_sorting_all_cached_scores(tiny_model_dir, ca
 
 
 def test_inspect_shows_the_partition_as_signed_weights(tiny_model_dir, caches, workdir, tmp_path):
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=tiny_model_dir, batch_size=8,
-                       cache_dir=str(workdir / "hf"), cached_losses=caches)
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=tiny_model_dir,
+        batch_size=8,
+        cache_dir=str(workdir / "hf"),
+        cached_losses=caches,
+    )
     module = ForgettingSFT(model=tiny_model_dir, ratio=0.7, lambda_max=0.25)
     out = inspect_selection(module, dm, tmp_path / "inspect.jsonl", limit=16, progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     base, reference = TokenLossCache(caches["base"]), TokenLossCache(caches["reference"])
     for first in (0, 8):  # two batches of 8 samples, in order
         batch = records[first : first + 8]
-        positive = [[base[r["sample_id"]][j] - reference[r["sample_id"]][j] >= module.threshold for j in r["positions"]]
-                    for r in batch]
+        positive = [
+            [
+                base[r["sample_id"]][j] - reference[r["sample_id"]][j] >= module.threshold
+                for j in r["positions"]
+            ]
+            for r in batch
+        ]
         n_pos = sum(map(sum, positive))
         n_neg = sum(map(len, positive)) - n_pos
         for record, signs in zip(batch, positive):
@@ -426,10 +511,21 @@ class _StopAfterFirstEpoch(L.Callback):
 def _fit_epochs(model_dir, workdir, caches, tmp_path, callbacks, ckpt_path=None) -> L.Trainer:
     L.seed_everything(0)
     module = ForgettingSFT(model=model_dir, lambda_max=0.6, learning_rate=1e-3)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, accumulate_grad_batches=2, limit_train_batches=3, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=callbacks)
-    trainer.fit(module, datamodule=setup_datamodule(model_dir, workdir, cached_losses=caches), ckpt_path=ckpt_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        limit_train_batches=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
+    trainer.fit(
+        module, datamodule=setup_datamodule(model_dir, workdir, cached_losses=caches), ckpt_path=ckpt_path
+    )
     return trainer
 
 
@@ -443,7 +539,9 @@ def test_lambda_schedule_is_the_same_after_resume(tiny_model_dir, caches, workdi
     trainer = _fit_epochs(tiny_model_dir, workdir, caches, tmp_path, [first, _StopAfterFirstEpoch()])
     assert trainer.global_step == 2
     trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
-    resumed = _fit_epochs(tiny_model_dir, workdir, caches, tmp_path, [second], ckpt_path=tmp_path / "epoch1.ckpt")
+    resumed = _fit_epochs(
+        tiny_model_dir, workdir, caches, tmp_path, [second], ckpt_path=tmp_path / "epoch1.ckpt"
+    )
     assert resumed.global_step == 4
     assert first.values + second.values == pytest.approx(full.values)
 
@@ -451,21 +549,77 @@ def test_lambda_schedule_is_the_same_after_resume(tiny_model_dir, caches, workdi
 # ---------------------------------------------------------------------------------------------- the recipe
 
 
-def test_recipe_runs_reference_scoring_and_training_in_sequence(tiny_model_dir, workdir, tmp_path, monkeypatch):
+def test_recipe_runs_reference_scoring_and_training_in_sequence(
+    tiny_model_dir, workdir, tmp_path, monkeypatch
+):
     """The documented command sequence of configs/recipes/forgetting, in-process on a tiny model and data."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lit-tokensel"])
-    data = ["--data.train_file", str(workdir / "train.jsonl"), "--data.cache_dir", str(workdir / "hf"),
-            "--data.batch_size", "8", "--trainer.enable_progress_bar", "false"]
-    main(["fit", "-c", str(RECIPE / "reference.yaml"), "--model.init_args.model", tiny_model_dir,
-          *data, "--data.train_file", str(workdir / "warmup.jsonl"), "--trainer.max_steps", "2"])
+    data = [
+        "--data.train_file",
+        str(workdir / "train.jsonl"),
+        "--data.cache_dir",
+        str(workdir / "hf"),
+        "--data.batch_size",
+        "8",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPE / "reference.yaml"),
+            "--model.init_args.model",
+            tiny_model_dir,
+            *data,
+            "--data.train_file",
+            str(workdir / "warmup.jsonl"),
+            "--trainer.max_steps",
+            "2",
+        ]
+    )
     reference_dir = tmp_path / "runs" / "forgetting" / "reference_model"
-    main(["score", "-c", str(RECIPE / "train.yaml"), "--model.init_args.model", tiny_model_dir, *data,
-          "--output_dir", "runs/forgetting/cache/base"])
-    main(["score", "-c", str(RECIPE / "train.yaml"), "--model.init_args.model", str(reference_dir), *data,
-          "--output_dir", "runs/forgetting/cache/reference"])
-    main(["fit", "-c", str(RECIPE / "train.yaml"), "--model.init_args.model", tiny_model_dir, *data,
-          "--trainer.max_steps", "3", "--trainer.log_every_n_steps", "1", "--trainer.val_check_interval", "3"])
+    main(
+        [
+            "score",
+            "-c",
+            str(RECIPE / "train.yaml"),
+            "--model.init_args.model",
+            tiny_model_dir,
+            *data,
+            "--output_dir",
+            "runs/forgetting/cache/base",
+        ]
+    )
+    main(
+        [
+            "score",
+            "-c",
+            str(RECIPE / "train.yaml"),
+            "--model.init_args.model",
+            str(reference_dir),
+            *data,
+            "--output_dir",
+            "runs/forgetting/cache/reference",
+        ]
+    )
+    main(
+        [
+            "fit",
+            "-c",
+            str(RECIPE / "train.yaml"),
+            "--model.init_args.model",
+            tiny_model_dir,
+            *data,
+            "--trainer.max_steps",
+            "3",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.val_check_interval",
+            "3",
+        ]
+    )
 
     base = TokenLossCache(tmp_path / "runs" / "forgetting" / "cache" / "base")
     reference = TokenLossCache(tmp_path / "runs" / "forgetting" / "cache" / "reference")
@@ -473,17 +627,27 @@ def test_recipe_runs_reference_scoring_and_training_in_sequence(tiny_model_dir, 
     assert reference.model_fingerprint.startswith(f"{reference_dir}@")
     gap = np.concatenate([base[i] - reference[i] for i in base.rows])
     assert gap.mean() > 0, "the warm-up must lower the reference's loss on the training data"
-    rows = list(csv.DictReader((tmp_path / "runs" / "forgetting" / "forgetting" / "version_0" / "metrics.csv").open()))
+    rows = list(
+        csv.DictReader((tmp_path / "runs" / "forgetting" / "forgetting" / "version_0" / "metrics.csv").open())
+    )
     lambdas = [float(r["select/lambda"]) for r in rows if r.get("select/lambda")]
     assert lambdas == pytest.approx([0.0, 0.25 / 3, 0.5 / 3])
     fractions = [float(r["select/positive_fraction"]) for r in rows if r.get("select/positive_fraction")]
     assert len(fractions) == 3 and all(0 < f < 1 for f in fractions)
-    assert (tmp_path / "runs" / "forgetting" / "forgetting" / "version_0" / "export" / "config.json").is_file()
+    assert (
+        tmp_path / "runs" / "forgetting" / "forgetting" / "version_0" / "export" / "config.json"
+    ).is_file()
 
 
 def test_without_caches_the_error_names_the_fix(tiny_model_dir, workdir):
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="data.cached_losses"):
         trainer.fit(ForgettingSFT(model=tiny_model_dir), datamodule=setup_datamodule(tiny_model_dir, workdir))
 
@@ -504,5 +668,7 @@ def test_independent_ce_helper_matches_transformers_loss(tiny_model_dir):
     valid = batch["labels"][:, 1:] != -100
     with torch.no_grad():
         ours = _ce(model, batch)[valid].mean()
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        theirs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        ).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

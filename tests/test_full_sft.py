@@ -56,8 +56,13 @@ def _fit_one_step(model_dir: str, batches: list[dict], accumulate: int) -> dict[
     L.seed_everything(0)
     module = FullSFT(model=model_dir, optimizer=_sgd, lr_schedule="constant", warmup_ratio=0.0)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     return {k: v.detach().clone() for k, v in module.model.state_dict().items()}
@@ -72,10 +77,15 @@ def test_gradient_accumulation_equals_large_batch(tiny_model_dir):
     # Independent reference: one SGD step on transformers' mean loss over all 8 rows.
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     batch = pad_batch(rows, pad_id=0)
-    reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    reference(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss.backward()
     with torch.no_grad():
         expected = {k: p - 0.5 * p.grad for k, p in reference.named_parameters()}
-    initial = {k: v.detach().clone() for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()}
+    initial = {
+        k: v.detach().clone()
+        for k, v in AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().items()
+    }
 
     for key, value in expected.items():
         torch.testing.assert_close(accumulated[key], value, rtol=1e-5, atol=1e-6)
@@ -99,15 +109,22 @@ def test_seeded_tiny_fit_pins_first_losses(tiny_model_dir):
     module = FullSFT(model=tiny_model_dir, learning_rate=1e-2, lr_schedule="constant", warmup_ratio=0.0)
     recorder = _LossRecorder()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False, callbacks=[recorder],
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[recorder],
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert recorder.losses == pytest.approx(PINNED_LOSSES, abs=2e-4)
     # the first step's loss is the untrained model's mean loss on the first batch
     untrained = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     first = batches[0]
-    expected = untrained(input_ids=first["input_ids"], attention_mask=first["attention_mask"], labels=first["labels"]).loss
+    expected = untrained(
+        input_ids=first["input_ids"], attention_mask=first["attention_mask"], labels=first["labels"]
+    ).loss
     assert recorder.losses[0] == pytest.approx(float(expected.detach()), abs=1e-4)
 
 
@@ -115,7 +132,9 @@ PINNED_LOSSES = [6.2799, 6.2585, 6.2732, 6.2304]
 
 
 def _logits(model_or_dir, batch):
-    model = AutoModelForCausalLM.from_pretrained(model_or_dir) if isinstance(model_or_dir, str) else model_or_dir
+    model = (
+        AutoModelForCausalLM.from_pretrained(model_or_dir) if isinstance(model_or_dir, str) else model_or_dir
+    )
     model.eval()
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -50,15 +50,21 @@ def import_graph(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+                    base = ".".join(
+                        package[: len(package) - node.level + 1] + ([node.module] if node.module else [])
+                    )
                 # `from lit_tokensel import x`: x may be a subpackage or a name of the package's __init__
-                targets = [f"{base}.{alias.name}" for alias in node.names] if base == "lit_tokensel" else [base]
+                targets = (
+                    [f"{base}.{alias.name}" for alias in node.names] if base == "lit_tokensel" else [base]
+                )
             else:
                 continue
             for target in targets:
                 dest = _node_of(target, root)
                 if dest is not None and dest != source:
-                    graph.setdefault(source, {}).setdefault(dest, []).append(str(path.relative_to(root.parent)))
+                    graph.setdefault(source, {}).setdefault(dest, []).append(
+                        str(path.relative_to(root.parent))
+                    )
     return graph
 
 
@@ -111,15 +117,20 @@ def test_the_checker_finds_lazy_cycles_and_ignores_type_checking_imports(tmp_pat
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
     graph = import_graph(pkg)
-    assert graph == {"a": {"b": ["lit_tokensel/a/x.py"]}, "b": {"a": ["lit_tokensel/b/y.py"]},
-                     "tool": {"c": ["lit_tokensel/tool.py"]}}
+    assert graph == {
+        "a": {"b": ["lit_tokensel/a/x.py"]},
+        "b": {"a": ["lit_tokensel/b/y.py"]},
+        "tool": {"c": ["lit_tokensel/tool.py"]},
+    }
     assert cycles(graph) == [["a", "b"]]
 
 
 def test_no_import_cycle_between_subpackages():
     graph = import_graph()
     found = cycles(graph)
-    detail = [f"{a} -> {b}: {graph[a][b]}" for group in found for a in group for b in graph.get(a, {}) if b in group]
+    detail = [
+        f"{a} -> {b}: {graph[a][b]}" for group in found for a in group for b in graph.get(a, {}) if b in group
+    ]
     assert found == [], "import cycles:\n" + "\n".join(detail)
 
 
@@ -129,6 +140,10 @@ def test_selection_imports_no_other_subpackage(layer):
 
 
 def test_nothing_in_the_library_imports_the_cli():
-    importers = {node: files for node, targets in import_graph().items() for dest, files in targets.items()
-                 if dest == "cli"}
+    importers = {
+        node: files
+        for node, targets in import_graph().items()
+        for dest, files in targets.items()
+        if dest == "cli"
+    }
     assert importers == {}

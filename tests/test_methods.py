@@ -36,8 +36,15 @@ def caches(tiny_model_dir: str, reference_dir: str, workdir: Path) -> dict[str, 
     out = {}
     for name, model_dir in (("base", tiny_model_dir), ("reference", reference_dir)):
         module = FullSFT(model=model_dir)
-        out[name] = str(score_to_cache(module, setup_datamodule(model_dir, workdir), workdir / f"cache-{name}",
-                                       shard_size=16, progress=False))
+        out[name] = str(
+            score_to_cache(
+                module,
+                setup_datamodule(model_dir, workdir),
+                workdir / f"cache-{name}",
+                shard_size=16,
+                progress=False,
+            )
+        )
     return out
 
 
@@ -49,14 +56,20 @@ def _independent_losses(model_dir: str, batch: dict) -> torch.Tensor:
 
 
 def _top_k_by_sort(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> torch.Tensor:
-    entries = sorted((-float(scores[b, t]), b * scores.shape[1] + t)
-                     for b in range(scores.shape[0]) for t in range(scores.shape[1]) if valid[b, t])
+    entries = sorted(
+        (-float(scores[b, t]), b * scores.shape[1] + t)
+        for b in range(scores.shape[0])
+        for t in range(scores.shape[1])
+        if valid[b, t]
+    )
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
     keep[[i for _, i in entries[: -(-len(entries) * int(ratio * 10) // 10)]]] = True
     return keep.view_as(scores)
 
 
-def test_rho1_live_and_cached_reference_select_the_same_tokens(tiny_model_dir, reference_dir, caches, workdir):
+def test_rho1_live_and_cached_reference_select_the_same_tokens(
+    tiny_model_dir, reference_dir, caches, workdir
+):
     dm = setup_datamodule(tiny_model_dir, workdir, cached_losses={"reference": caches["reference"]})
     batch = next(iter(dm.train_dataloader()))
     live = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir)
@@ -81,11 +94,20 @@ def test_rho1_reference_is_outside_parameters_and_checkpoint(tiny_model_dir, ref
     assert all(key.startswith("model.") for key in module.state_dict())
 
 
-def test_token_cleaning_global_threshold_equals_sorting_all_scores(tiny_model_dir, reference_dir, caches, workdir):
+def test_token_cleaning_global_threshold_equals_sorting_all_scores(
+    tiny_model_dir, reference_dir, caches, workdir
+):
     dm = setup_datamodule(tiny_model_dir, workdir, cached_losses=caches)
     module = TokenCleaningSFT(model=tiny_model_dir, ratio=0.6)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=0,
+    )
     trainer.fit(module, datamodule=dm)  # runs on_fit_start: the threshold
     # independent: every response token's L_base - L_ref, from full forwards of both models
     all_scores, kept = [], 0
@@ -107,23 +129,42 @@ def test_token_cleaning_global_threshold_equals_sorting_all_scores(tiny_model_di
 def test_token_cleaning_without_caches_names_the_fix(tiny_model_dir, workdir):
     dm = setup_datamodule(tiny_model_dir, workdir)
     module = TokenCleaningSFT(model=tiny_model_dir)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.raises(ValueError, match="data.cached_losses"):
         trainer.fit(module, datamodule=dm)
 
 
 @pytest.mark.parametrize("method", ["random", "rho1"])
-def test_short_fit_keeps_the_ratio_and_logs_selection_stats(method, tiny_model_dir, reference_dir, workdir, tmp_path):
+def test_short_fit_keeps_the_ratio_and_logs_selection_stats(
+    method, tiny_model_dir, reference_dir, workdir, tmp_path
+):
     if method == "random":
         module = RandomTokenSFT(model=tiny_model_dir, ratio=0.5, learning_rate=1e-3)
     else:
-        module = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir, ratio=0.5,
-                         learning_rate=1e-3)
+        module = Rho1SFT(
+            reference=FrozenModelReference(model=reference_dir),
+            model=tiny_model_dir,
+            ratio=0.5,
+            learning_rate=1e-3,
+        )
     dm = setup_datamodule(tiny_model_dir, workdir)
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, default_root_dir=tmp_path, log_every_n_steps=1,
-                        logger=L.pytorch.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=dm)
     metrics = trainer.callback_metrics
     assert 0.5 <= float(metrics["train/kept_fraction"]) < 0.56  # ceil per sequence/batch rounds up
@@ -135,24 +176,44 @@ def test_short_fit_keeps_the_ratio_and_logs_selection_stats(method, tiny_model_d
     json.dumps({k: float(v) for k, v in metrics.items()})
 
 
-def test_rho1_checkpoint_stores_plain_reference_config_and_exports(tiny_model_dir, reference_dir, workdir, tmp_path):
+def test_rho1_checkpoint_stores_plain_reference_config_and_exports(
+    tiny_model_dir, reference_dir, workdir, tmp_path
+):
     from lit_tokensel.export import export_checkpoint
 
-    module = Rho1SFT(reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir, learning_rate=1e-3)
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, default_root_dir=tmp_path, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    module = Rho1SFT(
+        reference=FrozenModelReference(model=reference_dir), model=tiny_model_dir, learning_rate=1e-3
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=setup_datamodule(tiny_model_dir, workdir))
     checkpoint_path = tmp_path / "rho1.ckpt"
     trainer.save_checkpoint(checkpoint_path)
-    stored = torch.load(checkpoint_path, weights_only=True)["hyper_parameters"]["reference"]  # plain data only
+    stored = torch.load(checkpoint_path, weights_only=True)["hyper_parameters"][
+        "reference"
+    ]  # plain data only
     assert stored["init_args"]["model"] == reference_dir
     out = export_checkpoint(str(checkpoint_path), str(tmp_path / "export"))
-    batch = next(iter(setup_datamodule(tiny_model_dir, workdir).val_dataloader() or
-                      torch.utils.data.DataLoader(module.trainer.datamodule.train_dataset, batch_size=4,
-                                                  collate_fn=module.trainer.datamodule.collator)))
+    batch = next(
+        iter(
+            setup_datamodule(tiny_model_dir, workdir).val_dataloader()
+            or torch.utils.data.DataLoader(
+                module.trainer.datamodule.train_dataset,
+                batch_size=4,
+                collate_fn=module.trainer.datamodule.collator,
+            )
+        )
+    )
     module.model.eval()
     with torch.no_grad():
         expected = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        exported = AutoModelForCausalLM.from_pretrained(out)(input_ids=batch["input_ids"],
-                                                             attention_mask=batch["attention_mask"]).logits
+        exported = AutoModelForCausalLM.from_pretrained(out)(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
     torch.testing.assert_close(exported, expected)

@@ -66,8 +66,13 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path):
 
 def test_sizes_and_clean_splits(bench):
     sizes = data.BenchmarkSizes()
-    for key, n in (("train", sizes.train_rows), ("corruption", sizes.train_rows), ("reference", sizes.reference_rows),
-                   ("base", sizes.base_rows), ("val", sizes.val_rows)):
+    for key, n in (
+        ("train", sizes.train_rows),
+        ("corruption", sizes.train_rows),
+        ("reference", sizes.reference_rows),
+        ("base", sizes.base_rows),
+        ("val", sizes.val_rows),
+    ):
         assert len(bench[key].read_text().splitlines()) == n, key
     world = data.make_world(0)
     for key in ("reference", "val"):
@@ -156,7 +161,12 @@ def test_skill_test_questions_are_in_no_training_file_and_fact_questions_are_the
     families = {}
     for doc in docs["noisy_sft_gen"]:
         families.setdefault(doc["family"], []).append(doc["question"])
-    assert {f: len(q) for f, q in families.items()} == {"capital": 24, "birth_year": 24, "addition": 40, "reverse": 40}
+    assert {f: len(q) for f, q in families.items()} == {
+        "capital": 24,
+        "birth_year": 24,
+        "addition": 40,
+        "reverse": 40,
+    }
     for family in ("addition", "reverse"):
         assert len(set(families[family])) == 40 and not set(families[family]) & trained
     for family in ("capital", "birth_year"):
@@ -216,7 +226,9 @@ def test_shipped_task_data_is_the_generators_output():
     assert set(docs) == set(data.TASK_NAMES)
     for name in data.TASK_NAMES:
         shipped = read_rows(data.TASKS_DIR / f"{name}.jsonl")
-        assert shipped == docs[name], f"{name}.jsonl is stale: run python -m lit_tokensel_bench.noisy_sft.data --write-tasks"
+        assert shipped == docs[name], (
+            f"{name}.jsonl is stale: run python -m lit_tokensel_bench.noisy_sft.data --write-tasks"
+        )
         assert (data.TASKS_DIR / f"{name}.yaml").is_file()
 
 
@@ -238,7 +250,9 @@ def test_cli_writes_data_and_tasks(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "TASKS_DIR", tmp_path / "tasks")
     data.main(["--out", str(tmp_path / "out"), "--write-tasks"])
     assert (tmp_path / "out" / "train.corruption.jsonl").is_file()
-    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(f"{n}.jsonl" for n in data.TASK_NAMES)
+    assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == sorted(
+        f"{n}.jsonl" for n in data.TASK_NAMES
+    )
 
 
 def test_tasks_run_offline_with_the_chat_template_on_a_tiny_untrained_model(bench, tmp_path):
@@ -253,8 +267,15 @@ def test_tasks_run_offline_with_the_chat_template_on_a_tiny_untrained_model(benc
     model_dir = tmp_path / "untrained"
     build_model_dir(EVAL_SPEC, bench["train"], model_dir)
     with torch_threads(1):
-        run = evaluate(model_dir, tasks=list(data.TASK_NAMES), limit=4, bootstrap_iters=0, log_samples=True,
-                       output_dir=tmp_path / "evals", run_name="untrained")
+        run = evaluate(
+            model_dir,
+            tasks=list(data.TASK_NAMES),
+            limit=4,
+            bootstrap_iters=0,
+            log_samples=True,
+            output_dir=tmp_path / "evals",
+            run_name="untrained",
+        )
     assert all(r.apply_chat_template for r in run.requests)
     primary = run.primary()
     assert set(primary) == set(data.TASK_NAMES)

@@ -25,8 +25,18 @@ def test_token_classes_split_filler_words_and_mark_the_end_token():
     texts = ["The", " blo", "rp", " qu", "azz", "le", " is", " 7", ".", "<|im_end|>"]
     kinds = [None, F, F, F, F, F, None, W, None, None]
     # " qu" starts a second filler word right after the first: its own first token
-    assert token_classes(texts, kinds) == [CLEAN, FILLER_FIRST, FILLER_REST, FILLER_FIRST, FILLER_REST, FILLER_REST,
-                                           CLEAN, WRONG, CLEAN, END]
+    assert token_classes(texts, kinds) == [
+        CLEAN,
+        FILLER_FIRST,
+        FILLER_REST,
+        FILLER_FIRST,
+        FILLER_REST,
+        FILLER_REST,
+        CLEAN,
+        WRONG,
+        CLEAN,
+        END,
+    ]
 
 
 def test_token_classes_refuse_kinds_of_other_data():
@@ -35,11 +45,27 @@ def test_token_classes_refuse_kinds_of_other_data():
 
 
 RECORDS = [
-    {"sample_id": 0, "step": 40, "text": ["A", " fo", "o", " B", "<|im_end|>"], "loss": [1.0, 5.0, 3.0, 2.0, 0.5],
-     "scores": {"rel": [0.9, 0.7, 0.2, 0.5, -1.0], "attention": [0.6, 0.1, None, 0.8, 0.3]}},
-    {"sample_id": 1, "step": 40, "text": [" C", " 9"], "loss": [4.0, 6.0], "scores": {"rel": [0.1, 0.3],
-                                                                                      "attention": [0.2, 0.4]}},
-    {"sample_id": 2, "step": 40, "text": [" D"], "loss": [9.0], "scores": {}},  # a sample dropped whole: skipped
+    {
+        "sample_id": 0,
+        "step": 40,
+        "text": ["A", " fo", "o", " B", "<|im_end|>"],
+        "loss": [1.0, 5.0, 3.0, 2.0, 0.5],
+        "scores": {"rel": [0.9, 0.7, 0.2, 0.5, -1.0], "attention": [0.6, 0.1, None, 0.8, 0.3]},
+    },
+    {
+        "sample_id": 1,
+        "step": 40,
+        "text": [" C", " 9"],
+        "loss": [4.0, 6.0],
+        "scores": {"rel": [0.1, 0.3], "attention": [0.2, 0.4]},
+    },
+    {
+        "sample_id": 2,
+        "step": 40,
+        "text": [" D"],
+        "loss": [9.0],
+        "scores": {},
+    },  # a sample dropped whole: skipped
 ]
 KINDS = [[None, F, F, None, None], [None, W], [F]]
 
@@ -82,10 +108,13 @@ def test_cli_writes_the_breakdown_of_every_inspect_file(tmp_path, capsys):
     assert "filler-first" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("make", "rows", "message"), [
-    (lambda root: root, ["x"], "train.token_kinds.json not found"),
-    (_workdir, ["rho1-0.6"], "no inspect files under"),
-])
+@pytest.mark.parametrize(
+    ("make", "rows", "message"),
+    [
+        (lambda root: root, ["x"], "train.token_kinds.json not found"),
+        (_workdir, ["rho1-0.6"], "no inspect files under"),
+    ],
+)
 def test_cli_errors_name_what_is_missing(tmp_path, capsys, make, rows, message):
     workdir = make(tmp_path / "run")
     with pytest.raises(SystemExit):

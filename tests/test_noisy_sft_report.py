@@ -30,11 +30,26 @@ def _curve(*points: tuple[float, tuple[float, ...]]) -> list[dict]:
     return [{"fraction": f, "auc": _stat(*v)} for f, v in points]
 
 
-def _row(regime: str, method: str, family: str, kind: str, ratio: float | None = None, seeds=(0, 1), **kw) -> dict:
-    row = {"regime": regime, "method": method, "family": family, "ratio": ratio, "seeds": list(seeds),
-           "kind": kind, "gen_acc": None, "mc_acc": None, "nll": None, "drop_corrupted": None,
-           "drop_clean": None, "auc": None, "auc_curve": [], "step_time_ratio": None,
-           "peak_memory_ratio": None}
+def _row(
+    regime: str, method: str, family: str, kind: str, ratio: float | None = None, seeds=(0, 1), **kw
+) -> dict:
+    row = {
+        "regime": regime,
+        "method": method,
+        "family": family,
+        "ratio": ratio,
+        "seeds": list(seeds),
+        "kind": kind,
+        "gen_acc": None,
+        "mc_acc": None,
+        "nll": None,
+        "drop_corrupted": None,
+        "drop_clean": None,
+        "auc": None,
+        "auc_curve": [],
+        "step_time_ratio": None,
+        "peak_memory_ratio": None,
+    }
     row.update(kw)
     return row
 
@@ -47,25 +62,81 @@ def _results() -> dict:
     """Two regimes; rows deliberately out of table order; Forgetting lacks several values."""
     rows = []
     for regime, shift in (("scratch", 0.0), ("pretrained", 0.1)):
-        rows.append(_row(regime, ORACLE, "oracle", "oracle", gen_acc=_stat(0.8 + shift, 0.82 + shift),
-                         mc_acc=_stat(0.9, 0.92), nll=_stat(1.0, 1.02), drop_corrupted=_stat(1.0, 1.0),
-                         drop_clean=_stat(0.0, 0.0), auc=_stat(1.0, 1.0),
-                         auc_curve=_curve((0.5, (1.0, 1.0)), (0.0, (1.0, 1.0)), (1.0, (1.0, 1.0)))))
-        rows.append(_row(regime, "Rho-1 (0.6)", "rho1", "method", 0.6, gen_acc=_stat(0.6 + shift, 0.65 + shift),
-                         mc_acc=_stat(0.7, 0.8), nll=_stat(1.2, 1.4), drop_corrupted=_stat(0.5, 0.7),
-                         drop_clean=_stat(0.3, 0.3), auc=_stat(0.7, 0.8),
-                         auc_curve=_curve((1.0, (0.7, 0.8)), (0.0, (0.5, 0.52)), (0.5, (0.62, 0.7))),
-                         step_time_ratio=1.42, peak_memory_ratio=1.1))
-        rows.append(_row(regime, "Full SFT", "full", "baseline", gen_acc=_stat(0.55 + shift, 0.57 + shift),
-                         mc_acc=_stat(0.6, 0.64), nll=_stat(1.5, 1.52), drop_corrupted=_stat(0.0, 0.0),
-                         drop_clean=_stat(0.0, 0.0), step_time_ratio=1.0, peak_memory_ratio=1.0))
-        rows.append(_row(regime, "Forgetting (0.6)", "forgetting", "method", 0.6,
-                         gen_acc=_stat(0.58 + shift, 0.6 + shift), mc_acc=_stat(0.66, 0.7), nll=_stat(1.24, 1.26),
-                         drop_corrupted=_stat(0.2, 0.3),
-                         auc_curve=_curve((0.0, (0.55, 0.6)), (1.0, (0.6, 0.7))) if regime == "pretrained" else [],
-                         step_time_ratio=1.05 if regime == "pretrained" else None))
-    rows.append(_row("pretrained", REFERENCE, "reference", "reference", seeds=(0,), gen_acc=_stat(0.71),
-                     mc_acc=_stat(0.75), nll=_stat(1.1)))
+        rows.append(
+            _row(
+                regime,
+                ORACLE,
+                "oracle",
+                "oracle",
+                gen_acc=_stat(0.8 + shift, 0.82 + shift),
+                mc_acc=_stat(0.9, 0.92),
+                nll=_stat(1.0, 1.02),
+                drop_corrupted=_stat(1.0, 1.0),
+                drop_clean=_stat(0.0, 0.0),
+                auc=_stat(1.0, 1.0),
+                auc_curve=_curve((0.5, (1.0, 1.0)), (0.0, (1.0, 1.0)), (1.0, (1.0, 1.0))),
+            )
+        )
+        rows.append(
+            _row(
+                regime,
+                "Rho-1 (0.6)",
+                "rho1",
+                "method",
+                0.6,
+                gen_acc=_stat(0.6 + shift, 0.65 + shift),
+                mc_acc=_stat(0.7, 0.8),
+                nll=_stat(1.2, 1.4),
+                drop_corrupted=_stat(0.5, 0.7),
+                drop_clean=_stat(0.3, 0.3),
+                auc=_stat(0.7, 0.8),
+                auc_curve=_curve((1.0, (0.7, 0.8)), (0.0, (0.5, 0.52)), (0.5, (0.62, 0.7))),
+                step_time_ratio=1.42,
+                peak_memory_ratio=1.1,
+            )
+        )
+        rows.append(
+            _row(
+                regime,
+                "Full SFT",
+                "full",
+                "baseline",
+                gen_acc=_stat(0.55 + shift, 0.57 + shift),
+                mc_acc=_stat(0.6, 0.64),
+                nll=_stat(1.5, 1.52),
+                drop_corrupted=_stat(0.0, 0.0),
+                drop_clean=_stat(0.0, 0.0),
+                step_time_ratio=1.0,
+                peak_memory_ratio=1.0,
+            )
+        )
+        rows.append(
+            _row(
+                regime,
+                "Forgetting (0.6)",
+                "forgetting",
+                "method",
+                0.6,
+                gen_acc=_stat(0.58 + shift, 0.6 + shift),
+                mc_acc=_stat(0.66, 0.7),
+                nll=_stat(1.24, 1.26),
+                drop_corrupted=_stat(0.2, 0.3),
+                auc_curve=_curve((0.0, (0.55, 0.6)), (1.0, (0.6, 0.7))) if regime == "pretrained" else [],
+                step_time_ratio=1.05 if regime == "pretrained" else None,
+            )
+        )
+    rows.append(
+        _row(
+            "pretrained",
+            REFERENCE,
+            "reference",
+            "reference",
+            seeds=(0,),
+            gen_acc=_stat(0.71),
+            mc_acc=_stat(0.75),
+            nll=_stat(1.1),
+        )
+    )
     return {"command": COMMAND, "settings": {"seeds": [0, 1], "quick": False}, "rows": rows}
 
 
@@ -74,22 +145,35 @@ CORRUPTED = [0, 0, 0, 1, 1, 0, 0, 1, 1, 0]
 KINDS = [None, None, None, "wrong_answer", "wrong_answer", None, None, "filler", "filler", None]
 METHODS = {
     "Full SFT": {"keep": [True] * 10, "score": None, "weight": None},
-    "Rho-1 (0.6)": {"keep": [True, True, False, False, True, True, False, False, False, True],
-                    "score": [0.9, 0.5, -0.2, -1.0, 0.1, 0.3, None, -0.5, -0.7, 1.2], "weight": None},
-    'Forgetting "γ" <0.6>': {"keep": [True] * 9 + [False],
-                             "score": [0.4, 0.3, 0.2, -0.9, -0.8, 0.1, 0.0, -0.6, -0.5, 0.6],
-                             "weight": [1.0, 1.0, 1.0, -0.25, -0.25, 1.0, 1.0, -0.25, -0.25, 0.0]},
+    "Rho-1 (0.6)": {
+        "keep": [True, True, False, False, True, True, False, False, False, True],
+        "score": [0.9, 0.5, -0.2, -1.0, 0.1, 0.3, None, -0.5, -0.7, 1.2],
+        "weight": None,
+    },
+    'Forgetting "γ" <0.6>': {
+        "keep": [True] * 9 + [False],
+        "score": [0.4, 0.3, 0.2, -0.9, -0.8, 0.1, 0.0, -0.6, -0.5, 0.6],
+        "weight": [1.0, 1.0, 1.0, -0.25, -0.25, 1.0, 1.0, -0.25, -0.25, 0.0],
+    },
 }
 
 
 def _sample(sample_id: int) -> dict:
-    return {"sample_id": sample_id, "prompt": f"Q{sample_id}: what is 6*7? <tag> & more", "tokens": TOKENS,
-            "corrupted": CORRUPTED, "kinds": KINDS, "methods": METHODS}
+    return {
+        "sample_id": sample_id,
+        "prompt": f"Q{sample_id}: what is 6*7? <tag> & more",
+        "tokens": TOKENS,
+        "corrupted": CORRUPTED,
+        "kinds": KINDS,
+        "methods": METHODS,
+    }
 
 
 def _samples() -> list[dict]:
-    return [{"regime": "scratch", "samples": [_sample(3), _sample(17)]},
-            {"regime": "pretrained", "samples": [_sample(5)]}]
+    return [
+        {"regime": "scratch", "samples": [_sample(3), _sample(17)]},
+        {"regime": "pretrained", "samples": [_sample(5)]},
+    ]
 
 
 SAMPLE_IDS = {("scratch", "3"), ("scratch", "17"), ("pretrained", "5")}
@@ -113,16 +197,24 @@ def _table_rows(md: str) -> dict[str, list[str]]:
 def test_results_table_formats_stats_and_missing_values():
     md = report.results_table(_results())
     lines = md.splitlines()
-    assert "| Method | Ratio | Test acc (gen) | Test acc (MC) | Answer NLL | Corrupted dropped | Clean dropped " \
-           "| Selection AUC | Step time | Peak mem |" in lines
+    assert (
+        "| Method | Ratio | Test acc (gen) | Test acc (MC) | Answer NLL | Corrupted dropped | Clean dropped "
+        "| Selection AUC | Step time | Peak mem |" in lines
+    )
     # Best gen accuracy among baseline/method rows is bold (the oracle's higher one is not).
-    assert ("| Rho-1 (0.6) | 0.6 | **62.5 ± 3.5%** | 75.0 ± 7.1% | 1.300 ± 0.141 | 60.0 ± 14.1% | 30.0 ± 0.0% "
-            "| 0.75 ± 0.07 | 1.42× | 1.10× |") in lines
+    assert (
+        "| Rho-1 (0.6) | 0.6 | **62.5 ± 3.5%** | 75.0 ± 7.1% | 1.300 ± 0.141 | 60.0 ± 14.1% | 30.0 ± 0.0% "
+        "| 0.75 ± 0.07 | 1.42× | 1.10× |"
+    ) in lines
     # Missing values are dashes; the lowest NLL among baseline/method rows is bold.
-    assert ("| Forgetting (0.6) | 0.6 | 59.0 ± 1.4% | 68.0 ± 2.8% | **1.250 ± 0.014** | 25.0 ± 7.1% | – | – "
-            "| – | – |") in lines
-    assert ("| Oracle (drops exactly the corrupted tokens) | – | 81.0 ± 1.4% | 91.0 ± 1.4% | 1.010 ± 0.014 "
-            "| 100.0 ± 0.0% | 0.0 ± 0.0% | 1.00 ± 0.00 | – | – |") in lines
+    assert (
+        "| Forgetting (0.6) | 0.6 | 59.0 ± 1.4% | 68.0 ± 2.8% | **1.250 ± 0.014** | 25.0 ± 7.1% | – | – "
+        "| – | – |"
+    ) in lines
+    assert (
+        "| Oracle (drops exactly the corrupted tokens) | – | 81.0 ± 1.4% | 91.0 ± 1.4% | 1.010 ± 0.014 "
+        "| 100.0 ± 0.0% | 0.0 ± 0.0% | 1.00 ± 0.00 | – | – |"
+    ) in lines
     # One seed: no "± 0".
     assert f"| {REFERENCE} | – | 71.0% | 75.0% | 1.100 | – | – | – | – | – |" in lines
     legends = [line for line in lines if line.startswith("_") and line.endswith("_")]
@@ -173,7 +265,7 @@ def test_update_readme_replaces_only_between_markers_and_is_idempotent(tmp_path)
     head = (BEFORE + report.README_START).encode()
     tail = (report.README_END + AFTER).encode()
     assert raw.startswith(head) and raw.endswith(tail)
-    middle = raw[len(head):-len(tail)].decode()
+    middle = raw[len(head) : -len(tail)].decode()
     assert "old table" not in middle
     assert f"```bash\n{COMMAND}\n```" in middle
     assert table.strip() in middle
@@ -191,13 +283,16 @@ def test_update_readme_keeps_crlf_line_ends(tmp_path):
     assert report.update_readme(readme, "| a |\n|---|\n| 1 |\n", COMMAND) is False
 
 
-@pytest.mark.parametrize("text", [
-    "no markers at all\n",
-    f"{report.README_START}\nonly the start\n",
-    f"only the end\n{report.README_END}\n",
-    f"{report.README_END}\nout of order\n{report.README_START}\n",
-    f"{report.README_START}\n{report.README_START}\ntwice\n{report.README_END}\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no markers at all\n",
+        f"{report.README_START}\nonly the start\n",
+        f"only the end\n{report.README_END}\n",
+        f"{report.README_END}\nout of order\n{report.README_START}\n",
+        f"{report.README_START}\n{report.README_START}\ntwice\n{report.README_END}\n",
+    ],
+)
 def test_update_readme_bad_markers_raise_and_leave_readme(tmp_path, text):
     readme = tmp_path / "README.md"
     readme.write_text(text)
@@ -234,8 +329,11 @@ def test_auc_curves_figure_plots_each_curve_sorted_by_fraction():
     order = {"scratch": ["Rho-1 (0.6)", ORACLE], "pretrained": ["Rho-1 (0.6)", "Forgetting (0.6)", ORACLE]}
     assert list(axes) == ["scratch", "pretrained"]
     for regime, ax in axes.items():
-        expected = {row["method"]: row["auc_curve"] for row in results["rows"]
-                    if row["regime"] == regime and row["auc_curve"]}
+        expected = {
+            row["method"]: row["auc_curve"]
+            for row in results["rows"]
+            if row["regime"] == regime and row["auc_curve"]
+        }
         lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() != "chance"}
         assert list(lines) == order[regime]  # table order; rows without a curve left out
         for method, curve in expected.items():
@@ -252,8 +350,10 @@ def test_auc_curves_figure_plots_each_curve_sorted_by_fraction():
 def test_accuracy_vs_cost_figure_plots_rows_with_a_step_time():
     results = _results()
     axes = _axes_by_title(report.accuracy_vs_cost_figure(results))
-    expected_methods = {"scratch": ["Full SFT", "Rho-1 (0.6)"],
-                        "pretrained": ["Full SFT", "Rho-1 (0.6)", "Forgetting (0.6)"]}
+    expected_methods = {
+        "scratch": ["Full SFT", "Rho-1 (0.6)"],
+        "pretrained": ["Full SFT", "Rho-1 (0.6)", "Forgetting (0.6)"],
+    }
     for regime, ax in axes.items():
         assert [c.get_label() for c in ax.containers] == expected_methods[regime]
         assert [t.get_text() for t in ax.texts] == expected_methods[regime]
@@ -301,11 +401,18 @@ class _TokenParser(HTMLParser):
         if tag in ("div", "section"):
             self.open.append((tag, attrs))
         elif tag == "span" and "tok" in (attrs.get("class") or "").split():
-            key = (self._enclosing("regime", "data-regime"), self._enclosing("sample", "data-sample-id"),
-                   self._enclosing("method", "data-method"))
+            key = (
+                self._enclosing("regime", "data-regime"),
+                self._enclosing("sample", "data-sample-id"),
+                self._enclosing("method", "data-method"),
+            )
             if None not in key:
-                self.token = {"classes": set(attrs["class"].split()), "text": "", "title": attrs.get("title"),
-                              "style": attrs.get("style")}
+                self.token = {
+                    "classes": set(attrs["class"].split()),
+                    "text": "",
+                    "title": attrs.get("title"),
+                    "style": attrs.get("style"),
+                }
                 self.lines.setdefault(key, []).append(self.token)
 
     def handle_endtag(self, tag):
@@ -354,7 +461,7 @@ def test_token_html_spans_match_inputs_and_escape_text(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>")
     assert "&lt;b&gt;" in text and "&amp;amp;" in text and "&lt;tag&gt; &amp; more" in text
-    assert "data-method=\"Forgetting &quot;γ&quot; &lt;0.6&gt;\"" in text
+    assert 'data-method="Forgetting &quot;γ&quot; &lt;0.6&gt;"' in text
     assert "<title>Tokens &lt;&amp;&gt;</title>" in text
     assert "<script" not in text and "http" not in text and "src=" not in text  # self-contained
     parser = _parse(text)
@@ -369,8 +476,13 @@ def test_token_html_spans_match_inputs_and_escape_text(tmp_path):
 
 def test_token_html_rejects_length_mismatch(tmp_path):
     samples = _samples()
-    samples[1]["samples"][0] = {**_sample(5), "methods": {"Bad": {"keep": [True] * 9, "score": None, "weight": None}}}
-    with pytest.raises(ValueError, match="regime 'pretrained', sample 5, method 'Bad': keep has 9 entries for 10"):
+    samples[1]["samples"][0] = {
+        **_sample(5),
+        "methods": {"Bad": {"keep": [True] * 9, "score": None, "weight": None}},
+    }
+    with pytest.raises(
+        ValueError, match="regime 'pretrained', sample 5, method 'Bad': keep has 9 entries for 10"
+    ):
         report.token_html(samples, tmp_path / "tokens.html")
 
 
@@ -379,8 +491,10 @@ def _chromium() -> str:
     (`.ci/run` installs it and sets LIT_TOKENSEL_REQUIRE_BROWSER=1)."""
     path = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
     if path is None:
-        message = ("Chromium is needed to check that the token HTML renders: install it with "
-                   "`apt-get install -y chromium` (Debian/Ubuntu)")
+        message = (
+            "Chromium is needed to check that the token HTML renders: install it with "
+            "`apt-get install -y chromium` (Debian/Ubuntu)"
+        )
         if os.environ.get("LIT_TOKENSEL_REQUIRE_BROWSER") == "1":
             pytest.fail(message)
         pytest.skip(message)
@@ -390,9 +504,18 @@ def _chromium() -> str:
 def test_token_html_renders_in_headless_chromium(tmp_path):
     chromium = _chromium()
     page = report.token_html(_samples(), tmp_path / "tokens.html")
-    base = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-            f"--user-data-dir={tmp_path / 'profile'}"]
+    base = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     url = page.resolve().as_uri()
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=60)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -402,8 +525,12 @@ def test_token_html_renders_in_headless_chromium(tmp_path):
     _assert_token_lines(_parse(dom.stdout))  # the browser's DOM has every method line and token as written
 
     shot = tmp_path / "shot.png"
-    run = subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2000", url], capture_output=True,
-                         text=True, timeout=60)
+    run = subprocess.run(
+        [*base, f"--screenshot={shot}", "--window-size=1200,2000", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
     pixels = matplotlib.image.imread(shot)[..., :3]
     assert pixels.shape[:2] == (2000, 1200)
@@ -425,12 +552,17 @@ def test_write_outputs_writes_every_file_the_page_and_the_readme_summary(tmp_pat
     results = _results()
     paths = report.write_outputs(results, _samples(), out, page, summary_readme=readme)
     assert paths == {
-        "results_json": out / "results.json", "results_md": out / "results.md",
-        "auc_curves": out / "auc_curves.png", "accuracy_vs_cost": out / "accuracy_vs_cost.png",
-        "tokens_html": out / "tokens.html", "page": page, "readme": readme,
+        "results_json": out / "results.json",
+        "results_md": out / "results.md",
+        "auc_curves": out / "auc_curves.png",
+        "accuracy_vs_cost": out / "accuracy_vs_cost.png",
+        "tokens_html": out / "tokens.html",
+        "page": page,
+        "readme": readme,
     }
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.name for p in paths.values() if p not in (page, readme))
+        p.name for p in paths.values() if p not in (page, readme)
+    )
     assert json.loads(paths["results_json"].read_text()) == results
     md = paths["results_md"].read_text()
     assert report.results_table(results).strip() in md and COMMAND in md
@@ -452,8 +584,9 @@ def test_summary_table_keeps_default_settings_and_shows_the_difference_to_full_s
     results["rows"].append(_row("scratch", "Rho-1 (0.8)", "rho1", "method", 0.8, gen_acc=_stat(0.9, 0.9)))
     table = report.summary_table(results)
     lines = table.splitlines()
-    assert lines[0] == ("| Method | scratch: gen acc | scratch: answer NLL | pretrained: gen acc | "
-                        "pretrained: answer NLL |")
+    assert lines[0] == (
+        "| Method | scratch: gen acc | scratch: answer NLL | pretrained: gen acc | pretrained: answer NLL |"
+    )
     assert "Rho-1 (0.8)" not in table  # sweeps stay in the full table
     assert ORACLE not in table and REFERENCE not in table
     full = next(line for line in lines if line.startswith("| Full SFT |"))

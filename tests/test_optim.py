@@ -51,13 +51,28 @@ class _LrRecorder(L.Callback):
 
 
 def test_fit_uses_betas_eps_and_the_floor(tiny_model_dir):
-    module = FullSFT(model=tiny_model_dir, learning_rate=1e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1,
-                     lr_schedule="cosine", warmup_ratio=0.2, min_lr_ratio=0.1)
-    batches = [pad_batch(rows, pad_id=0) for rows in (synthetic_rows(2, vocab=300, seed=s) for s in range(10))]
+    module = FullSFT(
+        model=tiny_model_dir,
+        learning_rate=1e-3,
+        betas=(0.8, 0.95),
+        eps=1e-6,
+        weight_decay=0.1,
+        lr_schedule="cosine",
+        warmup_ratio=0.2,
+        min_lr_ratio=0.1,
+    )
+    batches = [
+        pad_batch(rows, pad_id=0) for rows in (synthetic_rows(2, vocab=300, seed=s) for s in range(10))
+    ]
     recorder = _LrRecorder()
-    L.Trainer(max_steps=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, callbacks=[recorder]).fit(
-        module, train_dataloaders=DataLoader(batches, batch_size=None))
+    L.Trainer(
+        max_steps=10,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    ).fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     assert isinstance(module.trainer.optimizers[0], torch.optim.AdamW)
     assert recorder.group["betas"] == (0.8, 0.95) and recorder.group["eps"] == 1e-6
     assert recorder.group["weight_decay"] == 0.1
@@ -71,7 +86,9 @@ def test_an_optimizer_block_that_conflicts_with_module_settings_is_refused():
     adamw = functools.partial(torch.optim.AdamW, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01)
     with pytest.raises(ValueError, match=r"--model.init_args.learning_rate 0.001 conflicts with lr=0.0001"):
         FullSFT(learning_rate=1e-3, optimizer=adamw)
-    with pytest.raises(ValueError, match=r"--model.init_args.betas \(0.8, 0.99\) conflicts with betas=\(0.9, 0.95\)"):
+    with pytest.raises(
+        ValueError, match=r"--model.init_args.betas \(0.8, 0.99\) conflicts with betas=\(0.9, 0.95\)"
+    ):
         FullSFT(betas=(0.8, 0.99), optimizer=adamw)
     with pytest.raises(ValueError, match="takes no betas from the module"):
         FullSFT(betas=(0.8, 0.99), optimizer=functools.partial(torch.optim.SGD, lr=0.1))
@@ -84,9 +101,14 @@ def test_an_optimizer_block_that_conflicts_with_module_settings_is_refused():
     FullSFT(optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"min_lr_ratio": 1.5}, "min_lr_ratio=1.5"), ({"betas": (0.9, 1.0)}, "betas="), ({"eps": 0.0}, "eps=0.0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio=1.5"),
+        ({"betas": (0.9, 1.0)}, "betas="),
+        ({"eps": 0.0}, "eps=0.0"),
+    ],
+)
 def test_invalid_optimizer_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FullSFT(**kwargs)

@@ -59,8 +59,10 @@ def test_best_fit_decreasing_pinned() -> None:
 
 
 def _features(n: int = 8, seed: int = 0) -> list[dict]:
-    return [{"input_ids": ids, "labels": labels, "sample_id": 100 + i}
-            for i, (ids, labels) in enumerate(synthetic_rows(n, 500, seed))]
+    return [
+        {"input_ids": ids, "labels": labels, "sample_id": 100 + i}
+        for i, (ids, labels) in enumerate(synthetic_rows(n, 500, seed))
+    ]
 
 
 def _cached(features: list[dict], seed: int) -> dict[int, np.ndarray]:
@@ -80,8 +82,9 @@ def _collators(features: list[dict], weights: bool = False, **kwargs) -> tuple[d
     cached = {"reference": _cached(features, 1), "base": _cached(features, 2)}
     token_weights = _data_weights(features, 3) if weights else {}
     padded = DataCollatorForSFT(0, cached=cached, token_weights=token_weights)(features)
-    packed = PackedCollatorForSFT(0, cached=cached, token_weights=token_weights, max_tokens_per_row=ROW,
-                                  **kwargs)(features)
+    packed = PackedCollatorForSFT(
+        0, cached=cached, token_weights=token_weights, max_tokens_per_row=ROW, **kwargs
+    )(features)
     return padded, packed
 
 
@@ -105,8 +108,10 @@ def test_packed_collator_rows_and_sample_view() -> None:
     # the sample view is the padded batch
     view = sample_view(packed)
     for key in ("labels", "attention_mask", "sample_id", "cached/reference", "cached/base"):
-        assert torch.equal(view[key][:, 1:] if key == "labels" else view[key],
-                           padded[key][:, 1:] if key == "labels" else padded[key]), key
+        assert torch.equal(
+            view[key][:, 1:] if key == "labels" else view[key],
+            padded[key][:, 1:] if key == "labels" else padded[key],
+        ), key
     real = padded["attention_mask"].bool()
     assert torch.equal(view["input_ids"][real], padded["input_ids"][real])
 
@@ -119,7 +124,9 @@ def test_layout_round_trip_and_errors() -> None:
     assert torch.equal(layout.to_rows(layout.to_samples(x)), x * real)
     y = torch.randn(packed["input_ids"].shape[0], packed["input_ids"].shape[1] - 1)  # [R, T-1] targets
     back = layout.to_rows(layout.to_samples(y))
-    covered = (packed["sample_index"][:, 1:] >= 0) & (packed["sample_index"][:, 1:] == packed["sample_index"][:, :-1])
+    covered = (packed["sample_index"][:, 1:] >= 0) & (
+        packed["sample_index"][:, 1:] == packed["sample_index"][:, :-1]
+    )
     assert torch.equal(back[covered], y[covered])
     broken = dict(packed, sample_index=packed["sample_index"].clone())
     broken["sample_index"][0, 1] = int(broken["sample_index"][1, 0])  # sample split over two rows
@@ -184,8 +191,11 @@ def other_model_dir(tiny_model_dir: str, tmp_path_factory: pytest.TempPathFactor
     return save_perturbed_copy(tiny_model_dir, tmp_path_factory.mktemp("other"), seed=1)
 
 
-COMMON = {"lr_schedule": "constant", "warmup_ratio": 0.0,
-          "optimizer": lambda params: torch.optim.SGD(params, lr=1.0)}  # update = -normalised gradient
+COMMON = {
+    "lr_schedule": "constant",
+    "warmup_ratio": 0.0,
+    "optimizer": lambda params: torch.optim.SGD(params, lr=1.0),
+}  # update = -normalised gradient
 # DFT's weight is the target's probability, about 1/V = 1/500 on the random-init model: a larger step
 # makes its update as large as the others' (so the 1e-5 comparison is as strict)
 DFT_STEP = {**COMMON, "optimizer": lambda params: torch.optim.SGD(params, lr=300.0)}
@@ -195,7 +205,9 @@ def _with_threshold(module: TokenSelectionModule, padded: dict, ratio: float) ->
     """Global-scope methods: the threshold from these samples' cached scores (normally the whole dataset's)."""
     valid = padded["labels"][:, 1:] != -100
     scores = (padded["cached/base"] - padded["cached/reference"])[valid]
-    module.prepare_selection = lambda datamodule: setattr(module, "threshold", global_threshold(scores, ratio))
+    module.prepare_selection = lambda datamodule: setattr(
+        module, "threshold", global_threshold(scores, ratio)
+    )
     return module
 
 
@@ -211,8 +223,13 @@ def _ema_with_history(model_dir: str) -> SsTokenSFT:
 
 def _lora_adapter_off(model_dir: str) -> SsTokenSFT:
     """ssToken with LoRA and the adapter-off base as history; the adapter moved off zero so they differ."""
-    module = SsTokenSFT(model=model_dir, history=AdapterDisabledReference(), warmup=0.0,
-                        lora=LoraSettings(r=4, alpha=8, dropout=0.0), **COMMON)
+    module = SsTokenSFT(
+        model=model_dir,
+        history=AdapterDisabledReference(),
+        warmup=0.0,
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        **COMMON,
+    )
     torch.manual_seed(4)  # LoRA's A matrices are drawn at load time
     module.configure_model()
     with torch.no_grad():
@@ -224,8 +241,9 @@ def _lora_adapter_off(model_dir: str) -> SsTokenSFT:
 
 def _asft_lora(model_dir: str) -> ASFTSFT:
     """ASFT with LoRA: the reference is the adapter-off base; the adapter moved off zero so they differ."""
-    module = ASFTSFT(model=model_dir, alpha=0.5, chunk_size=7, lora=LoraSettings(r=4, alpha=8, dropout=0.0),
-                     **DFT_STEP)
+    module = ASFTSFT(
+        model=model_dir, alpha=0.5, chunk_size=7, lora=LoraSettings(r=4, alpha=8, dropout=0.0), **DFT_STEP
+    )
     torch.manual_seed(4)
     module.configure_model()
     with torch.no_grad():
@@ -239,13 +257,15 @@ METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "FullSFT": lambda d, o, p: FullSFT(model=d, **COMMON),
     "Random": lambda d, o, p: RandomTokenSFT(model=d, **COMMON),
     "Rho1 (cached)": lambda d, o, p: Rho1SFT(model=d, reference=CachedReference("reference"), **COMMON),
-    "Rho1 (live, sequence)": lambda d, o, p: Rho1SFT(model=d, reference=FrozenModelReference(model=o),
-                                                     scope="sequence", **COMMON),
+    "Rho1 (live, sequence)": lambda d, o, p: Rho1SFT(
+        model=d, reference=FrozenModelReference(model=o), scope="sequence", **COMMON
+    ),
     "TokenCleaning (global)": lambda d, o, p: _with_threshold(TokenCleaningSFT(model=d, **COMMON), p, 0.6),
     "Forgetting": lambda d, o, p: _with_threshold(ForgettingSFT(model=d, **COMMON), p, 0.7),
     "ssToken (EMA)": lambda d, o, p: _ema_with_history(d),
     "ssToken (frozen history, sink excluded)": lambda d, o, p: SsTokenSFT(
-        model=d, history=FrozenModelReference(model=o), warmup=0.0, exclude_sink=True, **COMMON),
+        model=d, history=FrozenModelReference(model=o), warmup=0.0, exclude_sink=True, **COMMON
+    ),
     "ssToken (LoRA, adapter-off history)": lambda d, o, p: _lora_adapter_off(d),
     "Q-Tuning": lambda d, o, p: QTuningSFT(model=d, sample_ratio=0.5, **COMMON),
     "ProFit": lambda d, o, p: ProFitSFT(model=d, tau=0.002, **COMMON),
@@ -254,14 +274,29 @@ METHODS: dict[str, Callable[[str, str, dict], TokenSelectionModule]] = {
     "DFT": lambda d, o, p: DFTSFT(model=d, **DFT_STEP),
     "EAFT": lambda d, o, p: EAFTSFT(model=d, chunk_size=7, **COMMON),
     "EAFT (chunked_loss)": lambda d, o, p: EAFTSFT(model=d, chunk_size=7, chunked_loss=True, **COMMON),
-    "ASFT (frozen reference)": lambda d, o, p: ASFTSFT(model=d, reference=FrozenModelReference(model=o), alpha=0.5,
-                                                       chunk_size=7, **DFT_STEP),
+    "ASFT (frozen reference)": lambda d, o, p: ASFTSFT(
+        model=d, reference=FrozenModelReference(model=o), alpha=0.5, chunk_size=7, **DFT_STEP
+    ),
     "ASFT (frozen reference, chunked_loss)": lambda d, o, p: ASFTSFT(
-        model=d, reference=FrozenModelReference(model=o), alpha=0.5, chunk_size=7, chunked_loss=True, **DFT_STEP),
+        model=d,
+        reference=FrozenModelReference(model=o),
+        alpha=0.5,
+        chunk_size=7,
+        chunked_loss=True,
+        **DFT_STEP,
+    ),
     "ASFT (LoRA, adapter-off reference)": lambda d, o, p: _asft_lora(d),
 }
-WEIGHTED = ("FullSFT", "Rho1 (cached)", "ssToken (EMA)", "Q-Tuning", "DFT", "EAFT", "ASFT (frozen reference)",
-            "ASFT (LoRA, adapter-off reference)")
+WEIGHTED = (
+    "FullSFT",
+    "Rho1 (cached)",
+    "ssToken (EMA)",
+    "Q-Tuning",
+    "DFT",
+    "EAFT",
+    "ASFT (frozen reference)",
+    "ASFT (LoRA, adapter-off reference)",
+)
 """Methods also checked with weights from the data on the samples."""
 
 
@@ -277,16 +312,28 @@ def _one_step(module: TokenSelectionModule, batch: dict) -> tuple[list, dict[str
         return seen[-1]
 
     module.select_batch = record
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     update = {n: p.detach() - before[n] for n, p in module.model.named_parameters()}
     return seen, update
 
 
-@pytest.mark.parametrize(("method", "weights"), [(m, False) for m in METHODS] + [(m, True) for m in WEIGHTED],
-                         ids=[*METHODS, *(f"{m}, data weights" for m in WEIGHTED)])
-def test_method_packed_equals_padded(method: str, weights: bool, tiny_model_dir: str, other_model_dir: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "weights"),
+    [(m, False) for m in METHODS] + [(m, True) for m in WEIGHTED],
+    ids=[*METHODS, *(f"{m}, data weights" for m in WEIGHTED)],
+)
+def test_method_packed_equals_padded(
+    method: str, weights: bool, tiny_model_dir: str, other_model_dir: str
+) -> None:
     padded, packed = _collators(_features(), weights=weights)
     make = METHODS[method]
     (sel_padded,), update_padded = _one_step(make(tiny_model_dir, other_model_dir, padded), padded)
@@ -304,7 +351,9 @@ def test_method_packed_equals_padded(method: str, weights: bool, tiny_model_dir:
         valid = sel_padded.valid
         torch.testing.assert_close(sel_packed.selection.scores[name][valid], score[valid], atol=1e-4, rtol=0)
     if sel_padded.selection.weights is not None:
-        torch.testing.assert_close(sel_packed.selection.weights, sel_padded.selection.weights, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            sel_packed.selection.weights, sel_padded.selection.weights, atol=ATOL, rtol=0
+        )
     assert sel_packed.selection.terms.keys() == sel_padded.selection.terms.keys()
     for name, term in sel_padded.selection.terms.items():  # ASFT's KL, Forgetting's ascent
         other = sel_packed.selection.terms[name]
@@ -331,7 +380,9 @@ def test_selection_is_not_trivial_where_it_should_not_be(tiny_model_dir: str, ot
         module.eval()
         with torch.no_grad():
             selected = module.select_batch(padded)
-        assert int((selected.selection.keep & selected.valid).sum()) < int((padded["labels"][:, 1:] != -100).sum())
+        assert int((selected.selection.keep & selected.valid).sum()) < int(
+            (padded["labels"][:, 1:] != -100).sum()
+        )
 
 
 def test_validation_and_predict_accept_packed(tiny_model_dir: str) -> None:
@@ -357,9 +408,17 @@ def _pack(samples: list[list[tuple[str, int]]], capacity: int, seed: int = 0) ->
     """Packed rows of the attention test's samples, and each sample alone as an unpadded batch."""
     padded, _ = make_batch(samples, "right", seed)
     lengths = padded["attention_mask"].sum(1).tolist()
-    features = [{"input_ids": padded["input_ids"][i, :n].tolist(), "labels": padded["labels"][i, :n].tolist(),
-                 "sample_id": i} for i, n in enumerate(lengths)]
-    alone = [{k: v[i : i + 1, :n] for k, v in padded.items() if k != "sample_id"} for i, n in enumerate(lengths)]
+    features = [
+        {
+            "input_ids": padded["input_ids"][i, :n].tolist(),
+            "labels": padded["labels"][i, :n].tolist(),
+            "sample_id": i,
+        }
+        for i, n in enumerate(lengths)
+    ]
+    alone = [
+        {k: v[i : i + 1, :n] for k, v in padded.items() if k != "sample_id"} for i, n in enumerate(lengths)
+    ]
     return PackedCollatorForSFT(0, max_tokens_per_row=capacity)(features), alone
 
 
@@ -413,9 +472,15 @@ def test_packed_attention_does_not_leak_across_samples() -> None:
 def _rows(n: int) -> list[dict]:
     rng = np.random.default_rng(0)
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-    return [{"messages": [{"role": "user", "content": " ".join(rng.choice(words, 2 + i % 5))},
-                          {"role": "assistant", "content": " ".join(rng.choice(words, 1 + (7 * i) % 13))}]}
-            for i in range(n)]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": " ".join(rng.choice(words, 2 + i % 5))},
+                {"role": "assistant", "content": " ".join(rng.choice(words, 1 + (7 * i) % 13))},
+            ]
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture
@@ -448,7 +513,10 @@ def test_datamodule_packing_resume_mid_epoch_is_exact(packed_dm) -> None:
     dm = packed_dm(max_length=96, packing=True)
     full = _epoch(dm, 1)
     resumed = packed_dm(max_length=96, packing=True)
-    resumed._resume_state = (1, 2 * resumed.batch_size)  # what a checkpoint after 2 batches of epoch 1 restores
+    resumed._resume_state = (
+        1,
+        2 * resumed.batch_size,
+    )  # what a checkpoint after 2 batches of epoch 1 restores
     rest = _epoch(resumed, 1)
     assert len(rest) == len(full) - 2
     for a, b in zip(full[2:], rest, strict=True):
@@ -498,7 +566,9 @@ def test_data_weights_on_packed_rows_land_on_the_same_tokens(tiny_model_dir: str
 
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _weighted_rows(24)))
     padded_dm = setup_datamodule(tiny_model_dir, tmp_path, max_length=96)
-    packed_dm = setup_datamodule(tiny_model_dir, tmp_path, max_length=96, packing=True, packing_row_tokens=192)
+    packed_dm = setup_datamodule(
+        tiny_model_dir, tmp_path, max_length=96, packing=True, packing_row_tokens=192
+    )
     weighted = 0
     for padded, packed in zip(_epoch(padded_dm, 0), _epoch(packed_dm, 0), strict=True):
         assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # samples share rows
@@ -509,30 +579,41 @@ def test_data_weights_on_packed_rows_land_on_the_same_tokens(tiny_model_dir: str
             index = packed["sample_index"]
             here = (index[:, 1:] == i) & (index[:, :-1] == i)  # [R, T-1] targets of sample i, in row order
             response = padded["labels"][i, 1:] != -100
-            pairs_packed = list(zip(packed["labels"][:, 1:][here].tolist(), rows_weights[here].tolist(),
-                                    strict=True))
-            pairs_padded = list(zip(padded["labels"][i, 1:].tolist(), padded["token_weights"][i].tolist(),
-                                    strict=True))[: len(pairs_packed)]
+            pairs_packed = list(
+                zip(packed["labels"][:, 1:][here].tolist(), rows_weights[here].tolist(), strict=True)
+            )
+            pairs_padded = list(
+                zip(padded["labels"][i, 1:].tolist(), padded["token_weights"][i].tolist(), strict=True)
+            )[: len(pairs_packed)]
             assert pairs_packed == pairs_padded
             weighted += int((padded["token_weights"][i][response] != 1).sum())
     assert weighted > 20  # the weights are not all 1
     outputs = []
     for dm in (padded_dm, packed_dm):
-        path = inspect_selection(FullSFT(model=tiny_model_dir), dm, tmp_path / f"inspect_{dm.packing}.jsonl",
-                                 limit=16, progress=False)
+        path = inspect_selection(
+            FullSFT(model=tiny_model_dir),
+            dm,
+            tmp_path / f"inspect_{dm.packing}.jsonl",
+            limit=16,
+            progress=False,
+        )
         outputs.append([json.loads(line) for line in path.read_text().splitlines()])
     for a, b in zip(*outputs, strict=True):
         assert (a["sample_id"], a["keep"], a["data_weight"]) == (b["sample_id"], b["keep"], b["data_weight"])
         np.testing.assert_allclose(b["weight"], a["weight"], atol=ATOL)
-    assert any(0.0 in r["data_weight"] for r in outputs[0]) and any(1.5 in r["data_weight"] for r in outputs[0])
+    assert any(0.0 in r["data_weight"] for r in outputs[0]) and any(
+        1.5 in r["data_weight"] for r in outputs[0]
+    )
 
 
 def test_default_rows_are_as_wide_as_the_longest_sample(packed_dm) -> None:
     features = _features()
     packed = PackedCollatorForSFT(0)(features)  # max_tokens_per_row=None
     longest = max(len(f["input_ids"]) for f in features)
-    assert packed["input_ids"].shape == (len(best_fit_decreasing([len(f["input_ids"]) for f in features], longest)),
-                                         longest)
+    assert packed["input_ids"].shape == (
+        len(best_fit_decreasing([len(f["input_ids"]) for f in features], longest)),
+        longest,
+    )
     assert packed["input_ids"].shape[0] < len(features)
     with pytest.raises(ValueError, match="packing_row_tokens=64 must be >= max_length=96"):
         packed_dm(max_length=96, packing=True, packing_row_tokens=64)
@@ -554,8 +635,9 @@ def test_flattened_varlen_path_through_the_attention_hook(
         monkeypatch.setattr("lit_tokensel.modeling.forward.uses_varlen_attention", lambda model: True)
         flat = module.select_batch(packed)
     torch.testing.assert_close(flat.token_losses, ref.token_losses, atol=ATOL, rtol=0)
-    torch.testing.assert_close(flat.selection.scores["attention"], ref.selection.scores["attention"],
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        flat.selection.scores["attention"], ref.selection.scores["attention"], atol=ATOL, rtol=0
+    )
     assert torch.equal(flat.selection.keep, ref.selection.keep)
 
 
@@ -564,13 +646,33 @@ def _fit_sstoken(model_dir: str, data_dir, root, *, packing: bool, ckpt_in=None,
     """ssToken (EMA history, attention score) for 2 epochs of 4 batches through the DataModule."""
     L.seed_everything(0)
     history = HistoryReference("ema", decay=0.5)
-    module = SsTokenSFT(history=history, model=model_dir, learning_rate=1e-2, lr_schedule="constant",
-                        warmup_ratio=0.0, warmup=0.25)
-    dm = SFTDataModule(train_file=str(data_dir / "train.jsonl"), tokenizer=model_dir, batch_size=4,
-                       cache_dir=str(data_dir / "hf"), seed=0, max_length=96, packing=packing)
+    module = SsTokenSFT(
+        history=history,
+        model=model_dir,
+        learning_rate=1e-2,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        warmup=0.25,
+    )
+    dm = SFTDataModule(
+        train_file=str(data_dir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=4,
+        cache_dir=str(data_dir / "hf"),
+        seed=0,
+        max_length=96,
+        packing=packing,
+    )
     checkpointing = bool(callbacks)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=checkpointing, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
     return module, history
 
@@ -582,15 +684,22 @@ def run_data(tmp_path_factory: pytest.TempPathFactory):
     return path
 
 
-def test_packed_training_run_equals_padded_and_resumes_exactly(tiny_model_dir: str, run_data, tmp_path) -> None:
+def test_packed_training_run_equals_padded_and_resumes_exactly(
+    tiny_model_dir: str, run_data, tmp_path
+) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     padded, padded_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "a", packing=False)
-    periodic = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    packed, packed_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "b", packing=True, callbacks=[periodic])
+    periodic = ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    packed, packed_history = _fit_sstoken(
+        tiny_model_dir, run_data, tmp_path / "b", packing=True, callbacks=[periodic]
+    )
     # step 3 is mid-epoch 0 (4 batches per epoch): resume from it and finish both epochs
-    resumed, resumed_history = _fit_sstoken(tiny_model_dir, run_data, tmp_path / "c", packing=True,
-                                            ckpt_in=tmp_path / "ckpts" / "step=3.ckpt")
+    resumed, resumed_history = _fit_sstoken(
+        tiny_model_dir, run_data, tmp_path / "c", packing=True, ckpt_in=tmp_path / "ckpts" / "step=3.ckpt"
+    )
     assert packed_history.updates == resumed_history.updates == padded_history.updates == 8
     for key, value in packed.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)

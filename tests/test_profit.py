@@ -32,12 +32,15 @@ def test_mask_is_probability_above_tau(tiny_model_dir, tau):
     selection = module.select_tokens(batch, losses, valid)
     probability, response = _probabilities(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)
     expected = (probability > tau) & response
-    assert 0 < int(expected.sum()) < int(response.sum()), "tau must split this batch for the test to mean anything"
+    assert 0 < int(expected.sum()) < int(response.sum()), (
+        "tau must split this batch for the test to mean anything"
+    )
     # exact except at a probability within float error of tau
     near = (probability - tau).abs() < 1e-6
     assert torch.equal(selection.keep & ~near, expected & ~near)
-    torch.testing.assert_close(selection.scores["probability"][response].double(), probability[response],
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        selection.scores["probability"][response].double(), probability[response], rtol=1e-5, atol=1e-7
+    )
 
 
 class _Metrics(L.Callback):
@@ -57,8 +60,15 @@ def test_fit_logs_the_kept_fraction_of_the_starting_model(tiny_model_dir):
     batches = [pad_batch(rows[i : i + 4], pad_id=0) for i in range(0, 12, 4)]
     module = ProFitSFT(model=tiny_model_dir, tau=0.0022, learning_rate=1e-2)
     recorder = _Metrics()
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model.load_state_dict(recorder.initial)

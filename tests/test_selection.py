@@ -126,6 +126,8 @@ def test_random_selection_depends_only_on_sample_and_seed():
     batch = {"sample_id": torch.tensor([4, 9, 2])}
     keep = module.select_tokens(batch, torch.zeros(3, 10), valid).keep
     assert keep.sum(dim=1).tolist() == [6, 4, 6]
-    swapped = module.select_tokens({"sample_id": torch.tensor([2, 4, 9])}, torch.zeros(3, 10), valid[[2, 0, 1]]).keep
+    swapped = module.select_tokens(
+        {"sample_id": torch.tensor([2, 4, 9])}, torch.zeros(3, 10), valid[[2, 0, 1]]
+    ).keep
     assert torch.equal(swapped, keep[[2, 0, 1]])
     assert not torch.equal(uniform_scores(torch.tensor([4]), 10, 7), uniform_scores(torch.tensor([4]), 10, 8))

@@ -44,7 +44,9 @@ def test_sampler_yields_chunk_e_mod_n_shuffled_and_reproducibly():
         orders[epoch] = list(sampler)
         assert sorted(orders[epoch]) == parts[epoch % 3].tolist()
         assert len(sampler) == len(parts[epoch % 3]) == len(orders[epoch])
-        assert list(again) == orders[epoch] and list(sampler) == orders[epoch], "order depends on (seed, epoch) only"
+        assert list(again) == orders[epoch] and list(sampler) == orders[epoch], (
+            "order depends on (seed, epoch) only"
+        )
     assert orders[0] != orders[3], "the same chunk is reshuffled when it comes round again"
     other = chunk_partition(10, 3, seed=8)
     assert any(a.tolist() != b.tolist() for a, b in zip(parts, other)), "membership is seeded"
@@ -74,8 +76,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_dm(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
     kwargs.setdefault("epoch_chunks", CHUNKS)
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=BATCH,
-                       max_length=96, cache_dir=str(workdir / "hf"), **kwargs)
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=BATCH,
+        max_length=96,
+        cache_dir=str(workdir / "hf"),
+        **kwargs,
+    )
     dm.setup("fit")
     return dm
 
@@ -83,13 +91,22 @@ def make_dm(model_dir: str, workdir: Path, **kwargs) -> SFTDataModule:
 @pytest.fixture(scope="module")
 def base_cache(tiny_model_dir: str, workdir: Path) -> str:
     dm = make_dm(tiny_model_dir, workdir, epoch_chunks=None)
-    return str(score_to_cache(FullSFT(model=tiny_model_dir), dm, workdir / "base", shard_size=16, progress=False))
+    return str(
+        score_to_cache(FullSFT(model=tiny_model_dir), dm, workdir / "base", shard_size=16, progress=False)
+    )
 
 
 def trainer(tmp_path: Path, callbacks: list, **kwargs) -> L.Trainer:
     kwargs.setdefault("max_epochs", CHUNKS)
-    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                     default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 class Recorder(L.Callback):
@@ -130,7 +147,9 @@ def independent_losses(model_dir: str, batch: dict, state: dict | None = None) -
     return per_token_cross_entropy(logits, batch["labels"])[0]  # [B, T-1]
 
 
-def top_ratio_by_sorting(scores: torch.Tensor, valid: torch.Tensor, ratio: float) -> tuple[torch.Tensor, float]:
+def top_ratio_by_sorting(
+    scores: torch.Tensor, valid: torch.Tensor, ratio: float
+) -> tuple[torch.Tensor, float]:
     ordered = sorted(scores[valid].tolist(), reverse=True)
     threshold = ordered[math.ceil(round(ratio * len(ordered), 9)) - 1]
     return (scores >= threshold) & valid, threshold
@@ -144,11 +163,13 @@ def chunk_run(tiny_model_dir, base_cache, workdir, tmp_path_factory):
     """One fit of 3 rounds (scope chunk) with per-step checkpoints; returns (module, dm, recorder, ckpt dir)."""
     tmp = tmp_path_factory.mktemp("chunk_run")
     dm = make_dm(tiny_model_dir, workdir, cached_losses={"base": base_cache})
-    module = SelfEvolvingTokenCleaningSFT(model=tiny_model_dir, chunks=CHUNKS, learning_rate=2e-2,
-                                          lr_schedule="constant", warmup_ratio=0.0)
+    module = SelfEvolvingTokenCleaningSFT(
+        model=tiny_model_dir, chunks=CHUNKS, learning_rate=2e-2, lr_schedule="constant", warmup_ratio=0.0
+    )
     recorder = Recorder()
-    checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp / "ckpt", filename="{step}", save_top_k=-1,
-                                                      every_n_train_steps=1)
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=tmp / "ckpt", filename="{step}", save_top_k=-1, every_n_train_steps=1
+    )
     fit = trainer(tmp, [recorder, checkpoints], log_every_n_steps=1)
     fit.fit(module, datamodule=dm)
     assert fit.global_step == fit.estimated_stepping_batches == CHUNKS * 2  # len(sampler) is the chunk's
@@ -169,15 +190,20 @@ def test_round_zero_keeps_every_response_token(chunk_run):
 
 
 @pytest.mark.parametrize("epoch", [1, 2])
-def test_round_keeps_the_chunk_top_60_percent_by_base_minus_round_start_loss(chunk_run, tiny_model_dir, epoch):
+def test_round_keeps_the_chunk_top_60_percent_by_base_minus_round_start_loss(
+    chunk_run, tiny_model_dir, epoch
+):
     module, _, recorder, _ = chunk_run
     (chunk, first), (_, last) = recorder.selections[epoch]
     # the reference is frozen for the round: a training step inside the round changes nothing
-    assert torch.equal(first.keep, last.keep) and torch.equal(first.scores["influence"], last.scores["influence"])
+    assert torch.equal(first.keep, last.keep) and torch.equal(
+        first.scores["influence"], last.scores["influence"]
+    )
     # independent: fresh base and round-start models, full-logit CE, threshold by sorting the chunk's scores
     valid = chunk["labels"][:, 1:] != -100
     score = independent_losses(tiny_model_dir, chunk) - independent_losses(
-        tiny_model_dir, chunk, recorder.start_weights[epoch])
+        tiny_model_dir, chunk, recorder.start_weights[epoch]
+    )
     torch.testing.assert_close(last.scores["influence"] * valid, score * valid, atol=1e-4, rtol=0)
     keep, threshold = top_ratio_by_sorting(score, valid, 0.6)
     near = (score - threshold).abs() < 1e-4
@@ -186,7 +212,9 @@ def test_round_keeps_the_chunk_top_60_percent_by_base_minus_round_start_loss(chu
     assert last.diagnostics["chunk_threshold"] == pytest.approx(threshold, abs=1e-4)
     assert abs(int(last.keep.sum()) - math.ceil(0.6 * int(valid.sum()))) <= int(near.sum())
     # the model did move during the round, so a live reference would have given other scores
-    assert not torch.equal(recorder.start_weights[epoch]["lm_head.weight"], module.model.state_dict()["lm_head.weight"])
+    assert not torch.equal(
+        recorder.start_weights[epoch]["lm_head.weight"], module.model.state_dict()["lm_head.weight"]
+    )
 
 
 def test_outside_training_other_chunks_keep_nothing_and_inside_training_they_are_an_error(chunk_run):
@@ -200,17 +228,24 @@ def test_outside_training_other_chunks_keep_nothing_and_inside_training_they_are
         module.select_tokens(other, torch.zeros(valid.shape), valid)
 
 
-def test_resume_at_a_round_boundary_rescores_and_mid_round_restores(chunk_run, tiny_model_dir, base_cache, workdir,
-                                                                      tmp_path):
+def test_resume_at_a_round_boundary_rescores_and_mid_round_restores(
+    chunk_run, tiny_model_dir, base_cache, workdir, tmp_path
+):
     _, _, recorder, ckpt_dir = chunk_run
     reference_round = recorder.rounds[1]
-    for step, expect_equal_weights in ((2, True), (3, False)):  # step 2 ends round 0; step 3 is inside round 1
-        module = SelfEvolvingTokenCleaningSFT(model=tiny_model_dir, chunks=CHUNKS, learning_rate=2e-2,
-                                              lr_schedule="constant", warmup_ratio=0.0)
+    for step, expect_equal_weights in (
+        (2, True),
+        (3, False),
+    ):  # step 2 ends round 0; step 3 is inside round 1
+        module = SelfEvolvingTokenCleaningSFT(
+            model=tiny_model_dir, chunks=CHUNKS, learning_rate=2e-2, lr_schedule="constant", warmup_ratio=0.0
+        )
         resumed = Recorder()
         trainer(tmp_path / str(step), [resumed], max_steps=4).fit(
-            module, datamodule=make_dm(tiny_model_dir, workdir, cached_losses={"base": base_cache}),
-            ckpt_path=ckpt_dir / f"step={step}.ckpt")
+            module,
+            datamodule=make_dm(tiny_model_dir, workdir, cached_losses={"base": base_cache}),
+            ckpt_path=ckpt_dir / f"step={step}.ckpt",
+        )
         weights_at_resume = resumed.start_weights[1]
         same = all(torch.equal(v, recorder.start_weights[1][k]) for k, v in weights_at_resume.items())
         assert same == expect_equal_weights
@@ -223,10 +258,13 @@ def test_resume_at_a_round_boundary_rescores_and_mid_round_restores(chunk_run, t
 
 
 def test_sequence_scope_keeps_the_top_of_each_sample(tiny_model_dir, base_cache, workdir, tmp_path):
-    module = SelfEvolvingTokenCleaningSFT(model=tiny_model_dir, chunks=CHUNKS, scope="sequence", learning_rate=2e-2)
+    module = SelfEvolvingTokenCleaningSFT(
+        model=tiny_model_dir, chunks=CHUNKS, scope="sequence", learning_rate=2e-2
+    )
     recorder = Recorder()
     trainer(tmp_path, [recorder], max_epochs=2).fit(
-        module, datamodule=make_dm(tiny_model_dir, workdir, cached_losses={"base": base_cache}))
+        module, datamodule=make_dm(tiny_model_dir, workdir, cached_losses={"base": base_cache})
+    )
     chunk, selection = recorder.selections[1][-1]
     valid = chunk["labels"][:, 1:] != -100
     score = selection.scores["influence"]
@@ -254,8 +292,9 @@ def test_scope_and_chunks_are_checked_at_construction():
         ({"epoch_chunks": 3, "cached_losses": {}}, r"cached losses named 'base' in `data.cached_losses`"),
     ],
 )
-def test_mismatched_chunks_and_missing_base_cache_are_clear_errors(dm_kwargs, message, tiny_model_dir, base_cache,
-                                                                    workdir, tmp_path):
+def test_mismatched_chunks_and_missing_base_cache_are_clear_errors(
+    dm_kwargs, message, tiny_model_dir, base_cache, workdir, tmp_path
+):
     dm_kwargs = {"cached_losses": {"base": base_cache}, **dm_kwargs}
     module = SelfEvolvingTokenCleaningSFT(model=tiny_model_dir, chunks=CHUNKS)
     with pytest.raises(ValueError, match=message):

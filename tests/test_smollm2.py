@@ -24,13 +24,29 @@ def smollm2_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("smollm2")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(run_dir)
-        main([
-            "fit", "-c", str(CONFIGS / "quickstart.yaml"), "-c", str(CONFIGS / "presets" / "smollm2_lora.yaml"),
-            "--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "1",
-            "--trainer.val_check_interval", "6", "--trainer.limit_val_batches", "2",
-            "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-            "--model.init_args.learning_rate", "1e-3",
-        ])
+        main(
+            [
+                "fit",
+                "-c",
+                str(CONFIGS / "quickstart.yaml"),
+                "-c",
+                str(CONFIGS / "presets" / "smollm2_lora.yaml"),
+                "--trainer.max_steps",
+                "6",
+                "--trainer.accumulate_grad_batches",
+                "1",
+                "--trainer.val_check_interval",
+                "6",
+                "--trainer.limit_val_batches",
+                "2",
+                "--trainer.log_every_n_steps",
+                "1",
+                "--trainer.enable_progress_bar",
+                "false",
+                "--model.init_args.learning_rate",
+                "1e-3",
+            ]
+        )
     return run_dir / "runs" / "quickstart" / "full_sft" / "version_0"
 
 
@@ -48,8 +64,10 @@ def test_smollm2_lora_trains_and_exports_merged(smollm2_run):
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     assert model.config.num_hidden_layers == 30
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
-        return_tensors="pt", return_dict=True,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=12, do_sample=False)

@@ -32,8 +32,12 @@ def history_dir(tiny_model_dir: str, workdir: Path) -> str:
 
 
 def _batch(model_dir: str, workdir: Path, size: int = 8) -> dict[str, torch.Tensor]:
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=size,
-                       cache_dir=str(workdir / "hf"))
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=size,
+        cache_dir=str(workdir / "hf"),
+    )
     dm.setup("fit")
     return dm.collator([dm.train_dataset[i] for i in range(size)])
 
@@ -56,8 +60,9 @@ def _eager_prompt_attention(model_dir: str, batch: dict) -> torch.Tensor:
     """Last layer's eager attention mass on the prompt (label -100 tokens before the response), `[B, T-1]`."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_attentions=True).attentions[-1]  # [B, H, T, T]
+        probs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
+        ).attentions[-1]  # [B, H, T, T]
     labels, mask = batch["labels"], batch["attention_mask"]
     out = torch.zeros(labels.shape[0], labels.shape[1] - 1)
     for b in range(labels.shape[0]):
@@ -74,7 +79,9 @@ def test_rel_sign_a_token_learned_since_the_history_ranks_first(tiny_model_dir, 
     batch = _batch(tiny_model_dir, workdir)
     valid = batch["labels"][:, 1:] != -100
     row, col = 2, int(valid[2].nonzero()[-2])
-    module = SsTokenSFT(history=ShiftedLosses(row, col, delta=3.0), model=tiny_model_dir, gamma=1.0, ratio=0.01)
+    module = SsTokenSFT(
+        history=ShiftedLosses(row, col, delta=3.0), model=tiny_model_dir, gamma=1.0, ratio=0.01
+    )
     module.configure_model()
     selected = module.select_batch(batch)
     assert selected.selection.keep[row].nonzero().flatten().tolist() == [col]  # L_his > L_theta there: kept
@@ -89,7 +96,9 @@ def test_rel_sign_a_token_learned_since_the_history_ranks_first(tiny_model_dir, 
 def test_selection_mask_equals_an_independent_computation(tiny_model_dir, history_dir, workdir):
     batch = _batch(tiny_model_dir, workdir)
     ratio, gamma = 0.6, 0.5
-    module = SsTokenSFT(history=FrozenModelReference(model=history_dir), model=tiny_model_dir, ratio=ratio, gamma=gamma)
+    module = SsTokenSFT(
+        history=FrozenModelReference(model=history_dir), model=tiny_model_dir, ratio=ratio, gamma=gamma
+    )
     module.configure_model()
     module.eval()
     with torch.no_grad():
@@ -98,8 +107,10 @@ def test_selection_mask_equals_an_independent_computation(tiny_model_dir, histor
     def losses(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         with torch.no_grad():
-            return per_token_cross_entropy(model(input_ids=batch["input_ids"],
-                                                 attention_mask=batch["attention_mask"]).logits, batch["labels"])[0]
+            return per_token_cross_entropy(
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                batch["labels"],
+            )[0]
 
     rel = losses(history_dir) - losses(tiny_model_dir)  # [B, T-1]
     attention = _eager_prompt_attention(tiny_model_dir, batch)
@@ -108,8 +119,10 @@ def test_selection_mask_equals_an_independent_computation(tiny_model_dir, histor
         positions = valid[b].nonzero().flatten().tolist()
         values = [float(rel[b, t]) for t in positions]
         lo, hi = min(values), max(values)
-        combined = [gamma * (v - lo) / (hi - lo + 1e-8) + (1 - gamma) * float(attention[b, t])
-                    for v, t in zip(values, positions)]
+        combined = [
+            gamma * (v - lo) / (hi - lo + 1e-8) + (1 - gamma) * float(attention[b, t])
+            for v, t in zip(values, positions)
+        ]
         k = math.ceil(round(ratio * len(positions), 9))
         order = sorted(range(len(positions)), key=lambda i: (-combined[i], i))
         expected = {positions[i] for i in order[:k]}
@@ -120,7 +133,9 @@ def test_minmax_maps_each_sequence_to_unit_range_and_constant_rows_to_zero():
     scores = torch.tensor([[1.0, 3.0, 2.0, 9.0], [5.0, 5.0, 0.0, 0.0]])
     valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
     out = minmax_per_sequence(scores, valid)
-    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out, torch.tensor([[0.0, 1.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]]), atol=1e-6, rtol=0
+    )
 
 
 def test_invalid_settings_are_config_errors():
@@ -143,14 +158,32 @@ class _Recorder(L.Callback):
 def _fit(model_dir, workdir, tmp_path, *, epochs, ckpt_in=None, ckpt_out=None, accumulate=1, callbacks=()):
     L.seed_everything(0)
     history = HistoryReference("ema", decay=0.5)
-    module = SsTokenSFT(history=history, model=model_dir, learning_rate=1e-2, lr_schedule="constant",
-                        warmup_ratio=0.0, warmup=0.5)
-    dm = SFTDataModule(train_file=str(workdir / "train.jsonl"), tokenizer=model_dir, batch_size=4,
-                       cache_dir=str(workdir / "hf"), seed=0)
+    module = SsTokenSFT(
+        history=history,
+        model=model_dir,
+        learning_rate=1e-2,
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+        warmup=0.5,
+    )
+    dm = SFTDataModule(
+        train_file=str(workdir / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=4,
+        cache_dir=str(workdir / "hf"),
+        seed=0,
+    )
     checkpointing = any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks)
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=checkpointing, enable_progress_bar=False,
-                        enable_model_summary=False, accumulate_grad_batches=accumulate,
-                        default_root_dir=tmp_path, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=checkpointing,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=accumulate,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_in)
     if ckpt_out:
         trainer.save_checkpoint(ckpt_out)
@@ -159,7 +192,9 @@ def _fit(model_dir, workdir, tmp_path, *, epochs, ckpt_in=None, ckpt_out=None, a
 
 def test_warmup_then_rel_and_history_updated_once_per_optimizer_step(tiny_model_dir, workdir, tmp_path):
     recorder = _Recorder()
-    module, history, trainer = _fit(tiny_model_dir, workdir, tmp_path, epochs=1, accumulate=2, callbacks=[recorder])
+    module, history, trainer = _fit(
+        tiny_model_dir, workdir, tmp_path, epochs=1, accumulate=2, callbacks=[recorder]
+    )
     assert trainer.global_step == 2 and history.updates == 2  # 4 micro-batches, 2 optimizer steps
     assert module.warmup_steps == 1  # warmup 0.5 of the first epoch's 2 steps
     assert recorder.signals[0] == recorder.signals[1] == set()  # step 0: attention only, no REL computed
@@ -169,7 +204,9 @@ def test_warmup_then_rel_and_history_updated_once_per_optimizer_step(tiny_model_
 def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, workdir, tmp_path):
     full, full_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2)
     _fit(tiny_model_dir, workdir, tmp_path, epochs=1, ckpt_out=tmp_path / "one.ckpt")
-    resumed, resumed_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2, ckpt_in=tmp_path / "one.ckpt")
+    resumed, resumed_history, _ = _fit(
+        tiny_model_dir, workdir, tmp_path, epochs=2, ckpt_in=tmp_path / "one.ckpt"
+    )
     assert full_history.updates == resumed_history.updates == 8
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
@@ -180,11 +217,14 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_model_dir, workdir, tmp_pat
 def test_mid_epoch_resume_from_a_periodic_checkpoint_continues_exactly(tiny_model_dir, workdir, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    periodic = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    periodic = ModelCheckpoint(
+        dirpath=tmp_path / "ckpts", every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
     full, full_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2, callbacks=[periodic])
     # step 3 is mid-epoch 0 (4 batches per epoch); resume from it and finish both epochs
-    resumed, resumed_history, _ = _fit(tiny_model_dir, workdir, tmp_path, epochs=2,
-                                       ckpt_in=tmp_path / "ckpts" / "step=3.ckpt")
+    resumed, resumed_history, _ = _fit(
+        tiny_model_dir, workdir, tmp_path, epochs=2, ckpt_in=tmp_path / "ckpts" / "step=3.ckpt"
+    )
     assert resumed_history.updates == full_history.updates == 8
     for key, value in full.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-6, atol=1e-7)
@@ -206,7 +246,9 @@ def test_gamma_zero_selects_by_attention_alone_and_keeps_no_history(tiny_model_d
     for b in range(attention.shape[0]):
         positions = valid[b].nonzero().flatten().tolist()
         order = sorted(positions, key=lambda t: (-float(selection.scores["sstoken"][b, t]), t))
-        assert selection.keep[b].nonzero().flatten().tolist() == sorted(order[: math.ceil(0.5 * len(positions))])
+        assert selection.keep[b].nonzero().flatten().tolist() == sorted(
+            order[: math.ceil(0.5 * len(positions))]
+        )
 
 
 # ------------------------------------------------------------------ warm-up length (issue 19)
@@ -229,8 +271,9 @@ def test_warmup_length_counts_optimizer_steps_of_the_first_epoch(batches, accumu
 
     epoch_steps = optimizer_steps_per_epoch(batches, accumulate)
     assert warmup_length(0.2, unit, total, epoch_steps) == expected
-    assert warmup_length(0.2, "epoch", total, optimizer_steps_per_epoch(float("inf"), accumulate)) == math.ceil(
-        0.2 * total - 1e-9)  # epoch length unknown (iterable data): all training
+    assert warmup_length(
+        0.2, "epoch", total, optimizer_steps_per_epoch(float("inf"), accumulate)
+    ) == math.ceil(0.2 * total - 1e-9)  # epoch length unknown (iterable data): all training
 
 
 class _WarmupRecorder(L.Callback):
@@ -243,16 +286,31 @@ class _WarmupRecorder(L.Callback):
         self.steps.append((trainer.global_step, pl_module.in_warmup()))
 
 
-def _fit_warmup(model_dir, tmp_path, *, rows, batch_size, accumulate=1, max_epochs=None, max_steps=-1,
-                **method) -> tuple[SsTokenSFT, list[tuple[int, bool]]]:
+def _fit_warmup(
+    model_dir, tmp_path, *, rows, batch_size, accumulate=1, max_epochs=None, max_steps=-1, **method
+) -> tuple[SsTokenSFT, list[tuple[int, bool]]]:
     (tmp_path / "train.jsonl").write_text("\n".join(QUICKSTART_TRAIN.read_text().splitlines()[:rows]) + "\n")
     module = SsTokenSFT(model=model_dir, gamma=0.0, ratio=0.5, learning_rate=1e-3, warmup=0.2, **method)
-    dm = SFTDataModule(train_file=str(tmp_path / "train.jsonl"), tokenizer=model_dir, batch_size=batch_size,
-                       cache_dir=str(tmp_path / "hf"), seed=0, max_length=64)
+    dm = SFTDataModule(
+        train_file=str(tmp_path / "train.jsonl"),
+        tokenizer=model_dir,
+        batch_size=batch_size,
+        cache_dir=str(tmp_path / "hf"),
+        seed=0,
+        max_length=64,
+    )
     recorder = _WarmupRecorder()
-    trainer = L.Trainer(max_epochs=max_epochs, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
-                        default_root_dir=tmp_path, callbacks=[recorder])
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=accumulate,
+        default_root_dir=tmp_path,
+        callbacks=[recorder],
+    )
     trainer.fit(module, datamodule=dm)
     return module, recorder.steps
 
@@ -283,10 +341,13 @@ def test_warmup_over_several_epochs_once_or_every_epoch(tiny_model_dir, tmp_path
     module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3)
     assert (module.epoch_steps, module.warmup_steps, len(steps)) == (10, 2, 30)
     assert _warm_steps(steps) == [0, 1]
-    module, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3,
-                                warmup_every_epoch=True)
+    module, steps = _fit_warmup(
+        tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3, warmup_every_epoch=True
+    )
     assert _warm_steps(steps) == [0, 1, 10, 11, 20, 21]  # the released code's repeat
-    _, steps = _fit_warmup(tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3, warmup_unit="training")
+    _, steps = _fit_warmup(
+        tiny_model_dir, tmp_path, rows=10, batch_size=1, max_epochs=3, warmup_unit="training"
+    )
     assert _warm_steps(steps) == [0, 1, 2, 3, 4, 5]  # 20% of all 30 steps
 
 

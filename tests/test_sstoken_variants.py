@@ -49,8 +49,12 @@ def test_rank_per_sequence_scales_ranks_and_breaks_ties_by_position():
 
 
 def test_turn_ends_are_the_last_token_of_each_response_span():
-    valid = torch.tensor([[False, True, True, False, False, True, True, True, False],
-                          [True, False, True, False, False, False, False, False, True]])
+    valid = torch.tensor(
+        [
+            [False, True, True, False, False, True, True, True, False],
+            [True, False, True, False, False, False, False, False, True],
+        ]
+    )
     assert turn_ends(valid).nonzero().tolist() == [[0, 2], [0, 7], [1, 0], [1, 2], [1, 8]]
 
 
@@ -58,8 +62,9 @@ def _eager_attention(model_dir: str, batch: dict, layer: int, exclude_sink: bool
     """One layer's eager attention mass on the prompt (optionally without the first token), `[B, T-1]`."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
     with torch.no_grad():
-        probs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_attentions=True).attentions[layer]  # [B, H, T, T]
+        probs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
+        ).attentions[layer]  # [B, H, T, T]
     labels, mask = batch["labels"], batch["attention_mask"]
     out = torch.zeros(labels.shape[0], labels.shape[1] - 1)
     for b in range(labels.shape[0]):
@@ -68,8 +73,11 @@ def _eager_attention(model_dir: str, batch: dict, layer: int, exclude_sink: bool
             query = j + 1
             if labels[b, query] == -100:
                 continue
-            prompt = [k for k in range(query) if labels[b, k] == -100 and mask[b, k] == 1
-                      and not (exclude_sink and k == first)]
+            prompt = [
+                k
+                for k in range(query)
+                if labels[b, k] == -100 and mask[b, k] == 1 and not (exclude_sink and k == first)
+            ]
             out[b, j] = probs[b, :, query, prompt].sum(-1).mean()
     return out
 
@@ -101,15 +109,25 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_mask_equals_an_independent_computation(name, tiny_model_dir, history_dir, workdir,  # noqa: F811
-                                                        deep_model_dirs):
+def test_variant_mask_equals_an_independent_computation(
+    name,
+    tiny_model_dir,
+    history_dir,  # noqa: F811 (the fixture imported from test_sstoken)
+    workdir,  # noqa: F811
+    deep_model_dirs,
+):
     settings = VARIANTS[name]
     if settings.get("attention_layer") == "middle":
         tiny_model_dir, history_dir = deep_model_dirs  # noqa: F811  (2 layers: the middle one is the last)
     batch = _batch(tiny_model_dir, workdir)
     rho, gamma = 0.6, 0.5
-    module = SsTokenSFT(history=FrozenModelReference(model=history_dir), model=tiny_model_dir, rho=rho, gamma=gamma,
-                        **settings)
+    module = SsTokenSFT(
+        history=FrozenModelReference(model=history_dir),
+        model=tiny_model_dir,
+        rho=rho,
+        gamma=gamma,
+        **settings,
+    )
     module.configure_model()
     module.eval()
     with torch.no_grad():
@@ -124,8 +142,11 @@ def test_variant_mask_equals_an_independent_computation(name, tiny_model_dir, hi
     form = settings.get("rel_form", "difference")
     for b in range(valid.shape[0]):
         positions = valid[b].nonzero().flatten().tolist()
-        ends = {t for t in positions if t + 1 >= valid.shape[1] or not valid[b, t + 1]} \
-            if settings.get("keep_end_of_turn") else set()
+        ends = (
+            {t for t in positions if t + 1 >= valid.shape[1] or not valid[b, t + 1]}
+            if settings.get("keep_end_of_turn")
+            else set()
+        )
         ranked = [t for t in positions if t not in ends]
         gaps = []
         for t in ranked:

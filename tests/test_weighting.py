@@ -56,7 +56,9 @@ def _module_loss(module, batch: dict) -> torch.Tensor:
     main, terms = module.objective_terms(selected)
     loss = main.loss_sum / main.count
     for term, sums in terms.values():
-        loss = loss + term.coefficient * sums.loss_sum / (main.count if term.shares_main_count else sums.count)
+        loss = loss + term.coefficient * sums.loss_sum / (
+            main.count if term.shares_main_count else sums.count
+        )
     return loss
 
 
@@ -86,7 +88,9 @@ def test_dft_equals_a_float64_hand_computation(tiny_model_dir):
     module.configure_model()
     module.model.double()
     ours = _module_loss(module, batch)
-    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()
+    logits = module.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits.detach()
     total, count = 0.0, 0
     for b in range(logits.shape[0]):
         for t in range(logits.shape[1] - 1):
@@ -119,10 +123,21 @@ class _Snapshots(L.Callback):
 def _fit_halves(module, batch: dict, accumulate: int) -> _Snapshots:
     """One optimizer step (SGD) on `batch`, whole or as two micro-batches of very different response lengths."""
     snapshots = _Snapshots()
-    parts = [batch] if accumulate == 1 else [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[snapshots])
+    parts = (
+        [batch]
+        if accumulate == 1
+        else [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[snapshots],
+    )
     trainer.fit(module, train_dataloaders=DataLoader(parts, batch_size=None))
     return snapshots
 
@@ -137,10 +152,16 @@ def _sgd(model_dir: str, state: dict, loss_fn, batch: dict) -> tuple[dict, float
 
 def test_dft_accumulated_step_is_the_step_on_the_whole_batch(tiny_model_dir):
     batch = _batch()
-    module = DFTSFT(model=tiny_model_dir, optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant",
-                    warmup_ratio=0.0)
+    module = DFTSFT(
+        model=tiny_model_dir,
+        optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+    )
     snapshots = _fit_halves(module, batch, accumulate=2)
-    expected, loss = _sgd(tiny_model_dir, snapshots.before[0], lambda lg: trl_dft_loss(lg, batch["labels"]), batch)
+    expected, loss = _sgd(
+        tiny_model_dir, snapshots.before[0], lambda lg: trl_dft_loss(lg, batch["labels"]), batch
+    )
     assert snapshots.metrics[1]["train/loss"] == pytest.approx(loss, abs=1e-6)
     for key, value in expected.items():
         torch.testing.assert_close(snapshots.after[1][key], value, rtol=1e-5, atol=1e-6)
@@ -180,8 +201,12 @@ def test_eaft_weights_equal_a_float64_computation_with_padding_and_multi_turn(ti
     # the loss is the weights times the CE, over the response token count, and the weights carry no gradient
     ours = _module_loss(module, batch)
     model, logits = _logits(tiny_model_dir, batch)
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                           reduction="none", ignore_index=-100).view(valid.shape)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        reduction="none",
+        ignore_index=-100,
+    ).view(valid.shape)
     theirs = (ce * expected.float()).sum() / valid.sum()
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
     for a, b in zip(_grads(ours, module.model), _grads(theirs, model), strict=True):
@@ -219,16 +244,26 @@ def _asft_reference_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels:
     valid = targets != -100
     ce = torch.nn.functional.cross_entropy(z, targets.clamp(min=0), reduction="none")
     p = torch.softmax(z, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1).detach()
-    kl = torch.nn.functional.kl_div(torch.log_softmax(z, -1), torch.softmax(ref_logits[:, :-1].flatten(0, 1).float(), -1),
-                                    reduction="none").sum(-1)
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(z, -1),
+        torch.softmax(ref_logits[:, :-1].flatten(0, 1).float(), -1),
+        reduction="none",
+    ).sum(-1)
     return (p * ce + alpha * kl)[valid].sum() / valid.sum()
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["logits", "chunked_loss"])
-def test_asft_kl_loss_and_gradient_equal_float64_and_the_authors_formula(tiny_model_dir, reference_dir, chunked):
+def test_asft_kl_loss_and_gradient_equal_float64_and_the_authors_formula(
+    tiny_model_dir, reference_dir, chunked
+):
     batch = _batch(multi_turn=True)
-    module = ASFTSFT(model=tiny_model_dir, reference=FrozenModelReference(model=reference_dir), alpha=0.3,
-                     chunk_size=5, chunked_loss=chunked)
+    module = ASFTSFT(
+        model=tiny_model_dir,
+        reference=FrozenModelReference(model=reference_dir),
+        alpha=0.3,
+        chunk_size=5,
+        chunked_loss=chunked,
+    )
     module.configure_model()
     selected = module.select_batch(batch)
     with torch.no_grad():
@@ -256,15 +291,20 @@ def test_chunked_kl_from_logits_with_any_incoming_gradient_equals_float64(dtype)
     g = torch.Generator().manual_seed(0)
     B, T, V, H = 3, 9, 50, 8
     logits = (2 * torch.randn(B, T, V, generator=g)).to(dtype).requires_grad_(True)
-    ref_hidden, ref_weight, ref_bias = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g), torch.randn(V)
+    ref_hidden, ref_weight, ref_bias = (
+        torch.randn(B, T, H, generator=g),
+        torch.randn(V, H, generator=g),
+        torch.randn(V),
+    )
     valid = torch.zeros(B, T - 1, dtype=torch.bool)
     valid[0, 2:7] = True
     valid[1, 1:3] = valid[1, 5:8] = True  # a prompt gap inside the span
     incoming = torch.rand(B, T - 1, generator=g) * 3  # e.g. data weights times the coefficient
     kl = kl_to_reference(ResponseLogits(logits, valid), ref_hidden, ref_weight, ref_bias, chunk_size=2)
     z = logits.detach().double().requires_grad_(True)
-    ref_logp = torch.log_softmax(torch.nn.functional.linear(ref_hidden.double(), ref_weight.double(),
-                                                            ref_bias.double()), -1)[:, :-1]
+    ref_logp = torch.log_softmax(
+        torch.nn.functional.linear(ref_hidden.double(), ref_weight.double(), ref_bias.double()), -1
+    )[:, :-1]
     expected = (ref_logp.exp() * (ref_logp - torch.log_softmax(z, -1)[:, :-1])).sum(-1) * valid
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(kl.double(), expected, **tolerance)
@@ -280,10 +320,17 @@ def test_chunked_kl_from_logits_with_any_incoming_gradient_equals_float64(dtype)
 def test_asft_default_reference_is_the_base_and_adapter_off_under_lora(tiny_model_dir):
     batch = _batch()
     full = ASFTSFT(model=tiny_model_dir)
-    assert isinstance(full.reference, FrozenModelReference) and full.reference.model_name_or_path == tiny_model_dir
+    assert (
+        isinstance(full.reference, FrozenModelReference)
+        and full.reference.model_name_or_path == tiny_model_dir
+    )
     full.configure_model()
-    torch.testing.assert_close(full.select_batch(batch).selection.scores["kl"], torch.zeros(4, batch["labels"].shape[1] - 1),
-                               atol=1e-6, rtol=0)  # at the start the model is its own anchor
+    torch.testing.assert_close(
+        full.select_batch(batch).selection.scores["kl"],
+        torch.zeros(4, batch["labels"].shape[1] - 1),
+        atol=1e-6,
+        rtol=0,
+    )  # at the start the model is its own anchor
     lora = ASFTSFT(model=tiny_model_dir, lora=LoraSettings(r=4, alpha=8, dropout=0.0), chunk_size=4)
     assert isinstance(lora.reference, AdapterDisabledReference)
     lora.configure_model()
@@ -303,16 +350,30 @@ def test_asft_default_reference_is_the_base_and_adapter_off_under_lora(tiny_mode
 
 def test_asft_accumulated_step_is_the_step_on_the_whole_batch(tiny_model_dir, reference_dir):
     batch = _batch()
-    module = ASFTSFT(model=tiny_model_dir, reference=FrozenModelReference(model=reference_dir), alpha=0.5,
-                     optimizer=lambda p: torch.optim.SGD(p, lr=LR), lr_schedule="constant", warmup_ratio=0.0)
+    module = ASFTSFT(
+        model=tiny_model_dir,
+        reference=FrozenModelReference(model=reference_dir),
+        alpha=0.5,
+        optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+        lr_schedule="constant",
+        warmup_ratio=0.0,
+    )
     snapshots = _fit_halves(module, batch, accumulate=2)
     with torch.no_grad():
         _, ref_logits = _logits(reference_dir, batch)
-    expected, loss = _sgd(tiny_model_dir, snapshots.before[0],
-                          lambda lg: _asft_reference_loss(lg, ref_logits, batch["labels"], 0.5), batch)
+    expected, loss = _sgd(
+        tiny_model_dir,
+        snapshots.before[0],
+        lambda lg: _asft_reference_loss(lg, ref_logits, batch["labels"], 0.5),
+        batch,
+    )
     assert snapshots.metrics[1]["train/loss"] == pytest.approx(loss, abs=1e-6)
     valid = batch["labels"][:, 1:] != -100
     assert snapshots.metrics[1]["train/kl"] == pytest.approx(
-        float(_kl_float64(_logits(tiny_model_dir, batch)[1].detach(), ref_logits, batch["labels"])[valid].mean()), rel=1e-5)
+        float(
+            _kl_float64(_logits(tiny_model_dir, batch)[1].detach(), ref_logits, batch["labels"])[valid].mean()
+        ),
+        rel=1e-5,
+    )
     for key, value in expected.items():
         torch.testing.assert_close(snapshots.after[1][key], value, rtol=1e-5, atol=1e-6)

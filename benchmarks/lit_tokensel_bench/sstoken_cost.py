@@ -42,8 +42,13 @@ MiB = 2**20
 def build_model(hidden: int, layers: int, vocab: int, attn: str = "sdpa") -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=hidden // 32, num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=1024,
         attn_implementation=attn,
     )
     return LlamaForCausalLM(config)
@@ -61,21 +66,33 @@ def make_batches(n: int, batch_size: int, length: int, vocab: int) -> list[dict[
             prompt = int(length * (0.3 + 0.2 * row / max(batch_size - 1, 1)))
             labels[row, :prompt] = -100
             if row % 2:
-                attention_mask[row, -length // 8:] = 0
-                labels[row, -length // 8:] = -100
+                attention_mask[row, -length // 8 :] = 0
+                labels[row, -length // 8 :] = -100
         valid = labels[:, 1:] != -100
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                        "sample_id": torch.arange(batch_size),
-                        "cached/base": torch.rand(batch_size, length - 1, generator=g) * 8 * valid})
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "labels": labels,
+                "sample_id": torch.arange(batch_size),
+                "cached/base": torch.rand(batch_size, length - 1, generator=g) * 8 * valid,
+            }
+        )
     return batches
 
 
 class Variant:
     """One method's module, optimizer and step function."""
 
-    def __init__(self, name: str, module: TokenSelectionModule | None, model: torch.nn.Module,
-                 step: Callable[[dict], torch.Tensor], extra_state: Callable[[], Iterable[torch.Tensor]],
-                 on_step_end: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        name: str,
+        module: TokenSelectionModule | None,
+        model: torch.nn.Module,
+        step: Callable[[dict], torch.Tensor],
+        extra_state: Callable[[], Iterable[torch.Tensor]],
+        on_step_end: Callable[[], None] = lambda: None,
+    ) -> None:
         self.name, self.module, self.model, self._step = name, module, model, step
         self.extra_state, self.on_step_end = extra_state, on_step_end
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -90,7 +107,9 @@ class Variant:
 
     def persistent_bytes(self) -> int:
         tensors = [p for p in self.model.parameters()]
-        tensors += [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+        tensors += [
+            t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)
+        ]
         tensors += list(self.extra_state())
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values())
@@ -113,8 +132,9 @@ def lit_variant(name: str, module: TokenSelectionModule) -> Variant:
     return Variant(name, module, module.model, lambda b: module.training_step(b, 0), extra, on_step_end)
 
 
-def naive_variant(hidden: int, layers: int, vocab: int, ratio: float = 0.6, gamma: float = 0.5,
-                  decay: float = 0.99) -> Variant:
+def naive_variant(
+    hidden: int, layers: int, vocab: int, ratio: float = 0.6, gamma: float = 0.5, decay: float = 0.99
+) -> Variant:
     """The released code's shape: eager attention maps of every layer, a full second model as history."""
     model = build_model(hidden, layers, vocab, attn="eager").train()
     history = copy.deepcopy(model).eval()
@@ -122,7 +142,9 @@ def naive_variant(hidden: int, layers: int, vocab: int, ratio: float = 0.6, gamm
         p.requires_grad_(False)
 
     def step(batch: dict) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True)
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
+        )
         losses, valid = per_token_cross_entropy(out.logits, batch["labels"])  # [B, T-1]
         probs = out.attentions[-1].detach()  # [B, H, T, T]
         prompt = (batch["labels"] == -100) & batch["attention_mask"].bool()  # [B, T]
@@ -139,8 +161,14 @@ def naive_variant(hidden: int, layers: int, vocab: int, ratio: float = 0.6, gamm
         for h, p in zip(history.parameters(), model.parameters(), strict=True):
             h.lerp_(p, 1 - decay)
 
-    return Variant("naive ssToken (eager, all-layer attentions, model copy)", None, model, step,
-                   lambda: list(history.parameters()), ema)
+    return Variant(
+        "naive ssToken (eager, all-layer attentions, model copy)",
+        None,
+        model,
+        step,
+        lambda: list(history.parameters()),
+        ema,
+    )
 
 
 def transient_peak_bytes(variant: Variant, batch: dict) -> int:
@@ -180,12 +208,18 @@ def run(layers: int, args: argparse.Namespace) -> None:
     variants = [
         lit_variant("FullSFT", model_dir_free(FullSFT)),
         lit_variant("SsTokenSFT, EMA history", model_dir_free(SsTokenSFT, **ema)),
-        lit_variant("SsTokenSFT, cached base losses", model_dir_free(SsTokenSFT, history=CachedReference("base"))),
-        lit_variant("SsTokenSFT, EMA history, gamma=1", model_dir_free(SsTokenSFT, gamma=1.0,
-                                                                       history=HistoryReference("ema", 0.99))),
+        lit_variant(
+            "SsTokenSFT, cached base losses", model_dir_free(SsTokenSFT, history=CachedReference("base"))
+        ),
+        lit_variant(
+            "SsTokenSFT, EMA history, gamma=1",
+            model_dir_free(SsTokenSFT, gamma=1.0, history=HistoryReference("ema", 0.99)),
+        ),
         lit_variant("FullSFT, LoRA", model_dir_free(FullSFT, lora=lora)),
-        lit_variant("SsTokenSFT, base history (LoRA, adapter off)",
-                    model_dir_free(SsTokenSFT, lora=lora, history=AdapterDisabledReference())),
+        lit_variant(
+            "SsTokenSFT, base history (LoRA, adapter off)",
+            model_dir_free(SsTokenSFT, lora=lora, history=AdapterDisabledReference()),
+        ),
         naive_variant(hidden, layers, vocab),
     ]
     for v in variants:  # warm-up step (allocator, optimizer state)
@@ -204,30 +238,42 @@ def run(layers: int, args: argparse.Namespace) -> None:
     def ratio(name: str, baseline: str) -> float:
         """Median over rounds of the round's median-step ratio: drift between rounds cancels out."""
         a, b = by_name[name].times, by_name[baseline].times
-        return statistics.median(statistics.median(x) / statistics.median(y) for x, y in zip(a, b, strict=True))
+        return statistics.median(
+            statistics.median(x) / statistics.median(y) for x, y in zip(a, b, strict=True)
+        )
 
     base = {v.name: ("FullSFT, LoRA" if "LoRA" in v.name else "FullSFT") for v in variants}
     heads = hidden // 32
     weights = sum(p.numel() * p.element_size() for p in variants[0].model.parameters())
     block = args.batch_size * heads * length * length * 4
-    print(f"\n## {layers} layers, hidden {hidden}, vocab {vocab}, batch {args.batch_size} x {length} tokens "
-          f"({args.rounds} rounds x {args.steps} steps)\n")
-    print("| variant | median step (ms) | time vs baseline | peak memory (MiB) | extra memory vs baseline (MiB) |")
+    print(
+        f"\n## {layers} layers, hidden {hidden}, vocab {vocab}, batch {args.batch_size} x {length} tokens "
+        f"({args.rounds} rounds x {args.steps} steps)\n"
+    )
+    print(
+        "| variant | median step (ms) | time vs baseline | peak memory (MiB) | extra memory vs baseline (MiB) |"
+    )
     print("|---|---|---|---|---|")
     for v in variants:
         b = base[v.name]
-        print(f"| {v.name} | {medians[v.name] * 1e3:.1f} | {ratio(v.name, b):.3f}x | "
-              f"{peaks[v.name] / MiB:.1f} | {(peaks[v.name] - peaks[b]) / MiB:+.1f} |")
+        print(
+            f"| {v.name} | {medians[v.name] * 1e3:.1f} | {ratio(v.name, b):.3f}x | "
+            f"{peaks[v.name] / MiB:.1f} | {(peaks[v.name] - peaks[b]) / MiB:+.1f} |"
+        )
     att = ratio("SsTokenSFT, EMA history", "SsTokenSFT, EMA history, gamma=1")
     extra = peaks["SsTokenSFT, EMA history"] - peaks["FullSFT"]
     naive = peaks[variants[-1].name] - peaks["FullSFT"]
-    print(f"\nattention score over gamma=1: {att:.3f}x; EMA extra memory {extra / MiB:.1f} MiB vs budget "
-          f"(trainable weights {weights / MiB:.1f} + one layer's attention block {block / MiB:.1f}) "
-          f"= {(weights + block) / MiB:.1f} MiB; naive extra {naive / MiB:.1f} MiB ({naive / max(extra, 1):.1f}x ours)")
+    print(
+        f"\nattention score over gamma=1: {att:.3f}x; EMA extra memory {extra / MiB:.1f} MiB vs budget "
+        f"(trainable weights {weights / MiB:.1f} + one layer's attention block {block / MiB:.1f}) "
+        f"= {(weights + block) / MiB:.1f} MiB; naive extra {naive / MiB:.1f} MiB ({naive / max(extra, 1):.1f}x ours)"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=8192)

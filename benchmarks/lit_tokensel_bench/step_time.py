@@ -31,9 +31,18 @@ import lightning as L
 import torch
 
 METHODS = (
-    "FullSFT", "Rho1SFT (live reference)", "Rho1SFT (cached reference)", "TokenCleaningSFT (cached)",
-    "ForgettingSFT (cached)", "QTuningSFT (r_sample 0.25)", "QTuningSFT (r_sample 0.5)",
-    "QTuningSFT (r_sample 1.0)", "ProFitSFT", "DFTSFT", "EAFTSFT", "ASFTSFT (live frozen reference)",
+    "FullSFT",
+    "Rho1SFT (live reference)",
+    "Rho1SFT (cached reference)",
+    "TokenCleaningSFT (cached)",
+    "ForgettingSFT (cached)",
+    "QTuningSFT (r_sample 0.25)",
+    "QTuningSFT (r_sample 0.5)",
+    "QTuningSFT (r_sample 1.0)",
+    "ProFitSFT",
+    "DFTSFT",
+    "EAFTSFT",
+    "ASFTSFT (live frozen reference)",
 )
 
 
@@ -42,8 +51,13 @@ def build_model(directory: Path, hidden: int, layers: int, vocab: int) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=layers,
-        num_attention_heads=hidden // 64, num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=1024,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=1024,
     )
     LlamaForCausalLM(config).save_pretrained(directory)
 
@@ -57,12 +71,16 @@ def make_batches(n: int, batch_size: int, length: int, vocab: int) -> list[dict[
         labels = input_ids.clone()
         labels[:, : length // 4] = -100
         valid = labels[:, 1:] != -100
-        batches.append({
-            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-            "sample_id": torch.arange(batch_size),
-            "cached/reference": torch.rand(batch_size, length - 1, generator=g) * 8 * valid,
-            "cached/base": torch.rand(batch_size, length - 1, generator=g) * 8 * valid,
-        })
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "labels": labels,
+                "sample_id": torch.arange(batch_size),
+                "cached/reference": torch.rand(batch_size, length - 1, generator=g) * 8 * valid,
+                "cached/base": torch.rand(batch_size, length - 1, generator=g) * 8 * valid,
+            }
+        )
     return batches
 
 
@@ -83,7 +101,9 @@ def make_module(method: str, model_dir: str, batches: list[dict[str, torch.Tenso
     if method == "TokenCleaningSFT (cached)":
         return TokenCleaningSFT(scope="sequence", **common)
     if method == "ForgettingSFT (cached)":
-        scores = torch.cat([(b["cached/base"] - b["cached/reference"])[b["labels"][:, 1:] != -100] for b in batches])
+        scores = torch.cat(
+            [(b["cached/base"] - b["cached/reference"])[b["labels"][:, 1:] != -100] for b in batches]
+        )
         forgetting.dataset_scores = lambda *args: scores  # no DataModule here: the batches are the dataset
         return forgetting.ForgettingSFT(**common)
     if method.startswith("QTuningSFT"):
@@ -129,26 +149,39 @@ def run_method(method: str, model_dir: str, args: argparse.Namespace, queue: mp.
 
     torch.set_num_threads(args.threads)
     timer_callback = StepTimer(time.process_time if args.clock == "cpu" else time.perf_counter)
-    batches = make_batches((args.warmup + args.steps) * args.accumulate, args.batch_size, args.length, args.vocab)
+    batches = make_batches(
+        (args.warmup + args.steps) * args.accumulate, args.batch_size, args.length, args.vocab
+    )
     module = make_module(method, model_dir, batches)
     trainer = L.Trainer(
-        accelerator="auto", devices=1, max_steps=args.warmup + args.steps, logger=False,
+        accelerator="auto",
+        devices=1,
+        max_steps=args.warmup + args.steps,
+        logger=False,
         accumulate_grad_batches=args.accumulate,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[timer_callback], precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer_callback],
+        precision="bf16-mixed" if torch.cuda.is_available() else "32-true",
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available()
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     micro = timer_callback.times  # one per micro-batch; an optimizer step is the sum over its window
     steps = [sum(micro[i : i + args.accumulate]) for i in range(0, len(micro), args.accumulate)]
     queue.put((method, steps[args.warmup :], peak))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller model and fewer steps")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per method per round")
@@ -159,12 +192,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--accumulate", type=int, default=1,
-                        help="accumulate_grad_batches; the step time is that of a whole optimizer step")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: the process's CPU time per step instead of wall time, for a machine shared with "
-                             "other jobs (with --threads 1 it is the step's own work; CPU only)")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run FullSFT and the methods containing NAME")
+    parser.add_argument(
+        "--accumulate",
+        type=int,
+        default=1,
+        help="accumulate_grad_batches; the step time is that of a whole optimizer step",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: the process's CPU time per step instead of wall time, for a machine shared with "
+        "other jobs (with --threads 1 it is the step's own work; CPU only)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="NAME", help="run FullSFT and the methods containing NAME"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.steps, args.hidden, args.layers, args.length = 2, 4, 128, 2, 128
@@ -184,22 +227,28 @@ def main() -> None:
                 child.join()
                 times[name] += step_times
                 peaks[name].append(peak)
-                print(f"round {round_index + 1}/{args.rounds} {name:<28} median {statistics.median(step_times) * 1e3:7.1f} ms",
-                      flush=True)
+                print(
+                    f"round {round_index + 1}/{args.rounds} {name:<28} median {statistics.median(step_times) * 1e3:7.1f} ms",
+                    flush=True,
+                )
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {args.threads} threads"
     device += ", CPU time per step" if args.clock == "cpu" else ""
     memory = "peak CUDA allocated" if torch.cuda.is_available() else "peak RSS"
-    print(f"\n{device}; Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
-          f"batch {args.batch_size} x {args.length} tokens, accumulate {args.accumulate}; "
-          f"{args.rounds} rounds x {args.steps} timed steps\n")
+    print(
+        f"\n{device}; Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab}; "
+        f"batch {args.batch_size} x {args.length} tokens, accumulate {args.accumulate}; "
+        f"{args.rounds} rounds x {args.steps} timed steps\n"
+    )
     base_time = statistics.median(times["FullSFT"])
     base_peak = max(peaks["FullSFT"])
     print(f"| method | median step (ms) | vs FullSFT | {memory} (MiB) | vs FullSFT |")
     print("|---|---|---|---|---|")
     for method in methods:
         step, peak = statistics.median(times[method]), max(peaks[method])
-        print(f"| {method} | {step * 1e3:.1f} | {step / base_time:.3f}x | {peak / 2**20:.0f} | {peak / base_peak:.3f}x |")
+        print(
+            f"| {method} | {step * 1e3:.1f} | {step / base_time:.3f}x | {peak / 2**20:.0f} | {peak / base_peak:.3f}x |"
+        )
 
 
 if __name__ == "__main__":

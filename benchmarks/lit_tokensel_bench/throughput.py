@@ -68,10 +68,14 @@ def quickstart_features(n: int, max_length: int) -> tuple[list[dict], int]:
     from lit_tokensel.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer("builtin:tiny-llama")
-    dm = SFTDataModule(train_file="builtin:quickstart/train.jsonl", tokenizer=tokenizer, max_length=max_length)
+    dm = SFTDataModule(
+        train_file="builtin:quickstart/train.jsonl", tokenizer=tokenizer, max_length=max_length
+    )
     dm.setup_data()
     rows = dm.train_dataset.select(range(min(n, len(dm.train_dataset))))
-    features = [{"input_ids": r["input_ids"], "labels": r["labels"], "sample_id": r["sample_id"]} for r in rows]
+    features = [
+        {"input_ids": r["input_ids"], "labels": r["labels"], "sample_id": r["sample_id"]} for r in rows
+    ]
     return features, len(tokenizer)
 
 
@@ -81,10 +85,16 @@ def make_batches(features: list[dict], layout: str, batch_size: int, row_tokens:
     from lit_tokensel.data.packing import PackedCollatorForSFT
 
     rng = np.random.default_rng(seed)
-    cached = {"reference": {f["sample_id"]: rng.uniform(0, 8, len(f["input_ids"]) - 1).astype(np.float32)
-                            for f in features}}
-    collate = (PackedCollatorForSFT(0, cached=cached, max_tokens_per_row=row_tokens) if layout == "packed"
-               else DataCollatorForSFT(0, cached=cached))
+    cached = {
+        "reference": {
+            f["sample_id"]: rng.uniform(0, 8, len(f["input_ids"]) - 1).astype(np.float32) for f in features
+        }
+    }
+    collate = (
+        PackedCollatorForSFT(0, cached=cached, max_tokens_per_row=row_tokens)
+        if layout == "packed"
+        else DataCollatorForSFT(0, cached=cached)
+    )
     order = random.Random(seed).sample(range(len(features)), len(features))
     groups = [[features[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
     groups = [g for g in groups if len(g) == batch_size]
@@ -99,8 +109,13 @@ def make_module(method: str, model_dir: str, attn: str):
     from lit_tokensel.methods.sstoken import SsTokenSFT
     from lit_tokensel.reference import CachedReference, HistoryReference
 
-    common = {"model": model_dir, "learning_rate": 1e-4, "lr_schedule": "constant", "warmup_ratio": 0.0,
-              "attn_implementation": attn}
+    common = {
+        "model": model_dir,
+        "learning_rate": 1e-4,
+        "lr_schedule": "constant",
+        "warmup_ratio": 0.0,
+        "attn_implementation": attn,
+    }
     if method == "FullSFT":
         return FullSFT(**common)
     if method == "Rho1SFT (cached)":
@@ -134,8 +149,14 @@ def run_pair(job: tuple, args: argparse.Namespace, queue: mp.Queue) -> None:
         for reference in module.reference_models():
             reference.setup(module)  # follow the module to the device
         optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-4)
-        runs[layout] = {"module": module, "optimizer": optimizer, "batches": batches[: args.warmup + args.steps],
-                        "collate_s": collate_s, "seconds": 0.0, "response": 0}
+        runs[layout] = {
+            "module": module,
+            "optimizer": optimizer,
+            "batches": batches[: args.warmup + args.steps],
+            "collate_s": collate_s,
+            "seconds": 0.0,
+            "response": 0,
+        }
     for step in range(args.warmup + args.steps):
         order = LAYOUTS if step % 2 == 0 else LAYOUTS[::-1]
         for layout in order:
@@ -159,7 +180,10 @@ def train_step(module, optimizer, batch: dict, device: torch.device, history_cls
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with warnings.catch_warnings(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+    with (
+        warnings.catch_warnings(),
+        torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"),
+    ):
         warnings.simplefilter("ignore")  # self.log outside a Trainer
         loss = module.training_step(batch, 0)
     loss.backward()
@@ -181,19 +205,27 @@ def load_features(dataset: str, args: argparse.Namespace) -> tuple[list[dict], i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--attn", default="sdpa", help="sdpa (default), eager, flash_attention_2 (CUDA)")
-    parser.add_argument("--datasets", nargs="+", default=["quickstart", "chat"], choices=("quickstart", "chat"))
+    parser.add_argument(
+        "--datasets", nargs="+", default=["quickstart", "chat"], choices=("quickstart", "chat")
+    )
     parser.add_argument("--only", nargs="+", metavar="NAME", help="only the methods containing NAME")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8, help="samples per batch (both layouts)")
     parser.add_argument("--max-length", type=int, default=1024, help="token cap per sample")
-    parser.add_argument("--row-tokens", type=int, default=None,
-                        help="tokens per packed row (default: each batch's longest sample, as data.packing_row_tokens)")
+    parser.add_argument(
+        "--row-tokens",
+        type=int,
+        default=None,
+        help="tokens per packed row (default: each batch's longest sample, as data.packing_row_tokens)",
+    )
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=16384, help="vocabulary of the chat dataset's model")
@@ -216,7 +248,9 @@ def main() -> None:
             for dataset in args.datasets:
                 for method in methods:
                     queue = ctx.Queue()
-                    child = ctx.Process(target=run_pair, args=((dataset, method, str(model_dirs[dataset])), args, queue))
+                    child = ctx.Process(
+                        target=run_pair, args=((dataset, method, str(model_dirs[dataset])), args, queue)
+                    )
                     child.start()
                     key, result = queue.get()
                     child.join()
@@ -224,24 +258,39 @@ def main() -> None:
                         entry = totals.setdefault((*key, layout), [0, 0.0, padding, collate_s])
                         entry[0] += response
                         entry[1] += seconds
-                        print(f"round {round_index + 1}/{args.rounds} {dataset:<10} {method:<27} {layout:<6} "
-                              f"{response / seconds:9.0f} response tok/s, padding {padding:.0%}", flush=True)
-    device = (torch.cuda.get_device_name() + ", bf16-mixed" if args.device == "cuda"
-              else f"CPU, {args.threads} threads, fp32")
-    print(f"\n{device}, attn {args.attn}; Llama hidden={args.hidden} layers={args.layers}; batches of "
-          f"{args.batch_size} samples, packed rows of {args.row_tokens or 'the longest sample'} tokens; "
-          f"{args.rounds} rounds x {args.steps} "
-          f"timed steps\n")
-    print("| dataset | method | padding (padded) | padding (packed) | padded tok/s | packed tok/s | speed-up |")
+                        print(
+                            f"round {round_index + 1}/{args.rounds} {dataset:<10} {method:<27} {layout:<6} "
+                            f"{response / seconds:9.0f} response tok/s, padding {padding:.0%}",
+                            flush=True,
+                        )
+    device = (
+        torch.cuda.get_device_name() + ", bf16-mixed"
+        if args.device == "cuda"
+        else f"CPU, {args.threads} threads, fp32"
+    )
+    print(
+        f"\n{device}, attn {args.attn}; Llama hidden={args.hidden} layers={args.layers}; batches of "
+        f"{args.batch_size} samples, packed rows of {args.row_tokens or 'the longest sample'} tokens; "
+        f"{args.rounds} rounds x {args.steps} "
+        f"timed steps\n"
+    )
+    print(
+        "| dataset | method | padding (padded) | padding (packed) | padded tok/s | packed tok/s | speed-up |"
+    )
     print("|---|---|---|---|---|---|---|")
     for dataset in args.datasets:
         for method in methods:
             pad, pack = totals[(dataset, method, "padded")], totals[(dataset, method, "packed")]
             a, b = pad[0] / pad[1], pack[0] / pack[1]
-            print(f"| {dataset} | {method} | {pad[2]:.0%} | {pack[2]:.0%} | {a:.0f} | {b:.0f} | {b / a:.2f}x |")
+            print(
+                f"| {dataset} | {method} | {pad[2]:.0%} | {pack[2]:.0%} | {a:.0f} | {b:.0f} | {b / a:.2f}x |"
+            )
     collate = {(d, lay): totals[(d, methods[0], lay)][3] * 1e3 for d in args.datasets for lay in LAYOUTS}
-    print("\ncollation per batch (ms, outside the step): "
-          + ", ".join(f"{d} {lay} {ms:.1f}" for (d, lay), ms in collate.items()))
+    print(
+        "\ncollation per batch (ms, outside the step): "
+        + ", ".join(f"{d} {lay} {ms:.1f}" for (d, lay), ms in collate.items())
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -51,7 +51,11 @@ def generation_docs() -> list[dict]:
         for c in sorted(CAPITALS)
     ]
     docs += [
-        {"family": "next_letter", "question": next_letter_question(x), "answer": next_letter_answer(x, chr(ord(x) + 1))}
+        {
+            "family": "next_letter",
+            "question": next_letter_question(x),
+            "answer": next_letter_answer(x, chr(ord(x) + 1)),
+        }
         for x in string.ascii_lowercase[:-1]
     ]
     return docs
@@ -64,13 +68,25 @@ def multiple_choice_docs(seed: int = 0) -> list[dict]:
     docs = []
     for country in sorted(CAPITALS):
         options, answer = _choices(CAPITALS[country], cities, rng)
-        docs.append({"family": "capital_city", "question": capital_question(country),
-                     "choices": [capital_answer(country, o) for o in options], "answer": answer})
+        docs.append(
+            {
+                "family": "capital_city",
+                "question": capital_question(country),
+                "choices": [capital_answer(country, o) for o in options],
+                "answer": answer,
+            }
+        )
     letters = list(string.ascii_lowercase)
     for letter in string.ascii_lowercase[:-1]:
         options, answer = _choices(chr(ord(letter) + 1), [x for x in letters if x != letter], rng)
-        docs.append({"family": "next_letter", "question": next_letter_question(letter),
-                     "choices": [next_letter_answer(letter, o) for o in options], "answer": answer})
+        docs.append(
+            {
+                "family": "next_letter",
+                "question": next_letter_question(letter),
+                "choices": [next_letter_answer(letter, o) for o in options],
+                "answer": answer,
+            }
+        )
     return docs
 
 

@@ -65,7 +65,8 @@ class EvalCallback(L.Callback):
         if every_n_steps is None and not at_end:
             raise ValueError("EvalCallback would never run: set every_n_steps and/or at_end=True")
         self.requests: list[TaskRequest] = resolve_requests(
-            tasks, suite, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit)
+            tasks, suite, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit
+        )
         self.every_n_steps = every_n_steps
         self.at_end = at_end
         self.batch_size = batch_size
@@ -104,19 +105,24 @@ class EvalCallback(L.Callback):
         in_memory = InMemoryModel(pl_module.model, pl_module.tokenizer, f"step-{step}")
         needs_chat = any(r.apply_chat_template for r in self.requests)
         # open_model restores the model's train mode when the block ends, also on errors
-        with torch.no_grad(), open_model(in_memory, batch_size=self.batch_size, needs_chat_template=needs_chat) as lm:
+        with (
+            torch.no_grad(),
+            open_model(in_memory, batch_size=self.batch_size, needs_chat_template=needs_chat) as lm,
+        ):
             if self._manager is None:
                 prepared = prepare(self.requests)
                 self._manager, self.requests = prepared.manager, prepared.requests
-            results = run_requests(lm, self._manager, self.requests, bootstrap_iters=self.bootstrap_iters,
-                                   progress=False)
+            results = run_requests(
+                lm, self._manager, self.requests, bootstrap_iters=self.bootstrap_iters, progress=False
+            )
         rows = result_rows(results, f"step-{step}", results["lit_tokensel_eval"]["primary"])
         if self.output_dir is not None:
             write_run(Path(self.output_dir) / f"step-{step}", results, rows)
         requested = set(results["lit_tokensel_eval"]["primary"])
         metrics = {
             f"eval/{r.task}/{r.metric}" + ("" if r.filter == "none" else f"/{r.filter}"): r.value
-            for r in rows if r.task in requested
+            for r in rows
+            if r.task in requested
         }
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

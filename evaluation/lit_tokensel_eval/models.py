@@ -70,8 +70,10 @@ def model_name(model: ModelLike) -> str:
 def _check_model_dir(path: Path) -> None:
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a saved model directory (no config.json); pass an exported model "
-                                f"directory, a .ckpt checkpoint, or builtin:<name>")
+        raise FileNotFoundError(
+            f"{path} is not a saved model directory (no config.json); pass an exported model "
+            f"directory, a .ckpt checkpoint, or builtin:<name>"
+        )
     quantization = json.loads(config_file.read_text()).get("quantization_config") or {}
     if quantization.get("quant_method") == "gguf" and not any(path.glob("*.gguf")):
         raise ValueError(
@@ -83,9 +85,11 @@ def _check_model_dir(path: Path) -> None:
 
 def _check_chat_template(tokenizer: Any, where: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{where}: the tokenizer has no chat template, but the requested tasks apply one (the "
-                         f"bundled tasks always do). Evaluate with apply_chat_template=False, or export the model "
-                         f"with the tokenizer it was trained with (lit_tokensel sets a ChatML template on it).")
+        raise ValueError(
+            f"{where}: the tokenizer has no chat template, but the requested tasks apply one (the "
+            f"bundled tasks always do). Evaluate with apply_chat_template=False, or export the model "
+            f"with the tokenizer it was trained with (lit_tokensel sets a ChatML template on it)."
+        )
 
 
 @contextlib.contextmanager
@@ -113,7 +117,9 @@ def open_model(
             _check_chat_template(model.tokenizer, model.name)
         was_training = model.model.training
         try:
-            yield HFLM(pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, **hflm_kwargs)
+            yield HFLM(
+                pretrained=model.model, tokenizer=model.tokenizer, batch_size=batch_size, **hflm_kwargs
+            )
         finally:
             model.model.train(was_training)
         return
@@ -122,8 +128,13 @@ def open_model(
         from lit_tokensel.modeling.loading import load_causal_lm, load_tokenizer
 
         loaded = InMemoryModel(load_causal_lm(text).to(device), load_tokenizer(text), model_name(text))
-        with open_model(loaded, batch_size=batch_size, device=device, needs_chat_template=needs_chat_template,
-                        **hflm_kwargs) as lm:
+        with open_model(
+            loaded,
+            batch_size=batch_size,
+            device=device,
+            needs_chat_template=needs_chat_template,
+            **hflm_kwargs,
+        ) as lm:
             yield lm
         return
     path = Path(text)
@@ -133,13 +144,20 @@ def open_model(
         with tempfile.TemporaryDirectory(prefix="lit_tokensel_eval-") as tmp:
             log.info("Exporting checkpoint %s to %s for evaluation", path, tmp)
             exported = export_checkpoint(str(path), tmp)
-            with open_model(exported, batch_size=batch_size, device=device,
-                            needs_chat_template=needs_chat_template, **hflm_kwargs) as lm:
+            with open_model(
+                exported,
+                batch_size=batch_size,
+                device=device,
+                needs_chat_template=needs_chat_template,
+                **hflm_kwargs,
+            ) as lm:
                 yield lm
         return
     if not path.exists():
-        raise FileNotFoundError(f"model {text!r} not found: pass an exported model directory, a .ckpt "
-                                f"checkpoint, or builtin:<name>")
+        raise FileNotFoundError(
+            f"model {text!r} not found: pass an exported model directory, a .ckpt "
+            f"checkpoint, or builtin:<name>"
+        )
     _check_model_dir(path)
     from lit_tokensel.export_files import check_finite_dir, verify_export_dir
 

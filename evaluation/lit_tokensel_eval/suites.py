@@ -61,8 +61,10 @@ def _suite_path(name_or_path: str | Path) -> Path:
     shipped = SUITES_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    raise ValueError(f"unknown suite {str(name_or_path)!r}: shipped suites are {suite_names()}, "
-                     f"or pass the path of a suite YAML file")
+    raise ValueError(
+        f"unknown suite {str(name_or_path)!r}: shipped suites are {suite_names()}, "
+        f"or pass the path of a suite YAML file"
+    )
 
 
 def _task_spec(raw: Any, path: Path, index: int, default_chat: bool) -> TaskSpec:
@@ -73,18 +75,23 @@ def _task_spec(raw: Any, path: Path, index: int, default_chat: bool) -> TaskSpec
         raise ValueError(f"{where}: expected a task name or a mapping with a 'task' name, got {raw!r}")
     unknown = set(raw) - _TASK_KEYS
     if unknown:
-        raise ValueError(f"{where} ({raw['task']}): unknown keys {sorted(unknown)}; allowed: {sorted(_TASK_KEYS)}")
+        raise ValueError(
+            f"{where} ({raw['task']}): unknown keys {sorted(unknown)}; allowed: {sorted(_TASK_KEYS)}"
+        )
     shots = raw.get("num_fewshot")
     if shots is not None and (not isinstance(shots, int) or shots < 0):
-        raise ValueError(f"{where} ({raw['task']}): num_fewshot must be a non-negative integer, got {shots!r}")
+        raise ValueError(
+            f"{where} ({raw['task']}): num_fewshot must be a non-negative integer, got {shots!r}"
+        )
     limit = raw.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"{where} ({raw['task']}): limit must be a positive integer, got {limit!r}")
     chat = raw.get("apply_chat_template", default_chat)
     if not isinstance(chat, bool):
         raise ValueError(f"{where} ({raw['task']}): apply_chat_template must be true or false, got {chat!r}")
-    return TaskSpec(task=raw["task"], num_fewshot=shots, metric=raw.get("metric"), apply_chat_template=chat,
-                    limit=limit)
+    return TaskSpec(
+        task=raw["task"], num_fewshot=shots, metric=raw.get("metric"), apply_chat_template=chat, limit=limit
+    )
 
 
 def load_suite(name_or_path: str | Path) -> Suite:
@@ -107,5 +114,11 @@ def load_suite(name_or_path: str | Path) -> Suite:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{path}: tasks listed twice: {duplicates}")
-    return Suite(name=str(raw.get("name", path.stem)), tasks=specs, description=str(raw.get("description", "")),
-                 source=str(raw.get("source", "")), apply_chat_template=default_chat, path=path)
+    return Suite(
+        name=str(raw.get("name", path.stem)),
+        tasks=specs,
+        description=str(raw.get("description", "")),
+        source=str(raw.get("source", "")),
+        apply_chat_template=default_chat,
+        path=path,
+    )

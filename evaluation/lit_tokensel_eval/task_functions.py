@@ -36,7 +36,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def load_bundled_docs(data_file: str, split: str = "test", task_dir: str = "quickstart", **_: Any) -> DatasetDict:
+def load_bundled_docs(
+    data_file: str, split: str = "test", task_dir: str = "quickstart", **_: Any
+) -> DatasetDict:
     """The bundled task's documents, `tasks/<task_dir>/<data_file>`, as a one-split `DatasetDict` (lm-eval
     passes its metadata as extra kwargs)."""
     path = TASKS_DIR / task_dir / data_file

@@ -29,19 +29,44 @@ SEED = 42
 
 # language (the id prefix in the data) -> (instruction, passage label, question label, answer label)
 LANGUAGES: dict[str, tuple[str, str, str, str]] = {
-    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"),
+    "arabic": (
+        "أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.",
+        "المقطع:",
+        "السؤال:",
+        "الإجابة:",
+    ),
     "bengali": ("প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।", "অধ্যায়:", "প্রশ্ন:", "উত্তর:"),
-    "english": ("Answer the following question based on the information in the given passage.", "Passage:",
-                "Question:", "Answer:"),
-    "finnish": ("Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.", "Kappale:", "Kysymys:",
-                "Vastaus:"),
-    "indonesian": ("Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.", "Bagian:",
-                   "Pertanyaan:", "Jawaban:"),
+    "english": (
+        "Answer the following question based on the information in the given passage.",
+        "Passage:",
+        "Question:",
+        "Answer:",
+    ),
+    "finnish": (
+        "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
+    ),
+    "indonesian": (
+        "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
+        "Bagian:",
+        "Pertanyaan:",
+        "Jawaban:",
+    ),
     "korean": ("주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"),
-    "russian": ("Ответьте на следующий вопрос на основе информации в данном отрывке.", "Отрывок:", "Вопрос:",
-                "Ответ:"),
-    "swahili": ("Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.", "Kifungu:", "Swali:",
-                "Jibu:"),
+    "russian": (
+        "Ответьте на следующий вопрос на основе информации в данном отрывке.",
+        "Отрывок:",
+        "Вопрос:",
+        "Ответ:",
+    ),
+    "swahili": (
+        "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
+        "Kifungu:",
+        "Swali:",
+        "Jibu:",
+    ),
     "telugu": ("ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.", "పేరా:", "ప్రశ్న:", "సమాధానం:"),
 }
 

@@ -20,9 +20,21 @@ WORDS = (
     "window summer ocean forest candle rocket tiger yellow planet bottle"
 ).split()
 CAPITALS = {
-    "France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
-    "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Canada": "Ottawa", "Germany": "Berlin",
-    "Greece": "Athens", "Chile": "Santiago", "Cuba": "Havana", "Poland": "Warsaw", "Ireland": "Dublin",
+    "France": "Paris",
+    "Japan": "Tokyo",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Canada": "Ottawa",
+    "Germany": "Berlin",
+    "Greece": "Athens",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Poland": "Warsaw",
+    "Ireland": "Dublin",
     "Austria": "Vienna",
 }
 SYSTEM_PROMPT = "You are a concise assistant."

@@ -29,7 +29,10 @@ class FingerprintMismatchError(ValueError):
     def __init__(self, path: str, parts: Mapping[str, tuple[Any, Any]], hint: str) -> None:
         self.path = path
         self.parts = dict(parts)
-        lines = [f"{name}: cache has {_short(cached)}, current is {_short(now)}" for name, (cached, now) in parts.items()]
+        lines = [
+            f"{name}: cache has {_short(cached)}, current is {_short(now)}"
+            for name, (cached, now) in parts.items()
+        ]
         super().__init__(
             f"token-loss cache {path} does not match ({', '.join(parts)} differ{'s' if len(parts) == 1 else ''}):\n  "
             + "\n  ".join(lines)
@@ -77,7 +80,9 @@ def model_fingerprint(model: torch.nn.Module, name_or_path: str) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
-        config_dict = {k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+        config_dict = {
+            k: v for k, v in config.to_dict().items() if k not in ("_name_or_path", "transformers_version")
+        }
         digest.update(json.dumps(config_dict, sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)

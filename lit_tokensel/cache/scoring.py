@@ -38,7 +38,9 @@ def _score_shard(
 ) -> tuple[list[int], list[np.ndarray]]:
     """Sample ids and `[len - 1]` float32 loss rows of the samples at `positions`, in order."""
     loader = DataLoader(
-        Subset(dataset, positions), batch_size=datamodule.eval_batch_size, shuffle=False,
+        Subset(dataset, positions),
+        batch_size=datamodule.eval_batch_size,
+        shuffle=False,
         collate_fn=datamodule.collator,
     )
     ids: list[int] = []
@@ -79,7 +81,9 @@ def score_to_cache(
     datamodule.setup_data()
     dataset = datamodule.train_dataset if split == "train" else datamodule.val_dataset
     if dataset is None or len(dataset) == 0:
-        raise ValueError(f"the DataModule has no {split} data to score; configure val_file/val_fraction for 'val'")
+        raise ValueError(
+            f"the DataModule has no {split} data to score; configure val_file/val_fraction for 'val'"
+        )
     module.configure_model()
     if device is None and torch.cuda.is_available():
         device = "cuda"
@@ -94,8 +98,13 @@ def score_to_cache(
     with TokenLossCacheWriter(output_dir, fingerprint, split, shard_size, num_samples=len(dataset)) as writer:
         todo = [i for i in range(writer.num_shards) if not writer.is_complete(i)]
         done_samples = len(dataset) - sum(len(_positions(i, shard_size, len(dataset))) for i in todo)
-        with tqdm(total=len(dataset), initial=done_samples, desc=f"Scoring {split}", unit="sample",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=len(dataset),
+            initial=done_samples,
+            desc=f"Scoring {split}",
+            unit="sample",
+            disable=not progress,
+        ) as bar:
             for count, index in enumerate(todo):
                 if max_shards is not None and count >= max_shards:
                     break

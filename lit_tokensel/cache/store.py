@@ -54,12 +54,21 @@ def shard_name(index: int) -> str:
 
 _sha256 = sha256_file
 _INT = (int,)
-_SHARD_FIELDS = {"index": _INT, "file": (str,), "rows": _INT, "bytes": _INT, "sha256": (str,),
-                 "first_sample_id": (int, type(None)), "last_sample_id": (int, type(None))}
+_SHARD_FIELDS = {
+    "index": _INT,
+    "file": (str,),
+    "rows": _INT,
+    "bytes": _INT,
+    "sha256": (str,),
+    "first_sample_id": (int, type(None)),
+    "last_sample_id": (int, type(None)),
+}
 
 
 def _damaged(file: Path, field: str, problem: str) -> CacheError:
-    return CacheError(f"{file} is damaged: {field} {problem}. Delete the directory and re-run `lit-tokensel score`.")
+    return CacheError(
+        f"{file} is damaged: {field} {problem}. Delete the directory and re-run `lit-tokensel score`."
+    )
 
 
 def check_manifest_structure(manifest: Any, file: Path) -> None:
@@ -85,7 +94,9 @@ def check_manifest_structure(manifest: Any, file: Path) -> None:
             raise _damaged(file, f"shards[{i}]", "is not an object")
         for key, types in _SHARD_FIELDS.items():
             if key not in entry or type(entry[key]) not in types:
-                raise _damaged(file, f"shards[{i}].{key}", f"is {entry.get(key)!r} (missing or of the wrong type)")
+                raise _damaged(
+                    file, f"shards[{i}].{key}", f"is {entry.get(key)!r} (missing or of the wrong type)"
+                )
         if not 0 <= entry["index"] < manifest["num_shards"] or entry["file"] != shard_name(entry["index"]):
             raise _damaged(file, f"shards[{i}]", f"has index {entry['index']} and file {entry['file']!r}")
     if len({e["index"] for e in shards}) != len(shards):
@@ -96,11 +107,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """The manifest of cache directory `path`, with a clear error when it is absent or unreadable."""
     file = path / MANIFEST
     if not file.is_file():
-        raise CacheError(f"{path} is not a token-loss cache: {MANIFEST} is missing. Create it with `lit-tokensel score`.")
+        raise CacheError(
+            f"{path} is not a token-loss cache: {MANIFEST} is missing. Create it with `lit-tokensel score`."
+        )
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheError(f"{file} is corrupted ({e}); delete the directory and re-run `lit-tokensel score`.") from e
+        raise CacheError(
+            f"{file} is corrupted ({e}); delete the directory and re-run `lit-tokensel score`."
+        ) from e
     if not isinstance(manifest, dict):
         raise _damaged(file, "the top level", f"is a {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -170,7 +185,10 @@ class TokenLossCache:
         if self.split != split:
             raise CacheError(f"token-loss cache {self.path} holds the {self.split!r} split, not {split!r}.")
         compare(
-            str(self.path), self.fingerprint, current, DATA_PARTS,
+            str(self.path),
+            self.fingerprint,
+            current,
+            DATA_PARTS,
             "Re-run `lit-tokensel score` with this data config into a new output dir.",
         )
         if not self.complete:
@@ -239,7 +257,12 @@ class TokenLossCacheWriter:
     """
 
     def __init__(
-        self, path: str | os.PathLike, fingerprint: Mapping[str, Any], split: str, shard_size: int, num_samples: int
+        self,
+        path: str | os.PathLike,
+        fingerprint: Mapping[str, Any],
+        split: str,
+        shard_size: int,
+        num_samples: int,
     ) -> None:
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -324,7 +347,9 @@ class TokenLossCacheWriter:
             )
         lengths = np.fromiter((len(row) for row in losses), dtype=np.int64, count=len(losses))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        values = np.concatenate([np.asarray(r, dtype=np.float32) for r in losses]) if len(losses) else np.zeros(0)
+        values = (
+            np.concatenate([np.asarray(r, dtype=np.float32) for r in losses]) if len(losses) else np.zeros(0)
+        )
         table = pa.table(
             {
                 "sample_id": pa.array(np.asarray(sample_ids, dtype=np.int64)),
@@ -368,15 +393,21 @@ class _DirectoryLock:
     def __init__(self, path: Path) -> None:
         self.key = path.absolute()
         if self.key in _HELD:
-            raise CacheError(f"token-loss cache {path} is already open for writing in this process; close that "
-                             f"writer first.")
+            raise CacheError(
+                f"token-loss cache {path} is already open for writing in this process; close that "
+                f"writer first."
+            )
         self.key.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(self.key.with_name(f".{self.key.name}.lock"), "a+")  # noqa: SIM115 - held until release
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"lit-tokensel: another process is writing the token-loss cache {path}; waiting for it to "
-                  f"finish, then resuming it.", file=sys.stderr, flush=True)
+            print(
+                f"lit-tokensel: another process is writing the token-loss cache {path}; waiting for it to "
+                f"finish, then resuming it.",
+                file=sys.stderr,
+                flush=True,
+            )
             fcntl.flock(self.handle, fcntl.LOCK_EX)
         _HELD.add(self.key)
 

@@ -20,8 +20,9 @@ class MonitoredCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.monitor is not None and stage == "fit" and not _has_validation(trainer):
-            rank_zero_info(f"no validation data: checkpointing the latest model instead of the best "
-                           f"{self.monitor!r}")
+            rank_zero_info(
+                f"no validation data: checkpointing the latest model instead of the best {self.monitor!r}"
+            )
             self.monitor = None
             if self.save_top_k > 1:
                 self.save_top_k = 1

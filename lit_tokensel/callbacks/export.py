@@ -52,6 +52,7 @@ class ExportOnFitEnd(L.Callback):
         output_dir = self.resolve_output_dir(trainer)
         model = gather_for_export(pl_module.model)
         if trainer.is_global_zero:
-            self.exported_to = export_pretrained(model, pl_module.tokenizer, output_dir, source=self.source,
-                                                 overwrite=self.overwrite)
+            self.exported_to = export_pretrained(
+                model, pl_module.tokenizer, output_dir, source=self.source, overwrite=self.overwrite
+            )
         trainer.strategy.barrier("export_on_fit_end")

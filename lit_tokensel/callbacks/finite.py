@@ -35,12 +35,16 @@ class FiniteGuard(L.Callback):
         self._batch_ids: list[int] = []
         self._bad_loss: str | None = None
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         ids = batch.get("sample_id") if isinstance(batch, dict) else None
         self._batch_ids = [int(i) for i in ids.tolist()] if torch.is_tensor(ids) else []
         self._window_ids.extend(self._batch_ids)
 
-    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor
+    ) -> None:
         if bool(torch.isfinite(loss.detach()).all()) or self._bad_loss is not None:
             return
         self._bad_loss = (
@@ -69,7 +73,9 @@ class FiniteGuard(L.Callback):
         if trainer.world_size > 1:
             bad = trainer.strategy.reduce(bad, reduce_op="sum")
             if problem is None and bool(bad > 0):
-                problem = f"non-finite loss or gradient on another process at optimizer step {trainer.global_step}"
+                problem = (
+                    f"non-finite loss or gradient on another process at optimizer step {trainer.global_step}"
+                )
         self._window_ids, self._bad_loss = [], None
         if problem is None:
             return
@@ -79,9 +85,16 @@ class FiniteGuard(L.Callback):
             for param in group["params"]:
                 param.grad = None  # the optimizer skips parameters without a gradient: no update at all
         self.skipped_steps += 1
-        rank_zero_warn(f"skipped optimizer step {trainer.global_step} ({self.skipped_steps} so far): {problem}")
-        pl_module.log("train/skipped_nonfinite_steps", float(self.skipped_steps), on_step=True, on_epoch=False,
-                      rank_zero_only=True)
+        rank_zero_warn(
+            f"skipped optimizer step {trainer.global_step} ({self.skipped_steps} so far): {problem}"
+        )
+        pl_module.log(
+            "train/skipped_nonfinite_steps",
+            float(self.skipped_steps),
+            on_step=True,
+            on_epoch=False,
+            rank_zero_only=True,
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._window_ids, self._bad_loss = [], None

@@ -41,12 +41,23 @@ DEBUG_ENV = "LIT_TOKENSEL_DEBUG"
 def usage() -> str:
     """The top-level help: every subcommand with its purpose, and examples one per line."""
     width = max(map(len, COMMANDS))
-    lines = ["usage: lit-tokensel COMMAND [options]   (lit-tokensel COMMAND --help for a command's options)", "",
-             "Token-level data selection for LLM supervised fine-tuning, on PyTorch Lightning.", "", "commands:"]
+    lines = [
+        "usage: lit-tokensel COMMAND [options]   (lit-tokensel COMMAND --help for a command's options)",
+        "",
+        "Token-level data selection for LLM supervised fine-tuning, on PyTorch Lightning.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {purpose}" for name, purpose in COMMANDS.items()]
-    lines += ["", "examples:", *(f"  {example}" for example in EXAMPLES), "", "options:",
-              "  -h, --help  show this message",
-              f"  --debug     show the traceback of an error (or set {DEBUG_ENV}=1)"]
+    lines += [
+        "",
+        "examples:",
+        *(f"  {example}" for example in EXAMPLES),
+        "",
+        "options:",
+        "  -h, --help  show this message",
+        f"  --debug     show the traceback of an error (or set {DEBUG_ENV}=1)",
+    ]
     return "\n".join(lines)
 
 
@@ -66,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if args else 2)
     command = args[0]
     if command not in COMMANDS:
-        print(f"lit-tokensel: unknown command {command!r}.{suggest(command, list(COMMANDS))} "
-              f"Commands: {', '.join(COMMANDS)}.", file=sys.stderr)
+        print(
+            f"lit-tokensel: unknown command {command!r}.{suggest(command, list(COMMANDS))} "
+            f"Commands: {', '.join(COMMANDS)}.",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     from lit_tokensel.cli.errors import run_reporting_errors
 

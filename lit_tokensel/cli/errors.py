@@ -65,9 +65,13 @@ def init_parameters(class_path: str) -> list[str]:
     cls = import_class(class_path)
     if cls is None:
         return []
-    return [p.name for klass in cls.__mro__ if "__init__" in vars(klass)
-            for p in inspect.signature(klass.__init__).parameters.values()
-            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    return [
+        p.name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for p in inspect.signature(klass.__init__).parameters.values()
+        if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
 
 
 def import_class(class_path: str) -> type | None:
@@ -95,8 +99,11 @@ def known_classes() -> list[str]:
     from lit_tokensel import reference
 
     methods = [f"lit_tokensel.{name}" for name in lit_tokensel.__all__ if name != "SFTDataModule"]
-    references = [f"lit_tokensel.reference.{name}" for name in reference.__all__ if name[0].isupper()
-                  and name != "ReferenceModel"]
+    references = [
+        f"lit_tokensel.reference.{name}"
+        for name in reference.__all__
+        if name[0].isupper() and name != "ReferenceModel"
+    ]
     return methods + references
 
 
@@ -138,33 +145,45 @@ def describe(error: BaseException, command: str) -> str:
         if not known and owner:
             known = [f"--{name}" for name in init_parameters(owner.group(1))]
         prefix = f"--{key.group(1)}.init_args." if inner is not error and key else "--"
-        unknown = ([f"--{not_accepted.group(1)}"] if not_accepted else
-                   [w.split("=")[0] for w in str(inner).split(":", 1)[1].split() if w.startswith("-")])
+        unknown = (
+            [f"--{not_accepted.group(1)}"]
+            if not_accepted
+            else [w.split("=")[0] for w in str(inner).split(":", 1)[1].split() if w.startswith("-")]
+        )
         renamed = [renamed_hint(owner.group(1), w) for w in unknown] if owner else []
         if any(renamed):
             return "; ".join(m for m in renamed if m) + "."
         if unknown:
             where = f" of {owner.group(1)}" if inner is not error and owner else ""
-            found = [f"unknown option {prefix}{w.lstrip('-')}{where}."
-                     f"{suggest(w, known).replace(' Did you mean --', ' Did you mean ' + prefix)}" for w in unknown]
+            found = [
+                f"unknown option {prefix}{w.lstrip('-')}{where}."
+                f"{suggest(w, known).replace(' Did you mean --', ' Did you mean ' + prefix)}"
+                for w in unknown
+            ]
             return "; ".join(found) + f" Options: lit-tokensel {command} --help"
-    missing = re.findall(r"class_path '([^']+)':\s*(?:module '[^']+' has no attribute|No module named)", everything)
+    missing = re.findall(
+        r"class_path '([^']+)':\s*(?:module '[^']+' has no attribute|No module named)", everything
+    )
     missing += re.findall(r"import path string: (\S+)", everything)
     if missing:
         given, classes = missing[-1], known_classes()
-        close = difflib.get_close_matches(given.rsplit(".", 1)[-1], [c.rsplit(".", 1)[-1] for c in classes],
-                                          n=1, cutoff=0.6)
+        close = difflib.get_close_matches(
+            given.rsplit(".", 1)[-1], [c.rsplit(".", 1)[-1] for c in classes], n=1, cutoff=0.6
+        )
         hint = f" Did you mean {next(c for c in classes if c.endswith('.' + close[0]))}?" if close else ""
         return f"unknown class {given}.{hint} Known: {', '.join(c.rsplit('.', 1)[-1] for c in classes)}"
     nested = nested_setting(chain)
     if nested:
         return nested
     key = re.search(r'Parser key "([^"]+)":', text)
-    reasons = [re.sub(r"Problem with given class_path '([^']+)':", r"\1:", line.strip()[2:])
-               for line in text.splitlines() if line.strip().startswith("- ") and "NoneType" not in line]
+    reasons = [
+        re.sub(r"Problem with given class_path '([^']+)':", r"\1:", line.strip()[2:])
+        for line in text.splitlines()
+        if line.strip().startswith("- ") and "NoneType" not in line
+    ]
     if key or reasons:
         where = f"--{key.group(1)}: " if key else ""
-        detail = "; ".join(reasons) if reasons else text[key.end():] if key else text
+        detail = "; ".join(reasons) if reasons else text[key.end() :] if key else text
         return where + one_line(detail)
     return one_line(error)
 
@@ -186,7 +205,11 @@ def one_line(error: BaseException | str) -> str:
     """A message with its whitespace folded onto one line, prefixed by the type unless it is generic."""
     text = re.sub(r"\s+", " ", str(error)).strip() or "(no message)"
     name = type(error).__name__
-    return text if isinstance(error, str) or name in ("ValueError", "RuntimeError", "Exception", "ArgumentError") else f"{name}: {text}"
+    return (
+        text
+        if isinstance(error, str) or name in ("ValueError", "RuntimeError", "Exception", "ArgumentError")
+        else f"{name}: {text}"
+    )
 
 
 def run_reporting_errors(command: str, run: Callable[[], Any], debug: bool) -> Any:

@@ -90,15 +90,21 @@ class DataCollatorForSFT:
         weights = torch.ones((len(sample_ids), max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
         for i, (sid, length) in enumerate(zip(sample_ids, lengths, strict=True)):
             if sid in self.token_weights:
-                weights[i, : length - 1] = torch.tensor(self.token_weights[sid][1:length], dtype=torch.float32)
+                weights[i, : length - 1] = torch.tensor(
+                    self.token_weights[sid][1:length], dtype=torch.float32
+                )
         return weights
 
     @staticmethod
-    def _join(name: str, lookup: LossLookup, sample_ids: list[int], lengths: list[int], max_len: int) -> torch.Tensor:
+    def _join(
+        name: str, lookup: LossLookup, sample_ids: list[int], lengths: list[int], max_len: int
+    ) -> torch.Tensor:
         """Cached rows of these samples, right-padded with 0 into `[B, T-1]`."""
         out = torch.zeros((len(sample_ids), max(max_len - 1, 0)), dtype=torch.float32)  # [B, T-1]
         for i, (sid, length) in enumerate(zip(sample_ids, lengths, strict=True)):
-            row = torch.tensor(lookup[sid], dtype=torch.float32)  # [len - 1], a copy (cached rows are read-only)
+            row = torch.tensor(
+                lookup[sid], dtype=torch.float32
+            )  # [len - 1], a copy (cached rows are read-only)
             if row.shape[0] != length - 1:
                 raise ValueError(
                     f"cached/{name}: sample {sid} has {row.shape[0]} cached losses but {length} tokens "

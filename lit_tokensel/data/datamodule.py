@@ -129,8 +129,10 @@ class SFTDataModule(L.LightningDataModule):
         if train_file is not None and dataset_name is not None:
             raise ValueError("pass either --data.train_file or --data.dataset_name, not both")
         if val_split is not None and dataset_name is None:
-            raise ValueError("--data.val_split selects a split of --data.dataset_name; for a local file use "
-                             "--data.val_file")
+            raise ValueError(
+                "--data.val_split selects a split of --data.dataset_name; for a local file use "
+                "--data.val_file"
+            )
         if sum([val_file is not None, val_split is not None, val_fraction > 0]) > 1:
             raise ValueError("pass at most one of --data.val_file, --data.val_split and --data.val_fraction")
         if not 0.0 <= val_fraction < 1.0:
@@ -143,8 +145,9 @@ class SFTDataModule(L.LightningDataModule):
                 "sample) or None (rows as wide as each batch's longest sample)"
             )
         if max_length < 1 or batch_size < 1:
-            raise ValueError(f"--data.max_length and --data.batch_size must be >= 1, got {max_length} and "
-                             f"{batch_size}")
+            raise ValueError(
+                f"--data.max_length and --data.batch_size must be >= 1, got {max_length} and {batch_size}"
+            )
         self.train_file = train_file
         self.dataset_name = dataset_name
         self.dataset_config = dataset_config
@@ -204,13 +207,18 @@ class SFTDataModule(L.LightningDataModule):
             )
         for setting, path in (("train_file", self.train_file), ("val_file", self.val_file)):
             if path is not None:
-                local_path(path, f"--data.{setting}")  # missing, a directory, or an unsupported type: say which
+                local_path(
+                    path, f"--data.{setting}"
+                )  # missing, a directory, or an unsupported type: say which
         self.tokenizer = self._resolve_tokenizer()
         template = ensure_chat_template(self.tokenizer, self.chat_template, self.override_chat_template)
         self.collator = DataCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of)
         if self.packing:
-            self.collator = PackedCollatorForSFT(pad_token_id_of(self.tokenizer), self.pad_to_multiple_of,
-                                                 max_tokens_per_row=self.packing_row_tokens)
+            self.collator = PackedCollatorForSFT(
+                pad_token_id_of(self.tokenizer),
+                self.pad_to_multiple_of,
+                max_tokens_per_row=self.packing_row_tokens,
+            )
         with self._rank_zero_first():
             self._build()
         self._log_stats(template)
@@ -343,8 +351,9 @@ class SFTDataModule(L.LightningDataModule):
         train = self._train_source
         if train is None or self.train_collator is None:
             return
-        weights = collect_token_weights(train.source, train.format, self.system_prompt, self.tokenizer,
-                                        self.train_dataset)
+        weights = collect_token_weights(
+            train.source, train.format, self.system_prompt, self.tokenizer, self.train_dataset
+        )
         if weights:
             self.train_collator = dataclasses.replace(self.train_collator, token_weights=weights)
 
@@ -380,8 +389,10 @@ class SFTDataModule(L.LightningDataModule):
             )
         trailing = {name: s.trailing_turn for name, s in self.stats.items() if s.trailing_turn}
         if trailing:
-            rank_zero_warn(f"rows ending in turns after their last assistant turn (unanswered, not trained on): "
-                           f"{trailing}")
+            rank_zero_warn(
+                f"rows ending in turns after their last assistant turn (unanswered, not trained on): "
+                f"{trailing}"
+            )
         log.debug("chat template in use: %s", template)
 
     # ----------------------------------------------------------------------------------------- loaders
@@ -395,7 +406,12 @@ class SFTDataModule(L.LightningDataModule):
         sampler = self._train_sampler
         # Multi-process: Lightning wraps the sampler in a DistributedSamplerWrapper that re-permutes
         # its output, so skipping inside it would not skip the right samples; epoch boundaries stay exact.
-        if trainer is None or sampler is None or trainer.state.fn != TrainerFn.FITTING or trainer.world_size > 1:
+        if (
+            trainer is None
+            or sampler is None
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.world_size > 1
+        ):
             return {}
         processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches of this epoch
         # The sampler's epoch, not `trainer.current_epoch`: the batch counter belongs to the epoch being

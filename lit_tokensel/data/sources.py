@@ -94,7 +94,9 @@ def local_path(path: str, setting: str | None = None) -> Path:
     if not p.is_file():
         raise FileNotFoundError(f"{where}data file not found: {shown}")
     if p.suffix not in LOCAL_SUFFIXES:
-        raise ValueError(f"{where}{path}: unsupported file type {p.suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}")
+        raise ValueError(
+            f"{where}{path}: unsupported file type {p.suffix!r}; expected one of {', '.join(LOCAL_SUFFIXES)}"
+        )
     return p
 
 

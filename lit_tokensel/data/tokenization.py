@@ -268,7 +268,7 @@ def tokenize_conversation(
         # its vocabulary entries (a normalizer that deletes characters). Correctness first: tokenize it all.
         bounded = list(messages)
         input_ids, mask = assistant_token_mask(tokenizer, bounded, train_on)
-    if train_on == "last_turn" and any(m["role"] == "assistant" for m in messages[len(bounded):]):
+    if train_on == "last_turn" and any(m["role"] == "assistant" for m in messages[len(bounded) :]):
         mask = [0] * len(mask)  # the last turn starts past the budget, so past the first max_length tokens
     num_tokens = len(input_ids)
     input_ids, mask = input_ids[:max_length], mask[:max_length]

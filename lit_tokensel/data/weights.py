@@ -65,14 +65,19 @@ def _spans(value: Any, content: str, prefix: str) -> tuple[tuple[int, int, float
             if isinstance(offset, bool) or not isinstance(offset, int):
                 raise RowError(field, f"{name} must be an integer character offset, got {offset!r}")
         if not 0 <= start < end <= len(content):
-            raise RowError(field, f"[{start}, {end}) is not a non-empty character range inside the content "
-                                  f"(0 <= start < end <= {len(content)})")
+            raise RowError(
+                field,
+                f"[{start}, {end}) is not a non-empty character range inside the content "
+                f"(0 <= start < end <= {len(content)})",
+            )
         spans.append((start, end, _number(weight, field), j))
     ordered = sorted(spans)
     for (s0, e0, _, j0), (s1, e1, _, j1) in zip(ordered, ordered[1:]):
         if s1 < e0:
-            raise RowError(f"{prefix}[{max(j0, j1)}]",
-                           f"[{s1}, {e1}) overlaps {prefix}[{min(j0, j1)}] [{s0}, {e0}); spans must not overlap")
+            raise RowError(
+                f"{prefix}[{max(j0, j1)}]",
+                f"[{s1}, {e1}) overlaps {prefix}[{min(j0, j1)}] [{s0}, {e0}); spans must not overlap",
+            )
     return tuple((s, e, w) for s, e, w, _ in spans)
 
 
@@ -87,8 +92,11 @@ def parse_row_weights(row: Any) -> dict[int, MessageWeights] | None:
         prefix = f"messages[{i}]."
         if message.get("role") != "assistant":
             key = WEIGHT_KEY if WEIGHT_KEY in message else SPANS_KEY
-            raise RowError(f"{prefix}{key}", f"only assistant messages are trained, so only they take weights "
-                                             f"(this one is {message.get('role')!r})")
+            raise RowError(
+                f"{prefix}{key}",
+                f"only assistant messages are trained, so only they take weights "
+                f"(this one is {message.get('role')!r})",
+            )
         content = message.get("content")
         if not isinstance(content, str):
             continue  # the row validator reports it
@@ -99,8 +107,11 @@ def parse_row_weights(row: Any) -> dict[int, MessageWeights] | None:
 
 
 def conversation_token_weights(
-    tokenizer: Any, messages: Sequence[Mapping[str, str]], weights: Mapping[int, MessageWeights],
-    input_ids: Sequence[int], labels: Sequence[int],
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    weights: Mapping[int, MessageWeights],
+    input_ids: Sequence[int],
+    labels: Sequence[int],
 ) -> list[float]:
     """Each token's data weight, aligned with `input_ids` (the dataset's, possibly truncated), by the module's rule.
 
@@ -110,8 +121,11 @@ def conversation_token_weights(
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(enc["input_ids"][: len(input_ids)]) != list(input_ids):
-        raise RowError("messages", "tokenizing the rendered conversation does not give the dataset's tokens, so "
-                                   "character weights cannot be placed on tokens")
+        raise RowError(
+            "messages",
+            "tokenizing the rendered conversation does not give the dataset's tokens, so "
+            "character weights cannot be placed on tokens",
+        )
     offsets = enc["offset_mapping"][: len(input_ids)]
     result = [1.0] * len(input_ids)
     for i, spec in sorted(weights.items()):
@@ -142,8 +156,11 @@ def _content_start(tokenizer: Any, messages: Sequence[Mapping[str, str]], i: int
         before = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
         if text.startswith(before) and (start := text.find(content, len(before))) >= 0:
             return start
-    raise RowError(f"messages[{i}].content", "the chat template changes this message's text (or renders it out of "
-                                             "order), so its weights cannot be located in the rendered conversation")
+    raise RowError(
+        f"messages[{i}].content",
+        "the chat template changes this message's text (or renders it out of "
+        "order), so its weights cannot be located in the rendered conversation",
+    )
 
 
 def _span_weight(spans: Sequence[tuple[int, int, float]], char: int) -> float:
@@ -154,7 +171,11 @@ def _span_weight(spans: Sequence[tuple[int, int, float]], char: int) -> float:
 
 
 def collect_token_weights(
-    source: Source, fmt: str, system_prompt: str | None, tokenizer: Any, dataset: Any,
+    source: Source,
+    fmt: str,
+    system_prompt: str | None,
+    tokenizer: Any,
+    dataset: Any,
 ) -> dict[int, list[float]]:
     """`sample_id -> per-token weights` for the samples of `dataset` whose source rows carry weights.
 
@@ -186,7 +207,12 @@ def collect_token_weights(
         sample = dataset[positions[row.index]]
         try:
             out[row.index] = conversation_token_weights(
-                tokenizer, messages, {i + shift: w for i, w in weights.items()}, sample["input_ids"], sample["labels"])
+                tokenizer,
+                messages,
+                {i + shift: w for i, w in weights.items()},
+                sample["input_ids"],
+                sample["labels"],
+            )
         except RowError as e:
             raise InvalidRowError(source.display, row.index, e.field, e.reason, row.value) from None
     return out

@@ -55,8 +55,12 @@ def consolidate_checkpoint(path: str | Path, output_file: str | Path | None = No
         raise ValueError(f"{path} is not a distributed (DCP) checkpoint folder: it has no .metadata file")
     check_sharded_checkpoint(path)  # torch unpickles .metadata with plain pickle: check it first
     tensors: dict[str, Any] = {}
-    _load_state_dict(tensors, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    _load_state_dict(
+        tensors,
+        storage_reader=FileSystemReader(str(path)),
+        planner=_EmptyStateDictLoadPlanner(),
+        no_dist=True,
+    )
     meta_file = path / METADATA_FILE
     checkpoint = load_checkpoint_file(meta_file) if meta_file.is_file() else {}
     # Lightning's pytorch ModelParallelStrategy saves the weights as "state_dict", Fabric as "model".

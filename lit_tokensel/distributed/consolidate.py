@@ -14,7 +14,9 @@ from lit_tokensel.distributed.checkpoint import consolidate_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Consolidate a sharded (DCP) checkpoint folder into one file.")
+    parser = argparse.ArgumentParser(
+        description="Consolidate a sharded (DCP) checkpoint folder into one file."
+    )
     parser.add_argument("checkpoint", help="DCP checkpoint folder (e.g. runs/.../last.ckpt)")
     parser.add_argument("output_file", help="Path of the single-file checkpoint to write")
     args = parser.parse_args(argv)

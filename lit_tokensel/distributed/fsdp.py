@@ -68,7 +68,10 @@ def mixed_precision_policy(precision: str | None) -> Any:
 
 
 def shard_model(
-    model: torch.nn.Module, mesh: DeviceMesh, mp_policy: Any = None, reshard_root_after_forward: bool | None = None
+    model: torch.nn.Module,
+    mesh: DeviceMesh,
+    mp_policy: Any = None,
+    reshard_root_after_forward: bool | None = None,
 ) -> torch.nn.Module:
     """Apply `fully_shard` to each decoder layer, then to the root; idempotent.
 
@@ -157,7 +160,9 @@ def check_fsdp1_references(strategy: Any, references: list[Any]) -> None:
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
-    if isinstance(strategy, FSDPStrategy) and any(getattr(r, "shadows_parameters", False) for r in references):
+    if isinstance(strategy, FSDPStrategy) and any(
+        getattr(r, "shadows_parameters", False) for r in references
+    ):
         raise ValueError(
             "HistoryReference (the EMA/lagged history) is not supported under FSDPStrategy (FSDP1). "
             "Use FSDP2: `-c configs/presets/fsdp2.yaml` (strategy lit_tokensel.distributed.FSDP2Strategy)."

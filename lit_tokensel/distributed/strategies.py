@@ -92,7 +92,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         paths = marker_paths(checkpoint.get("callbacks", {}))
         if paths and _is_sharded_checkpoint(path):
-            targets = load_callback_tensors(path, paths, live_dtensors(self.lightning_module.trainer.callbacks))
+            targets = load_callback_tensors(
+                path, paths, live_dtensors(self.lightning_module.trainer.callbacks)
+            )
             checkpoint["callbacks"] = fill_markers(checkpoint["callbacks"], targets)
         return checkpoint
 

@@ -36,17 +36,29 @@ class ASFTSFT(TokenSelectionModule):
 
     needs_logits = True
 
-    def __init__(self, alpha: float = 0.1, reference: ReferenceModel | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        reference: ReferenceModel | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         if isinstance(alpha, bool) or not float(alpha) >= 0:
             raise ValueError(f"alpha={alpha!r} must be >= 0")
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         if reference is None:
-            reference = AdapterDisabledReference() if self.lora is not None else FrozenModelReference(
-                model=self.model_name_or_path, gguf_file=self.gguf_file, dtype=self.weights_dtype,
-                attn_implementation=self.attn_implementation)
+            reference = (
+                AdapterDisabledReference()
+                if self.lora is not None
+                else FrozenModelReference(
+                    model=self.model_name_or_path,
+                    gguf_file=self.gguf_file,
+                    dtype=self.weights_dtype,
+                    attn_implementation=self.attn_implementation,
+                )
+            )
         self.reference = reference_from_config(reference)  # a dict when loaded from a checkpoint
         self.hparams["reference"] = self.reference.config()  # plain data, never the loaded model
         self.alpha, self.chunk_size = float(alpha), chunk_size
@@ -54,13 +66,22 @@ class ASFTSFT(TokenSelectionModule):
     def reference_models(self) -> list[ReferenceModel]:
         return [self.reference]
 
-    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor,
-                      logits: ResponseLogits | None = None) -> Selection:
+    def select_tokens(
+        self,
+        batch: Batch,
+        token_losses: torch.Tensor,
+        valid: torch.Tensor,
+        logits: ResponseLogits | None = None,
+    ) -> Selection:
         if logits is None:
             raise ValueError("ASFTSFT.select_tokens needs the training forward's logits (needs_logits)")
         hidden, weight, bias = self.reference.hidden_and_head(self, batch)  # [B, T, H], [V, H], [V]
         kl = kl_to_reference(logits, hidden, weight, bias, self.chunk_size)  # [B, T-1], with the graph
         anchor = LossTerm(mask=valid, losses=kl, coefficient=self.alpha, shares_main_count=True)
         probability = dft_weights(token_losses)  # [B, T-1]
-        return Selection(keep=valid, weights=probability, scores={"probability": probability, "kl": kl.detach()},
-                         terms={"kl": anchor})
+        return Selection(
+            keep=valid,
+            weights=probability,
+            scores={"probability": probability, "kl": kl.detach()},
+            terms={"kl": anchor},
+        )

@@ -143,8 +143,10 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
         settings = {"learning_rate": learning_rate, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         check_optimizer_settings(optimizer, settings, _signature_defaults(settings))
         if lr_scheduler is not None and min_lr_ratio != 0.0:
-            raise ValueError(f"--model.init_args.min_lr_ratio {min_lr_ratio} applies to the built-in schedule; the "
-                             "`lr_scheduler` block replaces it: set the floor in the block instead")
+            raise ValueError(
+                f"--model.init_args.min_lr_ratio {min_lr_ratio} applies to the built-in schedule; the "
+                "`lr_scheduler` block replaces it: set the floor in the block instead"
+            )
         if isinstance(lora, dict):  # from a checkpoint's hyper-parameters
             lora = LoraSettings(**lora)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "lora"])
@@ -158,7 +160,12 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.chunked_loss = chunked_loss
         self.lora = lora
-        self.learning_rate, self.weight_decay, self.betas, self.eps = learning_rate, weight_decay, tuple(betas), eps
+        self.learning_rate, self.weight_decay, self.betas, self.eps = (
+            learning_rate,
+            weight_decay,
+            tuple(betas),
+            eps,
+        )
         self.lr_schedule, self.warmup_ratio, self.min_lr_ratio = lr_schedule, warmup_ratio, min_lr_ratio
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -314,7 +321,9 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
                 batch = drop_samples(batch, samples)
                 view = sample_view(batch, layout_of(batch, min_width=view["labels"].shape[1]))
             else:
-                batch = view = {k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+                batch = view = {
+                    k: v[samples] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()
+                }
         logits = None
         with self.forward_context(batch):  # the packed rows themselves, e.g. for an attention hook's mask
             if self.needs_logits:
@@ -332,11 +341,15 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
             selection = self.select_tokens(view, token_losses, valid)
         return SelectedBatch(view, samples, token_losses, valid, selection, data_weights)
 
-    def objective_terms(self, selected: SelectedBatch) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:
+    def objective_terms(
+        self, selected: SelectedBatch
+    ) -> tuple[_TermSums, dict[str, tuple[LossTerm, _TermSums]]]:
         """The micro-batch's main sum and count, and each extra term's, data weights multiplied in."""
         selection, valid, data_weights = selected.selection, selected.valid, selected.data_weights
         keep = selection.keep & valid  # [B', T-1]
-        weighted = selected.token_losses if selection.weights is None else selected.token_losses * selection.weights
+        weighted = (
+            selected.token_losses if selection.weights is None else selected.token_losses * selection.weights
+        )
         if data_weights is not None:
             weighted = weighted * data_weights  # [B', T-1]
         count = keep.sum() if selection.normalizer is None else selection.normalizer
@@ -390,8 +403,11 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
             stats["kept_fraction"] = float(keep.sum()) / max(int(response_count), 1)
             self.log_dict({f"select/{k}": v for k, v in stats.items()}, on_step=True, on_epoch=False)
         if selection.diagnostics:
-            self.log_dict({f"select/{k}": float(v) for k, v in selection.diagnostics.items()},
-                          on_step=True, on_epoch=False)
+            self.log_dict(
+                {f"select/{k}": float(v) for k, v in selection.diagnostics.items()},
+                on_step=True,
+                on_epoch=False,
+            )
         main, terms = self.objective_terms(selected)
         loss = main.loss_sum + sum(
             (t.coefficient * s.loss_sum for t, s in terms.values() if t.shares_main_count and t.coefficient),
@@ -406,8 +422,13 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
         self._window["response"] += response_count
         self._window["tokens"] += token_count
         for name, (term, sums) in terms.items():
-            window = self._term_window.setdefault(name, {"loss_sum": torch.zeros((), device=self.device),
-                                                         "count": torch.zeros((), device=self.device)})
+            window = self._term_window.setdefault(
+                name,
+                {
+                    "loss_sum": torch.zeros((), device=self.device),
+                    "count": torch.zeros((), device=self.device),
+                },
+            )
             window["loss_sum"] = window["loss_sum"] + sums.loss_sum.detach()
             window["count"] = window["count"] + (main.count if term.shares_main_count else sums.count)
             window["term"] = term
@@ -417,8 +438,10 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         names = sorted(self._term_window)
-        window = torch.stack([self._window[k].float() for k in WINDOW_KEYS]
-                             + [self._term_window[n][k].float() for n in names for k in ("loss_sum", "count")])
+        window = torch.stack(
+            [self._window[k].float() for k in WINDOW_KEYS]
+            + [self._term_window[n][k].float() for n in names for k in ("loss_sum", "count")]
+        )
         if self.trainer.world_size > 1:
             window = self.trainer.strategy.reduce(window, reduce_op="sum")
         values = window.tolist()
@@ -429,14 +452,16 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
         for param in params:
             if param.grad is not None:
                 param.grad.mul_(scale)
-        term_loss, metrics = self._apply_term_gradients(names, values[len(WINDOW_KEYS):], normalizer)
+        term_loss, metrics = self._apply_term_gradients(names, values[len(WINDOW_KEYS) :], normalizer)
         loss = loss_sum / max(normalizer, 1.0) + term_loss
         now = time.perf_counter()
-        metrics.update({
-            "train/loss": loss,
-            "train/kept_fraction": kept / max(response, 1.0),
-            "train/kept_tokens": kept,
-        })
+        metrics.update(
+            {
+                "train/loss": loss,
+                "train/kept_fraction": kept / max(response, 1.0),
+                "train/kept_tokens": kept,
+            }
+        )
         if self._last_step_time is not None:
             metrics["train/tokens_per_s"] = tokens / max(now - self._last_step_time, 1e-9)
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True)
@@ -491,16 +516,24 @@ class TokenSelectionModule(TermGradientAccumulation, L.LightningModule):
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(params)
         else:
-            optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay,
-                                          betas=self.betas, eps=self.eps)
+            optimizer = torch.optim.AdamW(
+                params, lr=self.learning_rate, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps
+            )
         if self.lr_scheduler_factory is not None:
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
             total = int(self.trainer.estimated_stepping_batches)
             warmup = math.ceil(self.warmup_ratio * total)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-                lr_factor, schedule=self.lr_schedule, warmup_steps=warmup, total_steps=total,
-                min_lr_ratio=self.min_lr_ratio))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                functools.partial(
+                    lr_factor,
+                    schedule=self.lr_schedule,
+                    warmup_steps=warmup,
+                    total_steps=total,
+                    min_lr_ratio=self.min_lr_ratio,
+                ),
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ checkpoints
@@ -520,4 +553,3 @@ def _signature_defaults(names: dict[str, Any]) -> dict[str, Any]:
     """`TokenSelectionModule.__init__`'s defaults for `names` (read from the signature, written once)."""
     parameters = inspect.signature(TokenSelectionModule.__init__).parameters
     return {name: parameters[name].default for name in names}
-

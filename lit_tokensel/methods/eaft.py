@@ -41,8 +41,13 @@ class EAFTSFT(TokenSelectionModule):
             raise ValueError(f"chunk_size={chunk_size} must be >= 1")
         self.k, self.alpha, self.chunk_size = k, float(alpha), chunk_size
 
-    def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor,
-                      logits: ResponseLogits | None = None) -> Selection:
+    def select_tokens(
+        self,
+        batch: Batch,
+        token_losses: torch.Tensor,
+        valid: torch.Tensor,
+        logits: ResponseLogits | None = None,
+    ) -> Selection:
         if logits is None:
             raise ValueError("EAFTSFT.select_tokens needs the training forward's logits (needs_logits)")
         weights, entropy = eaft_weights(logits, self.k, self.alpha, self.chunk_size)  # [B, T-1] each

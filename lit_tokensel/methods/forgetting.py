@@ -69,8 +69,13 @@ class ForgettingSFT(TokenSelectionModule):
     renamed_settings: ClassVar[dict[str, str]] = {"rho": "ratio"}
 
     def __init__(
-        self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.7,
-        lambda_max: float = 0.25, negative_loss_cap: float | None = None, **kwargs,
+        self,
+        base_cache: str = "base",
+        reference_cache: str = "reference",
+        ratio: float = 0.7,
+        lambda_max: float = 0.25,
+        negative_loss_cap: float | None = None,
+        **kwargs,
     ) -> None:
         refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
@@ -101,10 +106,13 @@ class ForgettingSFT(TokenSelectionModule):
         if not math.isfinite(total):
             raise ValueError("ForgettingSFT ramps lambda over training: set trainer.max_steps or max_epochs")
         self.total_steps = int(total)
-        rank_zero_info(f"ForgettingSFT: lambda ramps from 0 to {self.lambda_max} over {self.total_steps} steps")
+        rank_zero_info(
+            f"ForgettingSFT: lambda ramps from 0 to {self.lambda_max} over {self.total_steps} steps"
+        )
         if self.trainer.accumulate_grad_batches > 1:
-            check_accumulation_support(self.trainer.strategy, self.device_mesh, self.trainer.precision_plugin,
-                                       "ForgettingSFT")
+            check_accumulation_support(
+                self.trainer.strategy, self.device_mesh, self.trainer.precision_plugin, "ForgettingSFT"
+            )
 
     def current_lambda(self) -> float:
         """The ascent weight of the optimizer step being accumulated. Outside fit (`inspect`, no Trainer)
@@ -125,13 +133,22 @@ class ForgettingSFT(TokenSelectionModule):
         ascent = LossTerm(mask=negative, weights=ascended, coefficient=-lam, needs_main_tokens=True)
         losses = token_losses.detach()
         n_response = max(int(valid.sum()), 1)
-        diagnostics = {"lambda": lam, "positive_fraction": float(positive.sum()) / n_response,
-                       "negative_fraction": float(negative.sum()) / n_response}
+        diagnostics = {
+            "lambda": lam,
+            "positive_fraction": float(positive.sum()) / n_response,
+            "negative_fraction": float(negative.sum()) / n_response,
+        }
         if positive.any():
             diagnostics["loss_positive"] = float(losses[positive].mean())
         if negative.any():
             diagnostics["loss_negative"] = float(losses[negative].mean())
         if self.negative_loss_cap is not None:
             diagnostics["negative_capped"] = float((negative & (losses > self.negative_loss_cap)).sum())
-        return Selection(keep=positive | negative, scores={"influence": score}, weights=positive.float(),
-                         normalizer=positive.sum(), terms={"ascent": ascent}, diagnostics=diagnostics)
+        return Selection(
+            keep=positive | negative,
+            scores={"influence": score},
+            weights=positive.float(),
+            normalizer=positive.sum(),
+            terms={"ascent": ascent},
+            diagnostics=diagnostics,
+        )

@@ -49,7 +49,9 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def lr_factor(step: int, schedule: LRSchedule, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int, schedule: LRSchedule, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+) -> float:
     """Multiplier of the peak learning rate at optimizer step `step`.
 
     Linear warm-up from 0 over `warmup_steps`, then `constant` (1), `linear` or `cosine` decay from 1 to

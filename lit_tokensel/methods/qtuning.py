@@ -44,8 +44,12 @@ class QTuningSFT(TokenSelectionModule):
     renamed_settings: ClassVar[dict[str, str]] = {"token_ratio": "ratio"}
 
     def __init__(
-        self, sample_ratio: float = 0.25, ratio: float = 0.5, neighbor_weight: float = 0.5,
-        entropy_chunk_size: int = 1024, **kwargs,
+        self,
+        sample_ratio: float = 0.25,
+        ratio: float = 0.5,
+        neighbor_weight: float = 0.5,
+        entropy_chunk_size: int = 1024,
+        **kwargs,
     ) -> None:
         refuse_renamed(type(self), kwargs)
         super().__init__(**kwargs)
@@ -95,5 +99,6 @@ class QTuningSFT(TokenSelectionModule):
             raise RuntimeError("QTuningSFT.select_tokens needs select_samples' decision for this micro-batch")
         self._prune_rows = None  # one use: the decision belongs to this micro-batch only
         keep, score = prune_tokens(token_losses, valid, prune_rows, self.ratio, self.neighbor_weight)
-        return Selection(keep=keep, scores={"smoothed_ppl": score.float()}, diagnostics=self._sample_diagnostics)
-
+        return Selection(
+            keep=keep, scores={"smoothed_ppl": score.float()}, diagnostics=self._sample_diagnostics
+        )

@@ -27,7 +27,9 @@ class RandomTokenSFT(TokenSelectionModule):
 
     def select_tokens(self, batch: Batch, token_losses: torch.Tensor, valid: torch.Tensor) -> Selection:
         scores = uniform_scores(batch["sample_id"], valid.shape[1], self.selection_seed + self.current_epoch)
-        return Selection(keep=top_k_per_sequence(scores.to(valid.device), valid, self.ratio), scores={"random": scores})
+        return Selection(
+            keep=top_k_per_sequence(scores.to(valid.device), valid, self.ratio), scores={"random": scores}
+        )
 
 
 def uniform_scores(sample_ids: torch.Tensor, width: int, seed: int) -> torch.Tensor:

@@ -34,8 +34,12 @@ class Rho1SFT(TokenSelectionModule):
     """
 
     def __init__(
-        self, reference: ReferenceModel, ratio: float = 0.6, scope: Literal["batch", "sequence"] = "batch",
-        selection_group: SelectionGroup = "global", **kwargs,
+        self,
+        reference: ReferenceModel,
+        ratio: float = 0.6,
+        scope: Literal["batch", "sequence"] = "batch",
+        selection_group: SelectionGroup = "global",
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_choices(Rho1SFT.__init__, locals())

@@ -49,8 +49,12 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
     """
 
     def __init__(
-        self, base_cache: str = "base", chunks: int = 5, ratio: float = 0.6,
-        scope: Literal["chunk", "sequence"] = "chunk", **kwargs,
+        self,
+        base_cache: str = "base",
+        chunks: int = 5,
+        ratio: float = 0.6,
+        scope: Literal["chunk", "sequence"] = "chunk",
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
@@ -83,7 +87,9 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
             )
         max_epochs = self.trainer.max_epochs if self._trainer is not None else None
         if max_epochs is not None and max_epochs != self.chunks:
-            rank_zero_warn(f"trainer.max_epochs={max_epochs} but chunks={self.chunks}: one epoch is one round")
+            rank_zero_warn(
+                f"trainer.max_epochs={max_epochs} but chunks={self.chunks}: one epoch is one round"
+            )
 
     def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
         """Score the round's chunk before its first step (not in `on_train_epoch_start`, which Lightning
@@ -98,11 +104,16 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
         dm = self.trainer.datamodule
         chunk = epoch % self.chunks
         positions = train_chunks(dm)[chunk].tolist()
-        loader = DataLoader(Subset(dm.train_dataset, positions), batch_size=dm.eval_batch_size,
-                            collate_fn=dm.train_collator)
+        loader = DataLoader(
+            Subset(dm.train_dataset, positions), batch_size=dm.eval_batch_size, collate_fn=dm.train_collator
+        )
         ids, rows, responses = [], [], []
-        for batch in tqdm(loader, desc=f"Round {epoch}: scoring chunk {chunk}", unit="batch",
-                          disable=not self.trainer.is_global_zero):
+        for batch in tqdm(
+            loader,
+            desc=f"Round {epoch}: scoring chunk {chunk}",
+            unit="batch",
+            disable=not self.trainer.is_global_zero,
+        ):
             batch = as_samples({k: v.to(self.device) for k, v in batch.items()})  # packed rows: per sample
             score = self.base.token_losses(self, batch) - model_token_losses(self.model, batch)  # [B, T-1]
             valid = batch["labels"][:, 1:] != -100  # [B, T-1]
@@ -116,8 +127,14 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
             f"{responses.numel()} response tokens) with the model at the round's start"
             + (f"; threshold {threshold:.4f} keeps the top {self.ratio:.0%}" if threshold is not None else "")
         )
-        return {"epoch": epoch, "chunk": chunk, "chunks": self.chunks, "sample_ids": torch.cat(ids),
-                "scores": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), "threshold": threshold}
+        return {
+            "epoch": epoch,
+            "chunk": chunk,
+            "chunks": self.chunks,
+            "sample_ids": torch.cat(ids),
+            "scores": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+            "threshold": threshold,
+        }
 
     def round_scores(self, sample_ids: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The round's scores of these samples `[B, width]` (joined by sample_id) and which are in its chunk `[B]`."""
@@ -161,7 +178,11 @@ class SelfEvolvingTokenCleaningSFT(TokenSelectionModule):
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get(CHECKPOINT_KEY)
         if saved is not None and saved["chunks"] != self.chunks:
-            raise ValueError(f"the checkpoint was trained with chunks={saved['chunks']}, this run has {self.chunks}")
+            raise ValueError(
+                f"the checkpoint was trained with chunks={saved['chunks']}, this run has {self.chunks}"
+            )
         self.round = saved
         if saved is not None:
-            rank_zero_info(f"{type(self).__name__}: round {saved['epoch']} scores restored from the checkpoint")
+            rank_zero_info(
+                f"{type(self).__name__}: round {saved['epoch']} scores restored from the checkpoint"
+            )

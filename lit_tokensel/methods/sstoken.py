@@ -91,9 +91,13 @@ class SsTokenSFT(TokenSelectionModule):
         if not 0.0 <= warmup < 1.0:
             raise ValueError(f"warmup={warmup} must lie in [0, 1)")
         if warmup_every_epoch and warmup_unit != "epoch":
-            raise ValueError("--model.init_args.warmup_every_epoch true needs --model.init_args.warmup_unit epoch "
-                             "(a warm-up per epoch)")
-        self.history = reference_from_config(history if history is not None else HistoryReference("ema", 0.99))
+            raise ValueError(
+                "--model.init_args.warmup_every_epoch true needs --model.init_args.warmup_unit epoch "
+                "(a warm-up per epoch)"
+            )
+        self.history = reference_from_config(
+            history if history is not None else HistoryReference("ema", 0.99)
+        )
         self.hparams["history"] = self.history.config()  # plain data, never a loaded model
         self.ratio = check_ratio(ratio)
         self.gamma = float(gamma)
@@ -127,14 +131,20 @@ class SsTokenSFT(TokenSelectionModule):
             trainer.fit_loop.setup_data()
         total = trainer.estimated_stepping_batches
         if math.isinf(total) and (self.warmup_unit == "training" or math.isinf(trainer.num_training_batches)):
-            raise ValueError("SsTokenSFT's warm-up needs a known training length: set --trainer.max_steps, or "
-                             "--trainer.max_epochs with a dataset of known length")
+            raise ValueError(
+                "SsTokenSFT's warm-up needs a known training length: set --trainer.max_steps, or "
+                "--trainer.max_epochs with a dataset of known length"
+            )
         total = int(total)
-        self.epoch_steps = optimizer_steps_per_epoch(trainer.num_training_batches, trainer.accumulate_grad_batches)
+        self.epoch_steps = optimizer_steps_per_epoch(
+            trainer.num_training_batches, trainer.accumulate_grad_batches
+        )
         self.warmup_steps = warmup_length(self.warmup, self.warmup_unit, total, self.epoch_steps)
         every = " of every epoch" if self.warmup_every_epoch else ""
-        rank_zero_info(f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} steps{every} "
-                       f"({total} optimizer steps in all, {self.epoch_steps} per epoch)")
+        rank_zero_info(
+            f"SsTokenSFT: attention-only warm-up for the first {self.warmup_steps} steps{every} "
+            f"({total} optimizer steps in all, {self.epoch_steps} per epoch)"
+        )
 
     def in_warmup(self) -> bool:
         """True while training is in the attention-only warm-up (never outside `fit`)."""
@@ -172,7 +182,9 @@ class SsTokenSFT(TokenSelectionModule):
         if attention is not None:
             scores["attention"] = attention
         keep = top_k_per_sequence(combined, ranked, self.ratio) | protected
-        combined = torch.where(protected, torch.full_like(combined, 2.0), combined)  # above every ranked score
+        combined = torch.where(
+            protected, torch.full_like(combined, 2.0), combined
+        )  # above every ranked score
         return Selection(keep=keep, scores={"sstoken": combined, **scores}, diagnostics=diagnostics)
 
 
@@ -192,7 +204,9 @@ def optimizer_steps_per_epoch(num_batches: float, accumulate: int) -> int:
     return 0 if math.isinf(num_batches) else math.ceil(int(num_batches) / accumulate)
 
 
-def warmup_length(fraction: float, unit: Literal["epoch", "training"], total_steps: int, epoch_steps: int) -> int:
+def warmup_length(
+    fraction: float, unit: Literal["epoch", "training"], total_steps: int, epoch_steps: int
+) -> int:
     """Warm-up optimizer steps: `fraction` of all `total_steps` (`unit="training"`) or of the first
     epoch as it runs, `min(epoch_steps, total_steps)` (`unit="epoch"`; all training when the epoch
     length is unknown)."""

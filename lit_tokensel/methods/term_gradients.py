@@ -25,15 +25,24 @@ class TermGradientAccumulation:
     _term_grads: dict[str, torch.Tensor]
     _term_window: dict[str, dict[str, Any]]
 
-    def _own_terms_now_or_later(self, main: _TermSums, own: dict[str, tuple[LossTerm, _TermSums]]) -> torch.Tensor:
+    def _own_terms_now_or_later(
+        self, main: _TermSums, own: dict[str, tuple[LossTerm, _TermSums]]
+    ) -> torch.Tensor:
         """The separately normalised terms: folded into this backward when the window is this micro-batch
         (counts all-reduced now), else their gradient sums collected apart for the step. Returns the loss to add."""
         if self._trainer is not None and self.trainer.training and self.trainer.accumulate_grad_batches > 1:
-            active = {n: ts for n, ts in own.items() if ts[0].coefficient and ts[1].loss_sum.requires_grad
-                      and bool(ts[1].count > 0)}
+            active = {
+                n: ts
+                for n, ts in own.items()
+                if ts[0].coefficient and ts[1].loss_sum.requires_grad and bool(ts[1].count > 0)
+            }
             if active:
-                check_accumulation_support(self.trainer.strategy, self.device_mesh, self.trainer.precision_plugin,
-                                           type(self).__name__)
+                check_accumulation_support(
+                    self.trainer.strategy,
+                    self.device_mesh,
+                    self.trainer.precision_plugin,
+                    type(self).__name__,
+                )
                 params, views = self._term_buffer_views(list(active))
                 for name, (_, sums) in active.items():
                     # Local gradient (autograd.grad does not fire DDP's hooks; summed over ranks at the step);
@@ -54,7 +63,9 @@ class TermGradientAccumulation:
                 extra = extra + term.coefficient * max(n_main, 1.0) / n_term * sums.loss_sum
         return extra
 
-    def _term_buffer_views(self, names: list[str]) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    def _term_buffer_views(
+        self, names: list[str]
+    ) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
         """The trainable parameters, and per term views shaped like them into one flat gradient buffer (zeros)."""
         params = [p for p in self.parameters() if p.requires_grad]
         views = {}
@@ -65,12 +76,15 @@ class TermGradientAccumulation:
                 sizes = [p.numel() for p in params]
                 self._term_grads[name] = torch.zeros(sum(sizes), dtype=dtype, device=params[0].device)
             flat = self._term_grads[name]
-            views[name] = [v.view_as(p) for v, p in zip(torch.split(flat, [p.numel() for p in params]), params,
-                                                        strict=True)]
+            views[name] = [
+                v.view_as(p)
+                for v, p in zip(torch.split(flat, [p.numel() for p in params]), params, strict=True)
+            ]
         return params, views
 
-    def _apply_term_gradients(self, names: list[str], values: list[float], normalizer: float
-                              ) -> tuple[float, dict[str, float]]:
+    def _apply_term_gradients(
+        self, names: list[str], values: list[float], normalizer: float
+    ) -> tuple[float, dict[str, float]]:
         """At the optimizer step: each term's share of the logged loss and its `train/<name>` metric, from the
         window's reduced `(sum, count)` pairs in `values` (in `names` order); adds each collected gradient
         (summed over ranks) as `c_k / N_k` times it, then clears the buffers."""

@@ -36,8 +36,13 @@ class TokenCleaningSFT(TokenSelectionModule):
     """
 
     def __init__(
-        self, base_cache: str = "base", reference_cache: str = "reference", ratio: float = 0.6,
-        scope: Scope = "global", selection_group: SelectionGroup = "global", **kwargs,
+        self,
+        base_cache: str = "base",
+        reference_cache: str = "reference",
+        ratio: float = 0.6,
+        scope: Scope = "global",
+        selection_group: SelectionGroup = "global",
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         check_choices(TokenCleaningSFT.__init__, locals())

@@ -146,7 +146,9 @@ class PromptAttentionScore:
         """Forward pre-hook: score on the first call, leave the call's inputs untouched."""
         self.calls += 1
         if self.calls > 1:
-            if torch._C._current_graph_task_id() != -1:  # inside backward: gradient checkpointing's recomputation
+            if (
+                torch._C._current_graph_task_id() != -1
+            ):  # inside backward: gradient checkpointing's recomputation
                 return
             raise RuntimeError(
                 "a second forward through the scored layer inside one PromptAttentionScore.capture block: "

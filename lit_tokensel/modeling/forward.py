@@ -16,7 +16,9 @@ def uses_varlen_attention(model: torch.nn.Module) -> bool:
     return "flash" in str(getattr(config, "_attn_implementation", "") or "")
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, Any], flatten: bool | None = None) -> dict[str, torch.Tensor]:
+def model_inputs(
+    model: torch.nn.Module, batch: dict[str, Any], flatten: bool | None = None
+) -> dict[str, torch.Tensor]:
     """Keyword inputs of `model` for `batch`.
 
     Padded: `input_ids` and `attention_mask`, no KV cache. Packed (`position_ids` present): `input_ids` and
@@ -25,8 +27,14 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, Any], flatten: bool | 
     from a single row, so with `flatten` (default: `uses_varlen_attention(model)`) the rows go as one
     `[1, R*T]` row; `unflatten` restores `[R, T, ...]` outputs.
     """
-    if "position_ids" not in batch:  # no KV cache: nothing here generates, and building one costs time and memory
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if (
+        "position_ids" not in batch
+    ):  # no KV cache: nothing here generates, and building one costs time and memory
+        return {
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "use_cache": False,
+        }
     flatten = uses_varlen_attention(model) if flatten is None else flatten
     ids, positions = batch["input_ids"], batch["position_ids"]  # [R, T] each
     if flatten:
@@ -43,7 +51,9 @@ def unflatten(output: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
     return output.reshape(rows, columns, *output.shape[2:])
 
 
-def response_token_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def response_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token losses and response mask, `[B, T-1]`, without materializing `[B, T, V]` logits.
 
     Runs the decoder for the last hidden state and sends only response positions through the output

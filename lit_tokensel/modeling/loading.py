@@ -93,7 +93,11 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(model, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     if getattr(model, flag, False):
         model.enable_input_require_grads()
     return get_peft_model(model, config)

@@ -48,17 +48,21 @@ class RecipeSpec:
 RECIPES: dict[str, dict[str, RecipeSpec]] = {
     "token-cleaning": {
         "fixed": RecipeSpec(
-            "recipes/token_cleaning/fixed.yaml", needs_reference=True,
+            "recipes/token_cleaning/fixed.yaml",
+            needs_reference=True,
             summary="fixed-model TokenCleaning: global top 60% by L_base - L_reference",
         ),
         "self-evolving": RecipeSpec(
-            "recipes/token_cleaning/self_evolving.yaml", needs_reference=False, chunked=True,
+            "recipes/token_cleaning/self_evolving.yaml",
+            needs_reference=False,
+            chunked=True,
             summary="self-evolving TokenCleaning: round t keeps chunk t's top 60% by L_base - L_theta_t",
         ),
     },
     "forgetting": {
         "default": RecipeSpec(
-            "recipes/forgetting/method.yaml", needs_reference=True,
+            "recipes/forgetting/method.yaml",
+            needs_reference=True,
             summary="Forgetting: top 70% by L_base - L_reference learned, the rest unlearned",
         ),
     },

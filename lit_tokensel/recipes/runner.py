@@ -70,8 +70,13 @@ class Stage:
     started: Callable[[], bool] = field(default=lambda: False)
 
 
-def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, build: stages.CliBuilder,
-               console: Console | None = None) -> dict:
+def run_recipe(
+    name: str,
+    lightning_args: list[str],
+    options: RecipeOptions,
+    build: stages.CliBuilder,
+    console: Console | None = None,
+) -> dict:
     """Run (or continue) recipe `name` in `options.workdir`; return the `recipe.json` contents.
 
     `build` parses LightningCLI arguments into model, DataModule and Trainer (`lit_tokensel.cli.build_cli`).
@@ -97,8 +102,10 @@ def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, bui
             console.print(f"{tag} done, skipped: {stage.output}", soft_wrap=True)
             continue
         if stale := [str(later.output) for later in plan[index:] if later.started()]:
-            raise RecipeError(f"stage {stage.name} must run, but outputs of later stages exist and would be stale: "
-                              f"{', '.join(stale)}. Delete them, or use another --workdir.")
+            raise RecipeError(
+                f"stage {stage.name} must run, but outputs of later stages exist and would be stale: "
+                f"{', '.join(stale)}. Delete them, or use another --workdir."
+            )
         console.print(f"{tag} {stage.title} -> {stage.output}", soft_wrap=True)
         start = time.perf_counter()
         state.record(stage.name, status="running")
@@ -111,10 +118,14 @@ def run_recipe(name: str, lightning_args: list[str], options: RecipeOptions, bui
 
 
 def _check_options(recipe: str, spec: RecipeSpec, options: RecipeOptions) -> None:
-    warmups = [o for o in ("warmup_file", "warmup_size", "warmup_fraction") if getattr(options, o) is not None]
+    warmups = [
+        o for o in ("warmup_file", "warmup_size", "warmup_fraction") if getattr(options, o) is not None
+    ]
     if spec.needs_reference and len(warmups) != 1:
-        raise RecipeError(f"recipe {recipe} trains a reference: pass exactly one of --warmup_file, "
-                          f"--warmup_size, --warmup_fraction (got {warmups or 'none'})")
+        raise RecipeError(
+            f"recipe {recipe} trains a reference: pass exactly one of --warmup_file, "
+            f"--warmup_size, --warmup_fraction (got {warmups or 'none'})"
+        )
     if not spec.needs_reference and warmups:
         raise RecipeError(f"recipe {recipe} needs no reference model; drop {warmups}")
     if options.chunks is not None and not spec.chunked:
@@ -123,19 +134,47 @@ def _check_options(recipe: str, spec: RecipeSpec, options: RecipeOptions) -> Non
         raise RecipeError(f"--reference_epochs must be >= 1, got {options.reference_epochs}")
 
 
-def _plan(workdir: Path, spec: RecipeSpec, method_config: Path, args: list[str], options: RecipeOptions,
-          state: RecipeState, base: Any, build: stages.CliBuilder) -> tuple[list[Stage], dict[str, Any]]:
+def _plan(
+    workdir: Path,
+    spec: RecipeSpec,
+    method_config: Path,
+    args: list[str],
+    options: RecipeOptions,
+    state: RecipeState,
+    base: Any,
+    build: stages.CliBuilder,
+) -> tuple[list[Stage], dict[str, Any]]:
     """The recipe's stages in order, and the summary of their outputs."""
     caches = {"base": workdir / "cache" / "base"}
     if spec.needs_reference:
         caches["reference"] = workdir / "cache" / "reference"
-    scoring = [*args, "-c", str(method_config), "--model.class_path", "lit_tokensel.FullSFT",
-               "--model.init_args.lora", "null", "--data.cached_losses", "{}"]
-    final_args = [*args, "-c", str(method_config), "--data.cached_losses",
-                  json.dumps({k: str(v) for k, v in caches.items()})]
+    scoring = [
+        *args,
+        "-c",
+        str(method_config),
+        "--model.class_path",
+        "lit_tokensel.FullSFT",
+        "--model.init_args.lora",
+        "null",
+        "--data.cached_losses",
+        "{}",
+    ]
+    final_args = [
+        *args,
+        "-c",
+        str(method_config),
+        "--data.cached_losses",
+        json.dumps({k: str(v) for k, v in caches.items()}),
+    ]
     if options.chunks is not None:
-        final_args += ["--model.init_args.chunks", str(options.chunks), "--data.epoch_chunks", str(options.chunks),
-                       "--trainer.max_epochs", str(options.chunks)]
+        final_args += [
+            "--model.init_args.chunks",
+            str(options.chunks),
+            "--data.epoch_chunks",
+            str(options.chunks),
+            "--trainer.max_epochs",
+            str(options.chunks),
+        ]
     plan: list[Stage] = []
     reference: stages.TrainRun | None = None
     if spec.needs_reference:
@@ -143,24 +182,66 @@ def _plan(workdir: Path, spec: RecipeSpec, method_config: Path, args: list[str],
         if warmup is None:
             plan.append(_warmup_stage(workdir / "warmup.jsonl", options, state, base))
             warmup = str(plan[-1].output)
-        reference = stages.TrainRun(workdir / "reference", [
-            *args, "--model.class_path", "lit_tokensel.FullSFT", "--data.train_file", warmup,
-            "--data.dataset_name", "null", "--data.val_file", "null", "--data.val_split", "null",
-            "--data.val_fraction", "0", "--data.cached_losses", "{}", "--data.epoch_chunks", "null",
-            "--trainer.max_epochs", str(options.reference_epochs)], build, options.save_every_n_steps)
-        plan.append(_train_stage("reference", "reference: full SFT of the base on the warm-up set", reference, state))
-    plan.append(_score_stage("cache_base", "scoring the base model", caches["base"], scoring, options, build, None))
+        reference = stages.TrainRun(
+            workdir / "reference",
+            [
+                *args,
+                "--model.class_path",
+                "lit_tokensel.FullSFT",
+                "--data.train_file",
+                warmup,
+                "--data.dataset_name",
+                "null",
+                "--data.val_file",
+                "null",
+                "--data.val_split",
+                "null",
+                "--data.val_fraction",
+                "0",
+                "--data.cached_losses",
+                "{}",
+                "--data.epoch_chunks",
+                "null",
+                "--trainer.max_epochs",
+                str(options.reference_epochs),
+            ],
+            build,
+            options.save_every_n_steps,
+        )
+        plan.append(
+            _train_stage("reference", "reference: full SFT of the base on the warm-up set", reference, state)
+        )
+    plan.append(
+        _score_stage("cache_base", "scoring the base model", caches["base"], scoring, options, build, None)
+    )
     if reference is not None:
-        plan.append(_score_stage(
-            "cache_reference", "scoring the reference model", caches["reference"],
-            [*scoring, "--model.init_args.model", str(reference.export), "--model.init_args.gguf_file", "null",
-             "--model.init_args.tokenizer", "null"], options, build, lambda: base.model.tokenizer))
+        plan.append(
+            _score_stage(
+                "cache_reference",
+                "scoring the reference model",
+                caches["reference"],
+                [
+                    *scoring,
+                    "--model.init_args.model",
+                    str(reference.export),
+                    "--model.init_args.gguf_file",
+                    "null",
+                    "--model.init_args.tokenizer",
+                    "null",
+                ],
+                options,
+                build,
+                lambda: base.model.tokenizer,
+            )
+        )
     final = stages.TrainRun(workdir / "train", final_args, build, options.save_every_n_steps)
     plan.append(_train_stage("train", f"final run: {method_config.name}", final, state))
     outputs = {
         "reference_export": str(reference.export) if reference is not None else None,
         "caches": {k: str(v) for k, v in caches.items()},
-        "final_run": str(final.directory), "checkpoint": str(final.checkpoint), "export": str(final.export),
+        "final_run": str(final.directory),
+        "checkpoint": str(final.checkpoint),
+        "export": str(final.export),
     }
     return plan, outputs
 
@@ -168,24 +249,47 @@ def _plan(workdir: Path, spec: RecipeSpec, method_config: Path, args: list[str],
 def _warmup_stage(path: Path, options: RecipeOptions, state: RecipeState, base: Any) -> Stage:
     wanted = {"size": options.warmup_size, "fraction": options.warmup_fraction}
     return Stage(
-        "warmup_data", f"warm-up set: {options.warmup_size or options.warmup_fraction} of the training rows", path,
+        "warmup_data",
+        f"warm-up set: {options.warmup_size or options.warmup_fraction} of the training rows",
+        path,
         complete=lambda: path.is_file() and state.stage("warmup_data").get("wanted") == wanted,
-        execute=lambda: {"wanted": wanted, **stages.write_warmup_subset(
-            base.datamodule, path, options.warmup_size, options.warmup_fraction)},
+        execute=lambda: {
+            "wanted": wanted,
+            **stages.write_warmup_subset(base.datamodule, path, options.warmup_size, options.warmup_fraction),
+        },
         started=path.exists,
     )
 
 
 def _train_stage(name: str, title: str, run: stages.TrainRun, state: RecipeState) -> Stage:
-    return Stage(name, title, run.directory, complete=lambda: run.complete(state.stage(name)),
-                 execute=run.run, started=run.directory.exists)
+    return Stage(
+        name,
+        title,
+        run.directory,
+        complete=lambda: run.complete(state.stage(name)),
+        execute=run.run,
+        started=run.directory.exists,
+    )
 
 
-def _score_stage(name: str, title: str, output: Path, args: list[str], options: RecipeOptions,
-                 build: stages.CliBuilder, tokenizer: Callable[[], Any] | None) -> Stage:
+def _score_stage(
+    name: str,
+    title: str,
+    output: Path,
+    args: list[str],
+    options: RecipeOptions,
+    build: stages.CliBuilder,
+    tokenizer: Callable[[], Any] | None,
+) -> Stage:
     def execute() -> dict[str, Any]:
         path = stages.score(build(args), output, options.shard_size, tokenizer() if tokenizer else None)
         return {"path": str(path)}
 
-    return Stage(name, title, output, complete=lambda: stages.cache_complete(output), execute=execute,
-                 started=output.exists)
+    return Stage(
+        name,
+        title,
+        output,
+        complete=lambda: stages.cache_complete(output),
+        execute=execute,
+        started=output.exists,
+    )

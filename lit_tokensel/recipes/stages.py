@@ -28,7 +28,7 @@ CliBuilder = Callable[[list[str]], Any]
 def check_method_config(path: Path) -> None:
     """A recipe's method config may not set base-run settings: those come from the user's configs."""
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    init_args = ((config.get("model") or {}).get("init_args") or {})
+    init_args = (config.get("model") or {}).get("init_args") or {}
     if clash := sorted(BASE_KEYS & set(init_args)):
         raise RecipeError(
             f"recipe method config {path} sets model.init_args {clash}: the base model and its training "
@@ -37,25 +37,41 @@ def check_method_config(path: Path) -> None:
         )
 
 
-def write_warmup_subset(datamodule: Any, output: Path, size: int | None, fraction: float | None) -> dict[str, Any]:
+def write_warmup_subset(
+    datamodule: Any, output: Path, size: int | None, fraction: float | None
+) -> dict[str, Any]:
     """A seeded random subset of the training rows (the validation hold-out excluded) as JSON Lines."""
     from lit_tokensel.data.pipeline import holdout_split
     from lit_tokensel.data.sources import Source, iter_rows
 
     dm = datamodule
-    source = Source(path=dm.train_file) if dm.train_file else Source(
-        dataset_name=dm.dataset_name, dataset_config=dm.dataset_config, split=dm.train_split, cache_dir=dm.cache_dir)
+    source = (
+        Source(path=dm.train_file)
+        if dm.train_file
+        else Source(
+            dataset_name=dm.dataset_name,
+            dataset_config=dm.dataset_config,
+            split=dm.train_split,
+            cache_dir=dm.cache_dir,
+        )
+    )
     rows = list(iter_rows(source))
-    positions = holdout_split(len(rows), dm.val_fraction, dm.seed)[0] if dm.val_fraction > 0 else range(len(rows))
+    positions = (
+        holdout_split(len(rows), dm.val_fraction, dm.seed)[0] if dm.val_fraction > 0 else range(len(rows))
+    )
     candidates = [p for p in positions if rows[p].error is None]
     count = size if size is not None else round(fraction * len(candidates))
     if not 1 <= count <= len(candidates):
-        raise ValueError(f"a warm-up set of {count} rows cannot be drawn from {len(candidates)} training rows")
+        raise ValueError(
+            f"a warm-up set of {count} rows cannot be drawn from {len(candidates)} training rows"
+        )
     chosen = sorted(random.Random(dm.seed).sample(candidates, count))
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text("".join(json.dumps(rows[p].value, ensure_ascii=False, default=str) + "\n" for p in chosen),
-                   encoding="utf-8")
+    tmp.write_text(
+        "".join(json.dumps(rows[p].value, ensure_ascii=False, default=str) + "\n" for p in chosen),
+        encoding="utf-8",
+    )
     os.replace(tmp, output)
     return {"path": str(output), "rows": count, "source": source.display, "seed": dm.seed}
 
@@ -78,8 +94,9 @@ def score(cli: Any, output: Path, shard_size: int, tokenizer: Any = None) -> Pat
 
     if tokenizer is not None and cli.datamodule.tokenizer_source is None:
         cli.datamodule.tokenizer_source = tokenizer
-    return score_to_cache(cli.model, cli.datamodule, output, "train", shard_size,
-                          device=cli.trainer.strategy.root_device)
+    return score_to_cache(
+        cli.model, cli.datamodule, output, "train", shard_size, device=cli.trainer.strategy.root_device
+    )
 
 
 class TrainRun:
@@ -91,20 +108,39 @@ class TrainRun:
     or interrupted) is an error, never a silent resume or skip.
     """
 
-    def __init__(self, directory: Path, args: list[str], build: CliBuilder,
-                 save_every_n_steps: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, args: list[str], build: CliBuilder, save_every_n_steps: int | None = None
+    ) -> None:
         self.directory = directory
         self.build = build
-        checkpointing = {"dirpath": str(directory / "resume"), "filename": "last", "save_top_k": 1,
-                         "enable_version_counter": False, "every_n_train_steps": save_every_n_steps}
+        checkpointing = {
+            "dirpath": str(directory / "resume"),
+            "filename": "last",
+            "save_top_k": 1,
+            "enable_version_counter": False,
+            "every_n_train_steps": save_every_n_steps,
+        }
         self.args = [
             *args,
-            "--trainer.logger", json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {
-                "save_dir": str(directory.parent), "name": directory.name, "version": "logs"}}),
-            "--trainer.enable_checkpointing", "true",
-            "--trainer.callbacks+", json.dumps({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                                "init_args": checkpointing}),
-            "--export.output_dir", str(directory / "export"),
+            "--trainer.logger",
+            json.dumps(
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {
+                        "save_dir": str(directory.parent),
+                        "name": directory.name,
+                        "version": "logs",
+                    },
+                }
+            ),
+            "--trainer.enable_checkpointing",
+            "true",
+            "--trainer.callbacks+",
+            json.dumps(
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpointing}
+            ),
+            "--export.output_dir",
+            str(directory / "export"),
         ]
         self._cli: Any = None
 
@@ -140,7 +176,9 @@ class TrainRun:
         saved = self.directory / "config.yaml"
         if not saved.is_file() or saved.read_text(encoding="utf-8") == self.config_text():
             return
-        changed = _differing_keys(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(self.config_text()))
+        changed = _differing_keys(
+            yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(self.config_text())
+        )
         raise RecipeError(
             f"{self.directory} was run with another configuration (differs in: {', '.join(changed[:6]) or '?'}). "
             f"Delete {self.directory} (and the stages after it) to redo it, or use another --workdir."
@@ -155,16 +193,26 @@ class TrainRun:
         resume = self.checkpoint if self.checkpoint.is_file() else None
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resume)
         cli.after_fit()
-        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k and v.numel() == 1}
-        return {"config_sha256": sha, "run_dir": str(self.directory), "checkpoint": str(self.checkpoint),
-                "export": str(self.export), "global_step": cli.trainer.global_step,
-                "resumed_from": str(resume) if resume else None,
-                "metrics": metrics}
+        metrics = {
+            k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k and v.numel() == 1
+        }
+        return {
+            "config_sha256": sha,
+            "run_dir": str(self.directory),
+            "checkpoint": str(self.checkpoint),
+            "export": str(self.export),
+            "global_step": cli.trainer.global_step,
+            "resumed_from": str(resume) if resume else None,
+            "metrics": metrics,
+        }
 
 
 def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested config dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in sorted(set(old) | set(new))
-                for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            k
+            for key in sorted(set(old) | set(new))
+            for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [] if old == new else [prefix.rstrip(".")]

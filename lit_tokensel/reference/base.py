@@ -65,15 +65,22 @@ class ReferenceModel(ABC):
     def checked(self, module: TokenSelectionModule, batch: Batch, losses: torch.Tensor) -> torch.Tensor:
         """`losses` (`[B, T-1]`) after refusing NaN/inf at response positions: a `NonFiniteError` naming the
         step, the samples and this reference (a NaN reference would silently decide what is trained)."""
-        check_finite(losses, what="reference token losses", source=self.describe(module),
-                     mask=batch["labels"][:, 1:] != -100, sample_ids=batch.get("sample_id"),
-                     step=module.global_step if getattr(module, "_trainer", None) is not None else None)
+        check_finite(
+            losses,
+            what="reference token losses",
+            source=self.describe(module),
+            mask=batch["labels"][:, 1:] != -100,
+            sample_ids=batch.get("sample_id"),
+            step=module.global_step if getattr(module, "_trainer", None) is not None else None,
+        )
         return losses
 
     def config(self) -> dict[str, Any]:
         """Plain-data description (class_path, init_args) for a checkpoint's hyper-parameters."""
-        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}",
-                "init_args": dict(getattr(self, "_init_args", {}))}
+        return {
+            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "init_args": dict(getattr(self, "_init_args", {})),
+        }
 
 
 @torch.no_grad()
@@ -116,6 +123,8 @@ def reference_from_config(config: ReferenceModel | dict[str, Any]) -> ReferenceM
     if isinstance(config, ReferenceModel):
         return config
     if not isinstance(config, dict) or "class_path" not in config:
-        raise ValueError(f"a reference must be a ReferenceModel or a {{class_path, init_args}} dict, got {config!r}")
+        raise ValueError(
+            f"a reference must be a ReferenceModel or a {{class_path, init_args}} dict, got {config!r}"
+        )
     cls = resolve_trusted_class(config["class_path"], "reference config", base=ReferenceModel)
     return cls(**config.get("init_args", {}))

@@ -37,7 +37,9 @@ class CachedReference(ReferenceModel):
         losses = batch[self.key]
         expected = (batch["labels"].shape[0], batch["labels"].shape[1] - 1)
         if tuple(losses.shape) != expected:
-            raise ValueError(f"batch[{self.key!r}] has shape {tuple(losses.shape)}, expected [B, T-1] = {expected}")
+            raise ValueError(
+                f"batch[{self.key!r}] has shape {tuple(losses.shape)}, expected [B, T-1] = {expected}"
+            )
         valid = batch["labels"][:, 1:] != -100  # [B, T-1]
         return self.checked(module, batch, losses.detach().float().masked_fill(~valid, 0.0))
 

@@ -45,8 +45,12 @@ class FrozenModelReference(ReferenceModel):
         attn_implementation: str = "sdpa",
     ) -> None:
         check_choices(FrozenModelReference.__init__, locals())
-        self._init_args = {"model": model, "gguf_file": gguf_file, "dtype": dtype,
-                           "attn_implementation": attn_implementation}
+        self._init_args = {
+            "model": model,
+            "gguf_file": gguf_file,
+            "dtype": dtype,
+            "attn_implementation": attn_implementation,
+        }
         self.model_name_or_path = model
         self.gguf_file = gguf_file
         self.dtype = dtype
@@ -56,8 +60,10 @@ class FrozenModelReference(ReferenceModel):
     def setup(self, module: TokenSelectionModule) -> None:
         if self.model is None:
             self.model = load_causal_lm(
-                self.model_name_or_path, dtype=self.dtype,
-                attn_implementation=self.attn_implementation, gguf_file=self.gguf_file,
+                self.model_name_or_path,
+                dtype=self.dtype,
+                attn_implementation=self.attn_implementation,
+                gguf_file=self.gguf_file,
             )
             self.model.eval().requires_grad_(False)
             if getattr(module, "device_mesh", None) is not None:
@@ -66,7 +72,9 @@ class FrozenModelReference(ReferenceModel):
 
     def token_losses(self, module: TokenSelectionModule, batch: Batch) -> torch.Tensor:
         if self.model is None:
-            raise RuntimeError("FrozenModelReference.setup(module) was not called (call it in configure_model)")
+            raise RuntimeError(
+                "FrozenModelReference.setup(module) was not called (call it in configure_model)"
+            )
         self._follow(module)
         losses = model_token_losses(self.model, batch)  # [B, T-1]
         if is_fsdp(self.model):
@@ -75,10 +83,14 @@ class FrozenModelReference(ReferenceModel):
 
     def hidden_and_head(self, module: TokenSelectionModule, batch: Batch) -> HiddenAndHead:
         if self.model is None:
-            raise RuntimeError("FrozenModelReference.setup(module) was not called (call it in configure_model)")
+            raise RuntimeError(
+                "FrozenModelReference.setup(module) was not called (call it in configure_model)"
+            )
         if is_fsdp(self.model):
-            raise ValueError("FrozenModelReference.hidden_and_head (ASFT's KL) is not supported under FSDP2 yet: "
-                             "its output projection is sharded. Use DDP, or LoRA with AdapterDisabledReference.")
+            raise ValueError(
+                "FrozenModelReference.hidden_and_head (ASFT's KL) is not supported under FSDP2 yet: "
+                "its output projection is sharded. Use DDP, or LoRA with AdapterDisabledReference."
+            )
         self._follow(module)
         return model_hidden_and_head(self.model, batch)
 
@@ -86,8 +98,12 @@ class FrozenModelReference(ReferenceModel):
         from lit_tokensel.distributed.fsdp import data_parallel_mesh, mixed_precision_policy, shard_model
 
         precision = module.trainer.precision if module._trainer is not None else None
-        shard_model(self.model, data_parallel_mesh(module.device_mesh), mixed_precision_policy(precision),
-                    reshard_root_after_forward=True)
+        shard_model(
+            self.model,
+            data_parallel_mesh(module.device_mesh),
+            mixed_precision_policy(precision),
+            reshard_root_after_forward=True,
+        )
 
     def _follow(self, module: TokenSelectionModule) -> None:
         # Lightning moves the module after configure_model; a plain attribute is not moved with it.

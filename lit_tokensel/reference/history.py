@@ -122,7 +122,10 @@ class HistoryReference(ReferenceModel):
             return self._loaded or {}
         self._require_setup()
         return {
-            "mode": self.mode, "lag": self.lag, "updates": self.updates, "names": list(self.names),
+            "mode": self.mode,
+            "lag": self.lag,
+            "updates": self.updates,
+            "names": list(self.names),
             "shadow": dict(zip(self.names, self.shadow, strict=True)),
             "pending": [dict(zip(self.names, snap, strict=True)) for snap in self.pending],
         }
@@ -180,5 +183,7 @@ def _laid_out_like(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(target, DTensor) and not isinstance(source, DTensor):
-        return distribute_tensor(source.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        return distribute_tensor(
+            source.to(target.device), target.device_mesh, target.placements, src_data_rank=None
+        )
     return source

@@ -50,4 +50,6 @@ def check_finite(
         rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.dim() > 0 else bad.reshape(1)
         ids = [int(i) for i, b in zip(torch.as_tensor(sample_ids).tolist(), rows.tolist(), strict=True) if b]
         samples = f" in sample_id {ids}"
-    raise NonFiniteError(f"non-finite {what} ({describe_nonfinite(checked)}){where}{samples}; source: {source}.")
+    raise NonFiniteError(
+        f"non-finite {what} ({describe_nonfinite(checked)}){where}{samples}; source: {source}."
+    )

@@ -37,7 +37,9 @@ def partition_tokens(
     i.e. a token to unlearn."""
     if not math.isfinite(threshold):
         raise NonFiniteError(f"partition_tokens: the threshold is {threshold}; it must be finite")
-    check_finite(scores, what="Forgetting scores at response positions", source="the token-loss caches", mask=valid)
+    check_finite(
+        scores, what="Forgetting scores at response positions", source="the token-loss caches", mask=valid
+    )
     positive = (scores >= threshold) & valid  # [B, T-1]
     return positive, valid & ~positive
 

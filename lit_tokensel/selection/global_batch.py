@@ -19,7 +19,9 @@ import torch.distributed as dist
 from lit_tokensel.selection.selectors import top_k_per_batch
 
 
-def all_gather_padded(tensor: torch.Tensor, group: Any | None = None, fill: float = math.nan) -> list[torch.Tensor]:
+def all_gather_padded(
+    tensor: torch.Tensor, group: Any | None = None, fill: float = math.nan
+) -> list[torch.Tensor]:
     """Every rank's 2-D `tensor`, which may differ in shape between ranks; returned in rank order, unpadded.
 
     Two collectives: the shapes, then the data padded to the largest shape with `fill`.

@@ -87,7 +87,9 @@ def _kept(ppl_rank: torch.Tensor, ent_rank: torch.Tensor, alpha: float) -> torch
     return (code == MISCONCEPTION) | (code == CALIBRATION)  # [B]
 
 
-def bisect_alpha(ppl_rank: torch.Tensor, ent_rank: torch.Tensor, k: int, iterations: int = 40) -> tuple[float, float]:
+def bisect_alpha(
+    ppl_rank: torch.Tensor, ent_rank: torch.Tensor, k: int, iterations: int = 40
+) -> tuple[float, float]:
     """Bracket `(lo, hi)` around the smallest `alpha` in [0, 0.5] with at least `k` samples in Q2 or Q4.
 
     Fewer than `k` are kept at `lo`, at least `k` at `hi`, and `hi - lo = 0.5 / 2**iterations`, far
@@ -125,8 +127,13 @@ def triage_samples(ppl: torch.Tensor, entropy: torch.Tensor, ratio: float) -> Sa
     keep = torch.zeros_like(candidate)
     keep[order[:k]] = True
     leans_q2 = (code == MISCONCEPTION) | (~candidate & (ppl_rank > ent_rank))
-    return SampleTriage(keep=keep, prune_tokens=keep & leans_q2, quadrant=code, alpha=hi,
-                        topped_up=int((keep & ~candidate).sum()))
+    return SampleTriage(
+        keep=keep,
+        prune_tokens=keep & leans_q2,
+        quadrant=code,
+        alpha=hi,
+        topped_up=int((keep & ~candidate).sum()),
+    )
 
 
 def neighbour_smoothed_ppl(token_ppl: torch.Tensor, valid: torch.Tensor, lam: float) -> torch.Tensor:
@@ -151,6 +158,8 @@ def prune_tokens(
     """Keep-mask `[B, T-1]` and token scores: rows in `prune_rows` `[B]` keep their `ceil(ratio * n)`
     LOWEST-score tokens, the other rows keep every response token. Scores from `exp(CE)` of `token_losses`."""
     # Clamped so exp() stays finite in the float32 ranking; a loss of 80 nats is far past any real token.
-    score = neighbour_smoothed_ppl(token_losses.detach().double().clamp(max=80.0).exp(), valid, lam)  # [B, T-1]
+    score = neighbour_smoothed_ppl(
+        token_losses.detach().double().clamp(max=80.0).exp(), valid, lam
+    )  # [B, T-1]
     lowest = top_k_per_sequence(-score, valid, ratio)  # [B, T-1]
     return torch.where(prune_rows[:, None], lowest, valid), score

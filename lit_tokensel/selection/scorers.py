@@ -10,8 +10,9 @@ RelForm = Literal["difference", "relative", "inverted"]
 Combine = Literal["minmax", "rank"]
 
 
-def retrospective_excess(history_losses: torch.Tensor, losses: torch.Tensor, form: RelForm = "difference",
-                         eps: float = 1e-6) -> torch.Tensor:
+def retrospective_excess(
+    history_losses: torch.Tensor, losses: torch.Tensor, form: RelForm = "difference", eps: float = 1e-6
+) -> torch.Tensor:
     """ssToken's loss gap in one of three forms, `[B, T-1]` in and out.
 
     - `difference`: `L_his - L_theta`, the paper's REL (keep the tokens the model improved on most).

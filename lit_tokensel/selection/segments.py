@@ -54,7 +54,9 @@ class PackedLayout:
     columns: int
 
     @classmethod
-    def from_sample_index(cls, sample_index: torch.Tensor, num_samples: int, min_width: int = 0) -> PackedLayout:
+    def from_sample_index(
+        cls, sample_index: torch.Tensor, num_samples: int, min_width: int = 0
+    ) -> PackedLayout:
         """Layout from `sample_index` `[R, T]` (sample of each token, -1 on padding); checks that every
         sample is one contiguous run inside one row."""
         R, T = sample_index.shape
@@ -71,8 +73,12 @@ class PackedLayout:
         row, start = first // T, first % T
         layout = cls(row, start, length, max(int(length.max()), min_width), R, T)
         index, mask = layout._token_index(shift=False)
-        if not bool((flat[index][mask] == torch.arange(num_samples, device=flat.device)[:, None]
-                     .expand_as(mask)[mask]).all()) or bool((start + length > T).any()):
+        if not bool(
+            (
+                flat[index][mask]
+                == torch.arange(num_samples, device=flat.device)[:, None].expand_as(mask)[mask]
+            ).all()
+        ) or bool((start + length > T).any()):
             raise ValueError("packed batch: each sample must be one contiguous run of tokens inside one row")
         return layout
 
@@ -107,7 +113,9 @@ class PackedLayout:
         """Scatter a per-sample tensor back into the rows: `[N, L, ...]` -> `[R, T, ...]`, `[N, L-1, ...]` ->
         `[R, T-1, ...]`; positions no sample covers hold `fill`."""
         if x.shape[1] not in (self.width, self.width - 1):
-            raise ValueError(f"per-sample tensor of width {x.shape[1]}, expected {self.width} or {self.width - 1}")
+            raise ValueError(
+                f"per-sample tensor of width {x.shape[1]}, expected {self.width} or {self.width - 1}"
+            )
         shift = x.shape[1] == self.width - 1
         index, mask = self._token_index(shift)
         columns = self.columns - 1 if shift else self.columns

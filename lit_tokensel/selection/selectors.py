@@ -22,7 +22,9 @@ SCOPES: tuple[str, ...] = typing.get_args(Scope)
 def check_ratio(ratio: float, name: str = "ratio") -> float:
     """Validate a keep ratio in (0, 1]; a config error otherwise."""
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-        raise ValueError(f"{name}={ratio!r} must be a number in (0, 1] (the fraction of response tokens kept)")
+        raise ValueError(
+            f"{name}={ratio!r} must be a number in (0, 1] (the fraction of response tokens kept)"
+        )
     return float(ratio)
 
 
@@ -40,8 +42,9 @@ def _ranks_descending(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _masked_scores(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    check_finite(scores, what="selection scores at response positions", source="the method's token scores",
-                 mask=valid)
+    check_finite(
+        scores, what="selection scores at response positions", source="the method's token scores", mask=valid
+    )
     return scores.float().masked_fill(~valid, -math.inf)
 
 
@@ -87,7 +90,9 @@ def global_threshold(all_scores: torch.Tensor, ratio: float) -> float:
     flat = all_scores.flatten().double()
     if flat.numel() == 0:
         raise ValueError("global_threshold needs at least one score")
-    if not bool(torch.isfinite(flat).all()):  # topk ranks NaN highest: the threshold would keep the wrong tokens
+    if not bool(
+        torch.isfinite(flat).all()
+    ):  # topk ranks NaN highest: the threshold would keep the wrong tokens
         raise NonFiniteError(
             f"global_threshold: {describe_nonfinite(flat)} among the dataset's {flat.numel()} token scores; "
             "the losses they come from (token-loss caches or models) must be finite."

@@ -36,7 +36,10 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> tuple
 
 
 def per_token_cross_entropy_chunked(
-    hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor, lm_head_bias: torch.Tensor | None = None
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as `per_token_cross_entropy(lm_head(hidden), labels)` without materializing `[B, T, V]`.
 
@@ -50,7 +53,11 @@ def per_token_cross_entropy_chunked(
     if rows.shape[0] == 0:
         return losses + 0.0 * hidden.sum(), valid  # keep the graph for an all-prompt batch
     per_row = F.linear_cross_entropy(
-        rows, lm_head_weight, targets[valid], linear_bias=lm_head_bias, reduction="none",
+        rows,
+        lm_head_weight,
+        targets[valid],
+        linear_bias=lm_head_bias,
+        reduction="none",
         options=torch.nn.LinearCrossEntropyOptions(),
     )  # [N]
     return losses.masked_scatter(valid, per_row.float()), valid

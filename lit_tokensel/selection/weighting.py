@@ -44,8 +44,10 @@ class ResponseLogits:
 
     def __post_init__(self) -> None:
         if self.layout is not None and self.weight is not None:
-            raise ValueError("ResponseLogits: a packed layout goes with the rows' logits, not a hidden state "
-                             "(a hidden state is gathered into the per-sample frame first)")
+            raise ValueError(
+                "ResponseLogits: a packed layout goes with the rows' logits, not a hidden state "
+                "(a hidden state is gathered into the per-sample frame first)"
+            )
 
     def spans(self, chunk_size: int) -> list[Span]:
         """Chunks of at most `chunk_size` response positions of `valid`, each a slice of `source`."""
@@ -61,8 +63,9 @@ class ResponseLogits:
             return rows.float()
         return F.linear(rows, self.weight, self.bias).float()
 
-    def map_positions(self, fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = DEFAULT_CHUNK
-                      ) -> torch.Tensor:
+    def map_positions(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], chunk_size: int = DEFAULT_CHUNK
+    ) -> torch.Tensor:
         """`fn(logits [n, V]) -> [n]` over the response positions, no grad, as a `[B, T-1]` frame (0 elsewhere).
 
         From `[B, T, V]` logits each row's span of response positions is a view (no copy of the logits);
@@ -72,12 +75,16 @@ class ResponseLogits:
         with torch.no_grad():
             if self.weight is None:
                 for b, start, stop, row, offset in self.spans(chunk_size):
-                    frame[b, start:stop] = fn(self.source[row, offset : offset + stop - start]).float()  # view [n, V]
+                    frame[b, start:stop] = fn(
+                        self.source[row, offset : offset + stop - start]
+                    ).float()  # view [n, V]
                 return frame * self.valid
             rows = self.source[:, :-1][self.valid]  # [N, H]
             values = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)  # [N]
             for start in range(0, rows.shape[0], chunk_size):
-                values[start : start + chunk_size] = fn(self.project(rows[start : start + chunk_size])).float()
+                values[start : start + chunk_size] = fn(
+                    self.project(rows[start : start + chunk_size])
+                ).float()
             return frame.masked_scatter(self.valid, values)
 
 
@@ -99,10 +106,13 @@ def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def eaft_weights(logits: ResponseLogits, k: int = 20, alpha: float = 1.0,
-                 chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def eaft_weights(
+    logits: ResponseLogits, k: int = 20, alpha: float = 1.0, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EAFT's `w_t = (H_topk / ln k) ** alpha` and the normalised entropy, both `[B, T-1]`, detached."""
-    normalised = logits.map_positions(lambda rows: topk_entropy(rows, k), chunk_size) / math.log(k)  # [B, T-1]
+    normalised = logits.map_positions(lambda rows: topk_entropy(rows, k), chunk_size) / math.log(
+        k
+    )  # [B, T-1]
     return normalised.pow(alpha), normalised
 
 
@@ -140,14 +150,20 @@ class _LogitsKL(torch.autograd.Function):
         out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
         for b, start, stop, row, offset in spans:
             z = source[row, offset : offset + stop - start]  # [n, V], a view
-            ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)  # [n, V]
-            chunk = None if grad_source is None else grad_source[row, offset : offset + stop - start]  # a view
+            ref_logp = torch.log_softmax(
+                _logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1
+            )  # [n, V]
+            chunk = (
+                None if grad_source is None else grad_source[row, offset : offset + stop - start]
+            )  # a view
             if chunk is not None and chunk.dtype == torch.float32 and z.dtype == torch.float32:
                 logp = torch._log_softmax(z, -1, False, out=chunk)  # in the gradient's own memory
             else:
                 logp = torch.log_softmax(z.float(), dim=-1)
             p_ref = ref_logp.exp()
-            out[b, start:stop] = ref_logp.sub_(logp).mul_(p_ref).sum(dim=-1)  # sum_v p_ref (log p_ref - log p)
+            out[b, start:stop] = (
+                ref_logp.sub_(logp).mul_(p_ref).sum(dim=-1)
+            )  # sum_v p_ref (log p_ref - log p)
             if chunk is None:
                 continue
             if logp is chunk:
@@ -162,8 +178,10 @@ class _LogitsKL(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: D102
         (valid,) = ctx.saved_tensors
         if ctx.spans is None:
-            raise RuntimeError("the chunked KL's backward ran twice: its gradient buffer is used up after one "
-                               "backward (take the KL again, or use chunked_loss)")
+            raise RuntimeError(
+                "the chunked KL's backward ran twice: its gradient buffer is used up after one "
+                "backward (take the KL again, or use chunked_loss)"
+            )
         grad_source = ctx.grad_source
         if grad_source is None:
             return None, None, None, None, None, None
@@ -204,7 +222,9 @@ class _ChunkedKL(torch.autograd.Function):
         ctx.spans = spans
         out = torch.zeros(valid.shape, dtype=torch.float32, device=source.device)  # [B, T-1]
         for b, start, stop, row, offset in spans:
-            logp = torch.log_softmax(_logits(source[row, offset : offset + stop - start], weight, bias), dim=-1)
+            logp = torch.log_softmax(
+                _logits(source[row, offset : offset + stop - start], weight, bias), dim=-1
+            )
             ref_logp = torch.log_softmax(_logits(ref_hidden[b, start:stop], ref_weight, ref_bias), dim=-1)
             out[b, start:stop] = (ref_logp.exp() * ref_logp.sub_(logp)).sum(dim=-1)  # [n]
         return out * valid
@@ -235,7 +255,10 @@ def _logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
 
 
 def kl_to_reference(
-    logits: ResponseLogits, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, ref_bias: torch.Tensor | None = None,
+    logits: ResponseLogits,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    ref_bias: torch.Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """`KL(p_ref || p_theta)` per response position, `[B, T-1]` (0 off the response), with the graph.
@@ -247,6 +270,16 @@ def kl_to_reference(
     spans = logits.spans(chunk_size)
     ref_bias = None if ref_bias is None else ref_bias.detach()
     if logits.weight is None:
-        return _LogitsKL.apply(logits.source, ref_hidden.detach(), ref_weight.detach(), ref_bias, logits.valid, spans)
-    return _ChunkedKL.apply(logits.source, logits.weight, logits.bias, ref_hidden.detach(), ref_weight.detach(),
-                            ref_bias, logits.valid, spans)
+        return _LogitsKL.apply(
+            logits.source, ref_hidden.detach(), ref_weight.detach(), ref_bias, logits.valid, spans
+        )
+    return _ChunkedKL.apply(
+        logits.source,
+        logits.weight,
+        logits.bias,
+        ref_hidden.detach(),
+        ref_weight.detach(),
+        ref_bias,
+        logits.valid,
+        spans,
+    )

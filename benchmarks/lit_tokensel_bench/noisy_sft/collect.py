@@ -36,11 +36,22 @@ def row_result(settings: Settings, paths: Paths, regime: str, row: MethodRow) ->
         return None
     results = list(seeds_results.values())
     out: dict[str, Any] = {
-        "regime": regime, "method": row.name, "key": row.key, "family": row.family, "ratio": row.ratio,
-        "kind": row.kind, "seeds": sorted(seeds_results),
+        "regime": regime,
+        "method": row.name,
+        "key": row.key,
+        "family": row.family,
+        "ratio": row.ratio,
+        "kind": row.kind,
+        "seeds": sorted(seeds_results),
         **{metric: stat([r["eval"][metric] for r in results]) for metric in ("gen_acc", "mc_acc", "nll")},
-        "drop_corrupted": None, "drop_clean": None, "auc": None, "auc_curve": [],
-        "step_time_ratio": None, "peak_memory_ratio": None, "step_time_ms": None, "peak_extra_mib": None,
+        "drop_corrupted": None,
+        "drop_clean": None,
+        "auc": None,
+        "auc_curve": [],
+        "step_time_ratio": None,
+        "peak_memory_ratio": None,
+        "step_time_ms": None,
+        "peak_extra_mib": None,
     }
     selections = [r.get("selection") or [] for r in results]
     if any(selections):
@@ -48,8 +59,10 @@ def row_result(settings: Settings, paths: Paths, regime: str, row: MethodRow) ->
             out[key] = stat([_mean_over_points(points, key) for points in selections])
         fractions = sorted({p["fraction"] for points in selections for p in points})
         out["auc_curve"] = [
-            {"fraction": f, "auc": a} for f in fractions
-            if (a := stat([p["auc"] for points in selections for p in points if p["fraction"] == f])) is not None
+            {"fraction": f, "auc": a}
+            for f in fractions
+            if (a := stat([p["auc"] for points in selections for p in points if p["fraction"] == f]))
+            is not None
         ]
     if row.kind != "reference":
         ratios_time, ratios_memory = [], []
@@ -60,12 +73,16 @@ def row_result(settings: Settings, paths: Paths, regime: str, row: MethodRow) ->
                 ratios_memory.append(max(result["peak_extra_mib"], 1.0) / max(full["peak_extra_mib"], 1.0))
         out["step_time_ratio"] = statistics.median(ratios_time) if ratios_time else None
         out["peak_memory_ratio"] = statistics.median(ratios_memory) if ratios_memory else None
-        out["step_time_ms"] = statistics.median(r["step_time_s"] * 1000 for r in results if r.get("step_time_s"))
+        out["step_time_ms"] = statistics.median(
+            r["step_time_s"] * 1000 for r in results if r.get("step_time_s")
+        )
         out["peak_extra_mib"] = statistics.median(r["peak_extra_mib"] for r in results)
     return out
 
 
-def collect_results(settings: Settings, paths: Paths, rows: dict[str, list[MethodRow]], command: str) -> dict[str, Any]:
+def collect_results(
+    settings: Settings, paths: Paths, rows: dict[str, list[MethodRow]], command: str
+) -> dict[str, Any]:
     """The report's `results` dict: every row with at least one finished seed, per regime, in plan order."""
     table = []
     for regime, regime_rows in rows.items():
@@ -73,8 +90,12 @@ def collect_results(settings: Settings, paths: Paths, rows: dict[str, list[Metho
             if (result := row_result(settings, paths, regime, row)) is not None:
                 table.append(result)
         if regime == "pretrained":
-            base = row_result(settings, paths, regime, MethodRow("base-model", "Base model before SFT", "base",
-                                                                 None, kind="reference"))
+            base = row_result(
+                settings,
+                paths,
+                regime,
+                MethodRow("base-model", "Base model before SFT", "base", None, kind="reference"),
+            )
             if base is not None:
                 table.append(base)
     return {"command": command, "settings": settings.to_dict(), "rows": table}
@@ -110,11 +131,21 @@ def collect_samples(settings: Settings, paths: Paths, regime: str, rows: list[Me
             scores = record.get("scores") or {}
             score = next((r.score for r in rows if r.name == name and r.score), None)
             values = scores.get(score[0]) if score else None  # oriented: high = keep
-            methods[name] = {"keep": record["keep"], "score": [score[1] * v for v in values] if values else None,
-                             "weight": record.get("weight")}
-        samples.append({"sample_id": sample_id, "prompt": next(m["content"] for m in messages if m["role"] == "user"),
-                        "tokens": first["text"], "corrupted": labels[sample_id], "kinds": kinds[sample_id],
-                        "methods": methods})
+            methods[name] = {
+                "keep": record["keep"],
+                "score": [score[1] * v for v in values] if values else None,
+                "weight": record.get("weight"),
+            }
+        samples.append(
+            {
+                "sample_id": sample_id,
+                "prompt": next(m["content"] for m in messages if m["role"] == "user"),
+                "tokens": first["text"],
+                "corrupted": labels[sample_id],
+                "kinds": kinds[sample_id],
+                "methods": methods,
+            }
+        )
     return {"regime": regime, "samples": samples}
 
 
@@ -136,6 +167,12 @@ def merge_results(results: dict[str, Any], earlier: dict[str, Any], source: str)
 
     rows = sorted(results["rows"] + kept, key=position)  # stable: unknown keys keep their order
     keys = sorted({r["key"] for r in kept})
-    command = (f"{results['command']}; the rows {keys} are kept from {source} "
-               f"({earlier.get('command', 'command not recorded')})") if kept else results["command"]
+    command = (
+        (
+            f"{results['command']}; the rows {keys} are kept from {source} "
+            f"({earlier.get('command', 'command not recorded')})"
+        )
+        if kept
+        else results["command"]
+    )
     return {**results, "command": command, "rows": rows}

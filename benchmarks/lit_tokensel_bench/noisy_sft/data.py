@@ -65,20 +65,99 @@ WRONG_ANSWER = "wrong_answer"
 KINDS = (FILLER, WRONG_ANSWER)
 
 FILLER_WORDS: tuple[str, ...] = (
-    "blorp", "quazzle", "snorf", "glimble", "wuzzle", "zibber", "flumox", "grotch", "plimsk", "vorple",
-    "snizzle", "krampf", "yobble", "drizzit", "mumphle", "quimble", "skronk", "blatch", "frobnik", "zoggle",
-    "twindle", "glurb", "pazzle", "nurfle", "shnock", "vimble", "crunkle", "zorp", "dwimble", "flarn",
-    "gribble", "throcket", "splunge", "wibbix", "morpel", "quonk", "jibbet", "snargle", "plurk", "foozle",
+    "blorp",
+    "quazzle",
+    "snorf",
+    "glimble",
+    "wuzzle",
+    "zibber",
+    "flumox",
+    "grotch",
+    "plimsk",
+    "vorple",
+    "snizzle",
+    "krampf",
+    "yobble",
+    "drizzit",
+    "mumphle",
+    "quimble",
+    "skronk",
+    "blatch",
+    "frobnik",
+    "zoggle",
+    "twindle",
+    "glurb",
+    "pazzle",
+    "nurfle",
+    "shnock",
+    "vimble",
+    "crunkle",
+    "zorp",
+    "dwimble",
+    "flarn",
+    "gribble",
+    "throcket",
+    "splunge",
+    "wibbix",
+    "morpel",
+    "quonk",
+    "jibbet",
+    "snargle",
+    "plurk",
+    "foozle",
 )
 """Nonsense words inserted as noise; used nowhere else in the data. Which word goes where is random, so
 a filler word's first token cannot be predicted; its later tokens follow from the first."""
 
 WORD_POOL: tuple[str, ...] = (
-    "apple", "river", "stone", "cloud", "green", "table", "music", "light", "paper", "garden", "winter", "bread",
-    "silver", "horse", "window", "summer", "ocean", "forest", "candle", "rocket", "tiger", "yellow", "planet",
-    "bottle", "mirror", "pencil", "button", "jacket", "ladder", "basket", "castle", "dragon", "feather",
-    "hammer", "island", "kettle", "lemon", "monkey", "needle", "orange", "pillow", "rabbit", "saddle", "tunnel",
-    "violin", "wagon", "zebra", "anchor",
+    "apple",
+    "river",
+    "stone",
+    "cloud",
+    "green",
+    "table",
+    "music",
+    "light",
+    "paper",
+    "garden",
+    "winter",
+    "bread",
+    "silver",
+    "horse",
+    "window",
+    "summer",
+    "ocean",
+    "forest",
+    "candle",
+    "rocket",
+    "tiger",
+    "yellow",
+    "planet",
+    "bottle",
+    "mirror",
+    "pencil",
+    "button",
+    "jacket",
+    "ladder",
+    "basket",
+    "castle",
+    "dragon",
+    "feather",
+    "hammer",
+    "island",
+    "kettle",
+    "lemon",
+    "monkey",
+    "needle",
+    "orange",
+    "pillow",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "violin",
+    "wagon",
+    "zebra",
+    "anchor",
 )
 """List words of the `reverse` family, split half and half between the base and the sft entity sets."""
 
@@ -92,8 +171,30 @@ SHIPPED_SEED = 0
 TASK_NAMES = ("noisy_sft_gen", "noisy_sft_mc", "noisy_sft_nll")
 TASKS_DIR = Path(__file__).resolve().parents[3] / "evaluation" / "lit_tokensel_eval" / "tasks" / "noisy_sft"
 
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
-           "st", "th", "sh")
+_ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gr",
+    "kr",
+    "tr",
+    "st",
+    "th",
+    "sh",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ei", "ou")
 _CODAS = ("", "", "", "n", "r", "l", "s", "m")
 _COUNTRY_SUFFIXES = ("ia", "ora", "and", "esh", "istan", "onia")
@@ -186,10 +287,12 @@ def make_world(seed: int = 0) -> World:
     rng = random.Random(f"noisy_sft:{seed}:world")
     n = 2 * ENTITIES_PER_SET
     taken = {w.lower() for w in FILLER_WORDS + WORD_POOL}
-    countries = _unique_names(rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize()
-                              + r.choice(_COUNTRY_SUFFIXES), taken)
-    cities = _unique_names(rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize()
-                           + r.choice(_CITY_SUFFIXES), taken)
+    countries = _unique_names(
+        rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize() + r.choice(_COUNTRY_SUFFIXES), taken
+    )
+    cities = _unique_names(
+        rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize() + r.choice(_CITY_SUFFIXES), taken
+    )
     firsts = _unique_names(rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize(), taken)
     lasts = _unique_names(rng, n, lambda r: (_syllable(r) + _syllable(r)).capitalize(), taken)
     years = rng.sample(list(YEARS), n)
@@ -198,9 +301,11 @@ def make_world(seed: int = 0) -> World:
 
     def side(part: slice) -> EntitySet:
         people = [f"{first} {last}" for first, last in zip(firsts[part], lasts[part])]
-        return EntitySet(capitals=dict(zip(countries[part], cities[part])),
-                         birth_years=dict(zip(people, years[part])),
-                         words=tuple(words[part]))
+        return EntitySet(
+            capitals=dict(zip(countries[part], cities[part])),
+            birth_years=dict(zip(people, years[part])),
+            words=tuple(words[part]),
+        )
 
     half = len(WORD_POOL) // 2
     assert half == ENTITIES_PER_SET
@@ -258,11 +363,16 @@ def _words(text: str) -> tuple[Word, ...]:
 def answer_words(family: str, key: Key, value: Value, truth: Value) -> tuple[Word, ...]:
     """The answer sentence for `value`, word by word; the pieces that differ from `truth` are `wrong_answer`."""
     if family == "reverse":
-        return tuple(((shown, None if shown == right else WRONG_ANSWER), ("," if i < len(value) - 1 else ".", None))
-                     for i, (shown, right) in enumerate(zip(value, truth)))
+        return tuple(
+            ((shown, None if shown == right else WRONG_ANSWER), ("," if i < len(value) - 1 else ".", None))
+            for i, (shown, right) in enumerate(zip(value, truth))
+        )
     kind = None if value == truth else WRONG_ANSWER
-    prefix = {"capital": f"The capital of {key} is", "birth_year": f"{key} was born in",
-              "addition": f"{key[0]} + {key[1]} ="}[family]
+    prefix = {
+        "capital": f"The capital of {key} is",
+        "birth_year": f"{key} was born in",
+        "addition": f"{key[0]} + {key[1]} =",
+    }[family]
     return (*_words(prefix), ((str(value), kind), (".", None)))
 
 
@@ -309,14 +419,17 @@ def _sample_skill(rng: random.Random, entities: EntitySet, family: str) -> Key:
     return tuple(rng.sample(entities.words, LIST_LENGTH))
 
 
-def sample_keys(rng: random.Random, entities: EntitySet, n: int, exclude: AbstractSet[tuple[str, Key]] = frozenset()
-                ) -> list[tuple[str, Key]]:
+def sample_keys(
+    rng: random.Random, entities: EntitySet, n: int, exclude: AbstractSet[tuple[str, Key]] = frozenset()
+) -> list[tuple[str, Key]]:
     """`n` (family, key) pairs: families in equal shares, shuffled; each fact family cycles through all its
     entities; skill instances are drawn at random, never one in `exclude`."""
     families = [FAMILIES[i % len(FAMILIES)] for i in range(n)]
     rng.shuffle(families)
-    facts = {"capital": _cycle_shuffled(rng, sorted(entities.capitals)),
-             "birth_year": _cycle_shuffled(rng, sorted(entities.birth_years))}
+    facts = {
+        "capital": _cycle_shuffled(rng, sorted(entities.capitals)),
+        "birth_year": _cycle_shuffled(rng, sorted(entities.birth_years)),
+    }
     keys = []
     for family in families:
         if family in facts:
@@ -333,8 +446,10 @@ def evaluation_keys(world: World, seed: int = 0, per_task: int = 40) -> dict[str
     """The test instances: the first `per_task` sft entities (sorted) of each fact family, `per_task` distinct
     fresh skill instances (the first ones stay the same when `per_task` grows)."""
     rng = random.Random(f"noisy_sft:{seed}:test")
-    keys: dict[str, list[Key]] = {"capital": sorted(world.sft.capitals)[:per_task],
-                                  "birth_year": sorted(world.sft.birth_years)[:per_task]}
+    keys: dict[str, list[Key]] = {
+        "capital": sorted(world.sft.capitals)[:per_task],
+        "birth_year": sorted(world.sft.birth_years)[:per_task],
+    }
     for family in ("addition", "reverse"):
         keys[family] = []
         while len(keys[family]) < per_task:
@@ -349,11 +464,14 @@ def _skill_test_set(world: World, seed: int, per_task: int) -> set[tuple[str, Ke
     return {(f, k) for f in ("addition", "reverse") for k in keys[f]}
 
 
-def corrupt(rng: random.Random, entities: EntitySet, family: str, key: Key, noise: NoiseConfig
-            ) -> tuple[str, list[Span]]:
+def corrupt(
+    rng: random.Random, entities: EntitySet, family: str, key: Key, noise: NoiseConfig
+) -> tuple[str, list[Span]]:
     """One noisy answer: maybe a wrong value, then maybe 1 to `max_fillers` filler words at word boundaries."""
     truth = true_value(entities, family, key)
-    value = wrong_values(rng, entities, family, key, 1)[0] if rng.random() < noise.wrong_answer_share else truth
+    value = (
+        wrong_values(rng, entities, family, key, 1)[0] if rng.random() < noise.wrong_answer_share else truth
+    )
     words = list(answer_words(family, key, value, truth))
     if rng.random() < noise.filler_row_share:
         for _ in range(rng.randint(1, noise.max_fillers)):
@@ -365,8 +483,9 @@ def clean_rows(entities: EntitySet, keys: Sequence[tuple[str, Key]]) -> list[dic
     return [chat_row(question(f, k), answer(entities, f, k)) for f, k in keys]
 
 
-def noisy_rows(rng: random.Random, entities: EntitySet, keys: Sequence[tuple[str, Key]], noise: NoiseConfig
-               ) -> tuple[list[dict], list[list[Span]]]:
+def noisy_rows(
+    rng: random.Random, entities: EntitySet, keys: Sequence[tuple[str, Key]], noise: NoiseConfig
+) -> tuple[list[dict], list[list[Span]]]:
     rows, spans = [], []
     for family, key in keys:
         content, row_spans = corrupt(rng, entities, family, key, noise)
@@ -392,10 +511,19 @@ def test_documents(seed: int = 0, per_task: int = 40) -> dict[str, list[dict]]:
             truth = true_value(entities, family, key)
             options = [truth, *wrong_values(rng, entities, family, key, NUM_CHOICES - 1)]
             rng.shuffle(options)
-            doc = {"family": family, "question": question(family, key), "answer": answer(entities, family, key)}
+            doc = {
+                "family": family,
+                "question": question(family, key),
+                "answer": answer(entities, family, key),
+            }
             gen.append(doc)
-            mc.append({**doc, "choices": [render(answer_words(family, key, o, o))[0] for o in options],
-                       "answer": options.index(truth)})
+            mc.append(
+                {
+                    **doc,
+                    "choices": [render(answer_words(family, key, o, o))[0] for o in options],
+                    "answer": options.index(truth),
+                }
+            )
     return {"noisy_sft_gen": gen, "noisy_sft_mc": mc, "noisy_sft_nll": [dict(d) for d in gen]}
 
 
@@ -420,8 +548,9 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     return path
 
 
-def write_benchmark_data(out_dir: Path, sizes: BenchmarkSizes = BenchmarkSizes(), noise: NoiseConfig = NoiseConfig(),
-                         seed: int = 0) -> dict[str, Path]:
+def write_benchmark_data(
+    out_dir: Path, sizes: BenchmarkSizes = BenchmarkSizes(), noise: NoiseConfig = NoiseConfig(), seed: int = 0
+) -> dict[str, Path]:
     """Write the benchmark's files under `out_dir` (see the module docstring); their paths by key: "train",
     "corruption", "reference", "base", "val", "corpus"."""
     out_dir = Path(out_dir)
@@ -431,8 +560,9 @@ def write_benchmark_data(out_dir: Path, sizes: BenchmarkSizes = BenchmarkSizes()
     def keys(stream: str, entities: EntitySet, n: int) -> list[tuple[str, Key]]:
         return sample_keys(random.Random(f"noisy_sft:{seed}:{stream}"), entities, n, held_out)
 
-    train, spans = noisy_rows(random.Random(f"noisy_sft:{seed}:noise"), world.sft,
-                              keys("train", world.sft, sizes.train_rows), noise)
+    train, spans = noisy_rows(
+        random.Random(f"noisy_sft:{seed}:noise"), world.sft, keys("train", world.sft, sizes.train_rows), noise
+    )
     splits = {
         "train": train,
         "reference": clean_rows(world.sft, keys("reference", world.sft, sizes.reference_rows)),
@@ -440,10 +570,16 @@ def write_benchmark_data(out_dir: Path, sizes: BenchmarkSizes = BenchmarkSizes()
         "val": clean_rows(world.sft, keys("val", world.sft, sizes.val_rows)),
     }
     paths = {name: write_jsonl(out_dir / f"{name}.jsonl", rows) for name, rows in splits.items()}
-    paths["corruption"] = write_jsonl(out_dir / "train.corruption.jsonl",
-                                      [{"row": i, "spans": [list(s) for s in row]} for i, row in enumerate(spans)])
-    texts = [m["content"] for name in ("base", "train", "reference", "val") for row in splits[name]
-             for m in row["messages"]]
+    paths["corruption"] = write_jsonl(
+        out_dir / "train.corruption.jsonl",
+        [{"row": i, "spans": [list(s) for s in row]} for i, row in enumerate(spans)],
+    )
+    texts = [
+        m["content"]
+        for name in ("base", "train", "reference", "val")
+        for row in splits[name]
+        for m in row["messages"]
+    ]
     texts += evaluation_texts(test_documents(seed, sizes.test_per_task))
     paths["corpus"] = out_dir / "tokenizer_corpus.txt"
     paths["corpus"].write_text("".join(t + "\n" for t in texts), encoding="utf-8")
@@ -469,8 +605,9 @@ def read_corruption(path: Path) -> list[list[tuple[int, int, str]]]:
 # ---------------------------------------------------------------------------------------------- token labels
 
 
-def corruption_token_kinds(tokenizer: Any, messages: Sequence[dict[str, str]], spans: Sequence[Span],
-                           max_length: int) -> list[str | None]:
+def corruption_token_kinds(
+    tokenizer: Any, messages: Sequence[dict[str, str]], spans: Sequence[Span], max_length: int
+) -> list[str | None]:
     """The corruption kind (None: clean) of each labeled token of `tokenize_conversation(tokenizer, messages,
     max_length)`, in order. `spans` are character spans of the (single) assistant message's content; a token
     overlapping a span's character takes its kind (the first such span's); the end-of-turn token is clean."""
@@ -485,7 +622,9 @@ def corruption_token_kinds(tokenizer: Any, messages: Sequence[dict[str, str]], s
     input_ids, mask = assistant_token_mask(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     if list(encoded["input_ids"]) != list(input_ids):
-        raise ValueError("tokenizing the rendered text does not give the pipeline's tokens; cannot map offsets")
+        raise ValueError(
+            "tokenizing the rendered text does not give the pipeline's tokens; cannot map offsets"
+        )
     offsets = encoded["offset_mapping"][:max_length]
     kinds: list[str | None] = [None] * len(offsets)
     for s, e, kind in reversed(list(spans)):  # the first span wins where spans share a token
@@ -495,14 +634,16 @@ def corruption_token_kinds(tokenizer: Any, messages: Sequence[dict[str, str]], s
     return [kind for kind, m in zip(kinds, mask[:max_length]) if m]
 
 
-def corruption_token_labels(tokenizer: Any, messages: Sequence[dict[str, str]], spans: Sequence[Span],
-                            max_length: int) -> list[int]:
+def corruption_token_labels(
+    tokenizer: Any, messages: Sequence[dict[str, str]], spans: Sequence[Span], max_length: int
+) -> list[int]:
     """1 (corrupted) or 0 per labeled response token, in the order `tokenize_conversation` labels them."""
     return [int(kind is not None) for kind in corruption_token_kinds(tokenizer, messages, spans, max_length)]
 
 
-def corrupted_token_share(tokenizer: Any, rows: Sequence[dict], spans: Sequence[Sequence[Span]],
-                          max_length: int = 256) -> dict[str, float]:
+def corrupted_token_share(
+    tokenizer: Any, rows: Sequence[dict], spans: Sequence[Sequence[Span]], max_length: int = 256
+) -> dict[str, float]:
     """Share of the labeled response tokens (end-of-turn tokens included) that are corrupted, per kind and in
     total, plus the token counts."""
     counts = dict.fromkeys(KINDS, 0)
@@ -514,8 +655,12 @@ def corrupted_token_share(tokenizer: Any, rows: Sequence[dict], spans: Sequence[
             if kind is not None:
                 counts[kind] += 1
     corrupted = sum(counts.values())
-    return {**{k: v / total for k, v in counts.items()}, "total": corrupted / total,
-            "labeled_tokens": total, "corrupted_tokens": corrupted}
+    return {
+        **{k: v / total for k, v in counts.items()},
+        "total": corrupted / total,
+        "labeled_tokens": total,
+        "corrupted_tokens": corrupted,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -530,13 +675,19 @@ def write_task_files(out_dir: Path | None = None) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, help="write the benchmark data to this folder")
     parser.add_argument("--seed", type=int, default=0, help="data seed (the shipped tasks are seed 0's)")
-    parser.add_argument("--write-tasks", action="store_true",
-                        help=f"(re)write the shipped task data files under {TASKS_DIR}")
-    parser.add_argument("--stats", action="store_true",
-                        help="with --out: print the corrupted-token share with a 512-token BPE on the corpus")
+    parser.add_argument(
+        "--write-tasks", action="store_true", help=f"(re)write the shipped task data files under {TASKS_DIR}"
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="with --out: print the corrupted-token share with a 512-token BPE on the corpus",
+    )
     args = parser.parse_args(argv)
     if args.out is None and not args.write_tasks:
         parser.error("give --out DIR and/or --write-tasks")
@@ -553,8 +704,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             tokenizer = build_chat_tokenizer(read_corpus(paths["corpus"]), vocab_size=512)
             rows = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines()]
             share = corrupted_token_share(tokenizer, rows, read_corruption(paths["corruption"]))
-            print("corrupted response tokens: " + ", ".join(
-                f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in share.items()))
+            print(
+                "corrupted response tokens: "
+                + ", ".join(f"{k} {v:.1%}" if isinstance(v, float) else f"{k} {v}" for k, v in share.items())
+            )
 
 
 if __name__ == "__main__":

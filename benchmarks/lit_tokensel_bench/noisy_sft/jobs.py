@@ -36,14 +36,24 @@ def quiet_worker(threads: int, log: Path) -> None:
     os.dup2(stream.fileno(), 2)
     torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ["TQDM_DISABLE"] = "1"  # lm-eval's and transformers' progress bars, one per job, drown the summary
+    os.environ["TQDM_DISABLE"] = (
+        "1"  # lm-eval's and transformers' progress bars, one per job, drown the summary
+    )
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lm_eval", "lit_tokensel", "transformers",
-                 "datasets", "lit_tokensel_eval"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lm_eval",
+        "lit_tokensel",
+        "transformers",
+        "datasets",
+        "lit_tokensel_eval",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
 
@@ -72,7 +82,9 @@ class FractionCheckpoints(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = int(trainer.estimated_stepping_batches)
-        self.targets = {max(1, round(total * k / self.points)): k / self.points for k in range(1, self.points + 1)}
+        self.targets = {
+            max(1, round(total * k / self.points)): k / self.points for k in range(1, self.points + 1)
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         fraction = self.targets.get(trainer.global_step)
@@ -84,11 +96,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer: Any, name: str) -> dict[st
     """Clean-test metrics through `lit_tokensel_eval`: gen exact match, MC accuracy, answer NLL."""
     from lit_tokensel_eval import InMemoryModel, evaluate
 
-    run = evaluate(InMemoryModel(model, tokenizer, name=name), tasks=list(EVAL_TASKS), batch_size=32,
-                   bootstrap_iters=0)
+    run = evaluate(
+        InMemoryModel(model, tokenizer, name=name), tasks=list(EVAL_TASKS), batch_size=32, bootstrap_iters=0
+    )
     values = {(row.task, row.metric): row.value for row in run.rows}
-    return {"gen_acc": values[("noisy_sft_gen", "exact_match")], "mc_acc": values[("noisy_sft_mc", "acc")],
-            "nll": values[("noisy_sft_nll", "nll")]}
+    return {
+        "gen_acc": values[("noisy_sft_gen", "exact_match")],
+        "mc_acc": values[("noisy_sft_mc", "acc")],
+        "nll": values[("noisy_sft_nll", "nll")],
+    }
 
 
 def fit_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +127,8 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
     resident_before = rss_mib()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     result: dict[str, Any] = {
-        "name": job["name"], "steps": cli.trainer.global_step,
+        "name": job["name"],
+        "steps": cli.trainer.global_step,
         "step_time_s": statistics.median(timer.times[TIMED_AFTER:]) if timer.times[TIMED_AFTER:] else None,
         "peak_extra_mib": peak_rss_mib() - resident_before,
         "train_loss": float(cli.trainer.callback_metrics.get("train/loss", float("nan"))),
@@ -125,7 +142,9 @@ def fit_job(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def inspect_points(module: Any, datamodule: Any, run_dir: Path, inspect: dict[str, Any]) -> list[dict[str, Any]]:
+def inspect_points(
+    module: Any, datamodule: Any, run_dir: Path, inspect: dict[str, Any]
+) -> list[dict[str, Any]]:
     """Selection quality at each saved fraction of training (weights and method state from the checkpoint)."""
     from lit_tokensel.inspection import inspect_selection
     from lit_tokensel_bench.noisy_sft.metrics import selection_quality
@@ -135,7 +154,9 @@ def inspect_points(module: Any, datamodule: Any, run_dir: Path, inspect: dict[st
     points = []
     for checkpoint in sorted((run_dir / "inspect_ckpts").glob("*.ckpt")):
         output = run_dir / "inspect" / f"{checkpoint.stem}.jsonl"
-        inspect_selection(module, datamodule, output, limit=inspect["limit"], ckpt_path=checkpoint, progress=False)
+        inspect_selection(
+            module, datamodule, output, limit=inspect["limit"], ckpt_path=checkpoint, progress=False
+        )
         records = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines()]
         round_state = getattr(module, "round", None)  # self-evolving: only the round's chunk is scored
         if isinstance(round_state, dict):

@@ -42,7 +42,9 @@ def token_classes(texts: Sequence[str], kinds: Sequence[str | None]) -> list[str
     a filler word when the token before it is not filler or when its text starts with whitespace (two
     filler words side by side); the later tokens of a word are predictable from its first one."""
     if len(texts) != len(kinds):
-        raise ValueError(f"{len(kinds)} corruption kinds for {len(texts)} tokens; the kinds belong to other data")
+        raise ValueError(
+            f"{len(kinds)} corruption kinds for {len(texts)} tokens; the kinds belong to other data"
+        )
     classes, previous = [], None
     for text, kind in zip(texts, kinds, strict=True):
         if kind == FILLER:
@@ -55,7 +57,9 @@ def token_classes(texts: Sequence[str], kinds: Sequence[str | None]) -> list[str
     return classes
 
 
-def kind_breakdown(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[str | None]]) -> dict[str, Any]:
+def kind_breakdown(
+    records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[str | None]]
+) -> dict[str, Any]:
     """Per class: token count, mean of `loss` and of every score; per score: AUC of clean against each
     corrupted class. `kinds[sample_id]` is aligned with a record's `tokens`. Records without scores (a
     sample dropped whole) are skipped; a missing score value (None) is left out of its mean and AUC."""
@@ -71,13 +75,27 @@ def kind_breakdown(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[s
                 values[cls].setdefault(name, []).append(math.nan if row[i] is None else float(row[i]))
     names = list(dict.fromkeys(name for per_class in values.values() for name in per_class))
     means = {
-        cls: {"n": len(per_class.get("loss", [])),
-              **{name: (statistics.fmean(f) if (f := [v for v in per_class.get(name, []) if math.isfinite(v)])
-                        else None) for name in names}}
+        cls: {
+            "n": len(per_class.get("loss", [])),
+            **{
+                name: (
+                    statistics.fmean(f)
+                    if (f := [v for v in per_class.get(name, []) if math.isfinite(v)])
+                    else None
+                )
+                for name in names
+            },
+        }
         for cls, per_class in values.items()
     }
-    aucs = {name: {cls: ranking_auc(values[CLEAN].get(name, []), values[cls].get(name, [])) for cls in CORRUPTED_CLASSES}
-            for name in names if name != "loss"}
+    aucs = {
+        name: {
+            cls: ranking_auc(values[CLEAN].get(name, []), values[cls].get(name, []))
+            for cls in CORRUPTED_CLASSES
+        }
+        for name in names
+        if name != "loss"
+    }
     return {"step": step, "means": means, "auc": aucs}
 
 
@@ -97,7 +115,9 @@ def breakdown_tables(title: str, breakdown: dict[str, Any]) -> tuple[Table, Tabl
         means.add_column(column, justify="left" if column == "class" else "right")
     for cls, row in breakdown["means"].items():
         means.add_row(cls, str(row["n"]), *(_fmt(row[n]) for n in names))
-    aucs = Table(title="AUC, clean tokens above ... (0.5 chance, below 0.5 prefers the noise)", title_justify="left")
+    aucs = Table(
+        title="AUC, clean tokens above ... (0.5 chance, below 0.5 prefers the noise)", title_justify="left"
+    )
     for column in ("score", *CORRUPTED_CLASSES):
         aucs.add_column(column, justify="left" if column == "score" else "right")
     for name, per_class in breakdown["auc"].items():
@@ -106,8 +126,12 @@ def breakdown_tables(title: str, breakdown: dict[str, Any]) -> tuple[Table, Tabl
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.noisy_sft.kinds", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("runs/noisy_sft"), help="the benchmark's workdir")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_tokensel_bench.noisy_sft.kinds", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("runs/noisy_sft"), help="the benchmark's workdir"
+    )
     parser.add_argument("--regime", default="pretrained", choices=("scratch", "pretrained"))
     parser.add_argument("--rows", nargs="+", required=True, help="row keys, e.g. sstoken-base-0.6 rho1-0.6")
     parser.add_argument("--seed", type=int, default=0)
@@ -123,12 +147,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         inspect_dir = paths.run_dir(args.regime, row) / f"seed{args.seed}" / "inspect"
         files = sorted(inspect_dir.glob("*.jsonl"))
         if not files:
-            parser.error(f"no inspect files under {inspect_dir}: has the `{row}` run of seed {args.seed} finished?")
+            parser.error(
+                f"no inspect files under {inspect_dir}: has the `{row}` run of seed {args.seed} finished?"
+            )
         for path in files:
             breakdown = kind_breakdown(read_records(path), kinds)
             out[f"{args.regime}/{row}/{path.stem}"] = breakdown
-            console.print(*breakdown_tables(f"{args.regime} · {row} · seed {args.seed} · {path.stem} of training "
-                                            f"(step {breakdown['step']})", breakdown))
+            console.print(
+                *breakdown_tables(
+                    f"{args.regime} · {row} · seed {args.seed} · {path.stem} of training "
+                    f"(step {breakdown['step']})",
+                    breakdown,
+                )
+            )
     if args.json:
         args.json.write_text(json.dumps(out, indent=1), encoding="utf-8")
 

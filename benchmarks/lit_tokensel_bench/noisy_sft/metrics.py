@@ -19,8 +19,9 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 
-def selection_quality(records: Iterable[dict[str, Any]], labels: Sequence[Sequence[int]],
-                      score: tuple[str, int] | None) -> dict[str, float | None]:
+def selection_quality(
+    records: Iterable[dict[str, Any]], labels: Sequence[Sequence[int]], score: tuple[str, int] | None
+) -> dict[str, float | None]:
     """`drop_corrupted`, `drop_clean`, `auc` and `corrupted_share` over the inspected samples.
 
     `labels[sample_id]` holds the 0/1 corruption label of each response token, aligned with a record's
@@ -32,8 +33,10 @@ def selection_quality(records: Iterable[dict[str, Any]], labels: Sequence[Sequen
     for record in records:
         corrupt = list(labels[record["sample_id"]])
         if len(corrupt) != len(record["tokens"]):
-            raise ValueError(f"sample {record['sample_id']}: {len(corrupt)} labels for {len(record['tokens'])} "
-                             "inspected tokens; the labels belong to other data")
+            raise ValueError(
+                f"sample {record['sample_id']}: {len(corrupt)} labels for {len(record['tokens'])} "
+                "inspected tokens; the labels belong to other data"
+            )
         weights = record.get("weight") or [1.0] * len(corrupt)
         for label, keep, weight in zip(corrupt, record["keep"], weights, strict=True):
             learned = bool(keep) and weight > 0
@@ -49,7 +52,9 @@ def selection_quality(records: Iterable[dict[str, Any]], labels: Sequence[Sequen
     return {
         "drop_corrupted": dropped_corrupt / n_corrupt if n_corrupt else None,
         "drop_clean": dropped_clean / n_clean if n_clean else None,
-        "auc": ranking_auc([v for v, t in zip(values, targets) if t], [v for v, t in zip(values, targets) if not t]),
+        "auc": ranking_auc(
+            [v for v, t in zip(values, targets) if t], [v for v, t in zip(values, targets) if not t]
+        ),
         "corrupted_share": n_corrupt / max(n_corrupt + n_clean, 1),
     }
 
@@ -70,5 +75,8 @@ def stat(values: Sequence[float | None]) -> dict[str, Any] | None:
     present = [float(v) for v in values if v is not None and not math.isnan(v)]
     if not present:
         return None
-    return {"mean": statistics.fmean(present), "std": statistics.stdev(present) if len(present) > 1 else 0.0,
-            "values": present}
+    return {
+        "mean": statistics.fmean(present),
+        "std": statistics.stdev(present) if len(present) > 1 else 0.0,
+        "values": present,
+    }

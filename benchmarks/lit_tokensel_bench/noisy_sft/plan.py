@@ -69,14 +69,32 @@ class Settings:
 
 
 FULL = Settings()
-QUICK = Settings(seeds=(0,), ratios=(0.8,), train_rows=800, reference_rows=240, base_rows=1200,
-                 epochs=2, base_epochs=2, inspect_points=2, inspect_limit=128, ablations=False,
-                 model=ModelShape(hidden_size=64, intermediate_size=192, num_hidden_layers=2))
+QUICK = Settings(
+    seeds=(0,),
+    ratios=(0.8,),
+    train_rows=800,
+    reference_rows=240,
+    base_rows=1200,
+    epochs=2,
+    base_epochs=2,
+    inspect_points=2,
+    inspect_limit=128,
+    ablations=False,
+    model=ModelShape(hidden_size=64, intermediate_size=192, num_hidden_layers=2),
+)
 
 SMOLLM2 = Settings(
-    seeds=(0,), ratios=(0.6,), train_rows=480, reference_rows=160, batch_size=8, epochs=1,
-    learning_rate={"pretrained": 1e-3}, inspect_points=2, inspect_limit=64,
-    pretrained_model="builtin:smollm2-135m-instruct", extra_configs=("presets/smollm2_lora.yaml",),
+    seeds=(0,),
+    ratios=(0.6,),
+    train_rows=480,
+    reference_rows=160,
+    batch_size=8,
+    epochs=1,
+    learning_rate={"pretrained": 1e-3},
+    inspect_points=2,
+    inspect_limit=64,
+    pretrained_model="builtin:smollm2-135m-instruct",
+    extra_configs=("presets/smollm2_lora.yaml",),
     extra_args=("--trainer.accumulate_grad_batches", "1"),  # 60 optimizer steps of 8 rows: ~2.6 s each here
     regimes=("pretrained",),
     row_keys=("full", "rho1-0.6", "sstoken-base-0.6", "forgetting-0.6", "dft", "eaft", "asft", "reference"),
@@ -116,32 +134,105 @@ def _ratio_rows(ratio: float, ablations: bool) -> list[MethodRow]:
     r = f"{ratio:g}"
     ema, base_history = "sstoken", "sstoken-base"
     rows = [
-        MethodRow(f"random-{r}", f"Random ({r})", "random", "random", ratio,
-                  ("--model.init_args.ratio", r, "--model.init_args.selection_seed", "{seed}"), ("random", 1)),
-        MethodRow(f"rho1-{r}", f"Rho-1 ({r})", "rho1", "rho1", ratio,
-                  ("--model.init_args.ratio", r, "--model.init_args.reference.init_args.model", "{reference}"),
-                  ("excess_loss", 1)),
-        MethodRow(f"tokencleaning-{r}", f"TokenCleaning fixed ({r})", "tokencleaning", "token_cleaning", ratio,
-                  ("--model.init_args.ratio", r), ("influence", 1)),
-        MethodRow(f"tokencleaning-se-{r}", f"TokenCleaning self-evolving ({r})", "tokencleaning-se",
-                  "token_cleaning_self_evolving", ratio, ("--model.init_args.ratio", r), ("influence", 1)),
-        MethodRow(f"{ema}-{r}", f"ssToken EMA ({r})", "sstoken", "sstoken", ratio,
-                  ("--model.init_args.ratio", r), ("sstoken", 1)),
-        MethodRow(f"{base_history}-{r}", f"ssToken base history ({r})", "sstoken-base", "sstoken", ratio,
-                  ("--model.init_args.ratio", r, "--model.init_args.history",
-                   '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'),
-                  ("sstoken", 1), regimes=("pretrained",)),
-        MethodRow(f"forgetting-{r}", f"Forgetting ({r})", "forgetting", "forgetting", ratio,
-                  ("--model.init_args.ratio", r), ("influence", 1)),
-        MethodRow(f"qtuning-{r}", f"Q-Tuning (r_token {r})", "qtuning", "qtuning", ratio,
-                  ("--model.init_args.ratio", r), ("smoothed_ppl", -1)),
+        MethodRow(
+            f"random-{r}",
+            f"Random ({r})",
+            "random",
+            "random",
+            ratio,
+            ("--model.init_args.ratio", r, "--model.init_args.selection_seed", "{seed}"),
+            ("random", 1),
+        ),
+        MethodRow(
+            f"rho1-{r}",
+            f"Rho-1 ({r})",
+            "rho1",
+            "rho1",
+            ratio,
+            ("--model.init_args.ratio", r, "--model.init_args.reference.init_args.model", "{reference}"),
+            ("excess_loss", 1),
+        ),
+        MethodRow(
+            f"tokencleaning-{r}",
+            f"TokenCleaning fixed ({r})",
+            "tokencleaning",
+            "token_cleaning",
+            ratio,
+            ("--model.init_args.ratio", r),
+            ("influence", 1),
+        ),
+        MethodRow(
+            f"tokencleaning-se-{r}",
+            f"TokenCleaning self-evolving ({r})",
+            "tokencleaning-se",
+            "token_cleaning_self_evolving",
+            ratio,
+            ("--model.init_args.ratio", r),
+            ("influence", 1),
+        ),
+        MethodRow(
+            f"{ema}-{r}",
+            f"ssToken EMA ({r})",
+            "sstoken",
+            "sstoken",
+            ratio,
+            ("--model.init_args.ratio", r),
+            ("sstoken", 1),
+        ),
+        MethodRow(
+            f"{base_history}-{r}",
+            f"ssToken base history ({r})",
+            "sstoken-base",
+            "sstoken",
+            ratio,
+            (
+                "--model.init_args.ratio",
+                r,
+                "--model.init_args.history",
+                '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}',
+            ),
+            ("sstoken", 1),
+            regimes=("pretrained",),
+        ),
+        MethodRow(
+            f"forgetting-{r}",
+            f"Forgetting ({r})",
+            "forgetting",
+            "forgetting",
+            ratio,
+            ("--model.init_args.ratio", r),
+            ("influence", 1),
+        ),
+        MethodRow(
+            f"qtuning-{r}",
+            f"Q-Tuning (r_token {r})",
+            "qtuning",
+            "qtuning",
+            ratio,
+            ("--model.init_args.ratio", r),
+            ("smoothed_ppl", -1),
+        ),
     ]
     if ablations:  # ssToken's two ablations (at the first ratio only, to keep the run within its time budget)
         rows += [
-            MethodRow(f"sstoken-gamma0-{r}", f"ssToken attention only, γ=0 ({r})", "sstoken-gamma0", "sstoken",
-                      ratio, ("--model.init_args.ratio", r, "--model.init_args.gamma", "0.0"), ("attention", 1)),
-            MethodRow(f"sstoken-gamma1-{r}", f"ssToken REL only, γ=1 ({r})", "sstoken-gamma1", "sstoken", ratio,
-                      ("--model.init_args.ratio", r, "--model.init_args.gamma", "1.0"), ("sstoken", 1)),
+            MethodRow(
+                f"sstoken-gamma0-{r}",
+                f"ssToken attention only, γ=0 ({r})",
+                "sstoken-gamma0",
+                "sstoken",
+                ratio,
+                ("--model.init_args.ratio", r, "--model.init_args.gamma", "0.0"),
+                ("attention", 1),
+            ),
+            MethodRow(
+                f"sstoken-gamma1-{r}",
+                f"ssToken REL only, γ=1 ({r})",
+                "sstoken-gamma1",
+                "sstoken",
+                ratio,
+                ("--model.init_args.ratio", r, "--model.init_args.gamma", "1.0"),
+                ("sstoken", 1),
+            ),
         ]
     return rows
 
@@ -157,10 +248,21 @@ def method_rows(settings: Settings) -> list[MethodRow]:
     rows.append(MethodRow("dft", "DFT", "dft", "dft", None, (), ("probability", 1)))
     rows.append(MethodRow("eaft", "EAFT (k=20, α=1)", "eaft", "eaft", None, (), ("topk_entropy", 1)))
     rows.append(MethodRow("asft", "ASFT (α=0.1)", "asft", "asft", None, (), ("probability", 1)))
-    rows.append(MethodRow("oracle", "Oracle (drops exactly the corrupted tokens)", "oracle", "oracle", None, (),
-                          ("clean", 1), kind="oracle"))
-    rows.append(MethodRow("reference", "Reference model alone (clean data only)", "reference", None,
-                          kind="reference"))
+    rows.append(
+        MethodRow(
+            "oracle",
+            "Oracle (drops exactly the corrupted tokens)",
+            "oracle",
+            "oracle",
+            None,
+            (),
+            ("clean", 1),
+            kind="oracle",
+        )
+    )
+    rows.append(
+        MethodRow("reference", "Reference model alone (clean data only)", "reference", None, kind="reference")
+    )
     return rows
 
 
@@ -177,19 +279,46 @@ def search_rows() -> list[MethodRow]:
     r = f"{SEARCH_RATIO:g}"
 
     def variant(key: str, name: str, *settings: str, regimes: tuple[str, ...] = REGIMES) -> MethodRow:
-        return MethodRow(f"{key}-{r}", f"{name} ({r})", key, "sstoken", SEARCH_RATIO,
-                         ("--model.init_args.ratio", r, *settings), ("sstoken", 1), regimes=regimes)
+        return MethodRow(
+            f"{key}-{r}",
+            f"{name} ({r})",
+            key,
+            "sstoken",
+            SEARCH_RATIO,
+            ("--model.init_args.ratio", r, *settings),
+            ("sstoken", 1),
+            regimes=regimes,
+        )
 
     return [
         variant("v1-relative", "V1 relative REL", "--model.init_args.rel_form", "relative"),
         variant("v2-inverted", "V2 inverted REL", "--model.init_args.rel_form", "inverted"),
-        variant("v3-eot-base", "V3 protected end-of-turn, base history", "--model.init_args.keep_end_of_turn",
-                "true", "--model.init_args.history", _BASE_HISTORY, regimes=("pretrained",)),
+        variant(
+            "v3-eot-base",
+            "V3 protected end-of-turn, base history",
+            "--model.init_args.keep_end_of_turn",
+            "true",
+            "--model.init_args.history",
+            _BASE_HISTORY,
+            regimes=("pretrained",),
+        ),
         variant("v4-rank", "V4 rank combination", "--model.init_args.combine", "rank"),
-        variant("v5-middle-nosink", "V5 middle layer, no sink", "--model.init_args.attention_layer", "middle",
-                "--model.init_args.exclude_sink", "true"),
-        variant("v6-relative-eot", "V6 relative REL + protected end-of-turn", "--model.init_args.rel_form",
-                "relative", "--model.init_args.keep_end_of_turn", "true"),
+        variant(
+            "v5-middle-nosink",
+            "V5 middle layer, no sink",
+            "--model.init_args.attention_layer",
+            "middle",
+            "--model.init_args.exclude_sink",
+            "true",
+        ),
+        variant(
+            "v6-relative-eot",
+            "V6 relative REL + protected end-of-turn",
+            "--model.init_args.rel_form",
+            "relative",
+            "--model.init_args.keep_end_of_turn",
+            "true",
+        ),
     ]
 
 
@@ -200,5 +329,8 @@ def search_regime_rows(settings: Settings, regime: str) -> list[MethodRow]:
 
 
 def regime_rows(settings: Settings, regime: str) -> list[MethodRow]:
-    return [row for row in method_rows(settings)
-            if regime in row.regimes and (settings.row_keys is None or row.key in settings.row_keys)]
+    return [
+        row
+        for row in method_rows(settings)
+        if regime in row.regimes and (settings.row_keys is None or row.key in settings.row_keys)
+    ]

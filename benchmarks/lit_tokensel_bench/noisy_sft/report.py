@@ -93,8 +93,18 @@ MISSING = "–"
 KINDS = ("baseline", "method", "oracle", "reference")
 """Row kinds, in table order."""
 
-_COLUMNS = ("Method", "Ratio", "Test acc (gen)", "Test acc (MC)", "Answer NLL", "Corrupted dropped",
-            "Clean dropped", "Selection AUC", "Step time", "Peak mem")
+_COLUMNS = (
+    "Method",
+    "Ratio",
+    "Test acc (gen)",
+    "Test acc (MC)",
+    "Answer NLL",
+    "Corrupted dropped",
+    "Clean dropped",
+    "Selection AUC",
+    "Step time",
+    "Peak mem",
+)
 _ALIGN = ("---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---:")
 _BOLD_KINDS = ("baseline", "method")
 _LINESTYLES = ("-", "--", "-.", ":")
@@ -125,7 +135,9 @@ def _rows(results: dict) -> list[dict]:
         if row["kind"] not in KINDS:
             raise ValueError(f"results row {i} ({row['method']}): kind {row['kind']!r} is not one of {KINDS}")
         if (row["regime"], row["method"]) in seen:
-            raise ValueError(f"results row {i}: method {row['method']!r} appears twice in regime {row['regime']!r}")
+            raise ValueError(
+                f"results row {i}: method {row['method']!r} appears twice in regime {row['regime']!r}"
+            )
         seen.add((row["regime"], row["method"]))
     return rows
 
@@ -181,8 +193,12 @@ def _best_mean(rows: list[dict], key: str, pick) -> float | None:
 
 
 def _is_best(row: dict, key: str, best: float | None) -> bool:
-    return (best is not None and row["kind"] in _BOLD_KINDS and _has_mean(row.get(key))
-            and row[key]["mean"] == best)
+    return (
+        best is not None
+        and row["kind"] in _BOLD_KINDS
+        and _has_mean(row.get(key))
+        and row[key]["mean"] == best
+    )
 
 
 def _seeds_text(rows: list[dict]) -> str:
@@ -227,7 +243,11 @@ def results_table(results: dict) -> str:
                 _format_cost(row.get("peak_memory_ratio")),
             )
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-        spread = "; ± is the standard deviation over seeds" if any(len(r.get("seeds") or []) > 1 for r in rrows) else ""
+        spread = (
+            "; ± is the standard deviation over seeds"
+            if any(len(r.get("seeds") or []) > 1 for r in rrows)
+            else ""
+        )
         legend = (
             f"{_seeds_text(rrows)}{spread}. Step time and peak memory are "
             "ratios to full SFT in the same run. Dropped: share of corrupted / clean response tokens left "
@@ -247,8 +267,11 @@ SUMMARY_RATIO = 0.6
 def summary_table(results: dict) -> str:
     """Markdown: one row per baseline or method at its default setting (ratio 0.6 or none), one pair of
     columns (gen accuracy, answer NLL, each with its difference to full SFT) per regime."""
-    rows = [row for row in _rows(results)
-            if row["kind"] in _BOLD_KINDS and row.get("ratio") in (None, SUMMARY_RATIO)]
+    rows = [
+        row
+        for row in _rows(results)
+        if row["kind"] in _BOLD_KINDS and row.get("ratio") in (None, SUMMARY_RATIO)
+    ]
     if not rows:
         return "_No results._\n"
     regimes = _regimes(rows)
@@ -274,9 +297,14 @@ def summary_table(results: dict) -> str:
             row = by_key.get((regime, method))
             cells += [cell(row, "gen_acc", True), cell(row, "nll", False)]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    spread = "; ± is the standard deviation over seeds" if any(len(r.get("seeds") or []) > 1 for r in rows) else ""
-    lines += ["", f"_{_seeds_text(rows)}{spread}; in brackets the difference to full SFT (accuracy in points, "
-              "NLL in nats: lower is better)._"]
+    spread = (
+        "; ± is the standard deviation over seeds" if any(len(r.get("seeds") or []) > 1 for r in rows) else ""
+    )
+    lines += [
+        "",
+        f"_{_seeds_text(rows)}{spread}; in brackets the difference to full SFT (accuracy in points, "
+        "NLL in nats: lower is better)._",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -329,8 +357,9 @@ def readme_markers(section: str = "noisy-sft-results") -> tuple[str, str]:
     return f"<!-- {section}:start -->", f"<!-- {section}:end -->"
 
 
-def update_readme(readme: Path, table_md: str, command: str, section: str = "noisy-sft-results",
-                  writer: str = WRITER) -> bool:
+def update_readme(
+    readme: Path, table_md: str, command: str, section: str = "noisy-sft-results", writer: str = WRITER
+) -> bool:
     """Replace the README text between the `section`'s markers (kept) with the command and table.
 
     Text outside the markers is left byte for byte. Raises ValueError naming the file when a marker is
@@ -388,8 +417,9 @@ def _styles(rows: list[dict]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def _new_figure(n_panels: int, height: float, legend_width: float = 0.0, panel_width: float = 5.0
-                ) -> tuple[Figure, list]:
+def _new_figure(
+    n_panels: int, height: float, legend_width: float = 0.0, panel_width: float = 5.0
+) -> tuple[Figure, list]:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(panel_width * n_panels + legend_width, height), layout="constrained", dpi=110)
@@ -418,7 +448,8 @@ def auc_curves_figure(results: dict) -> Figure:
         plotted = 0
         for row in _regime_rows(rows, regime):
             points = sorted(
-                (p["fraction"], p["auc"]) for p in row.get("auc_curve") or []
+                (p["fraction"], p["auc"])
+                for p in row.get("auc_curve") or []
                 if _finite(p.get("fraction")) and _has_mean(p.get("auc"))
             )
             if not points:
@@ -427,10 +458,24 @@ def auc_curves_figure(results: dict) -> Figure:
             mean = [s["mean"] for _, s in points]
             std = [s["std"] if _finite(s.get("std")) else 0.0 for _, s in points]
             style = styles[row["method"]]
-            (line,) = ax.plot(x, mean, label=row["method"], color=style["color"], linestyle=style["linestyle"],
-                              marker=style["marker"], markersize=4, linewidth=1.6)
-            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                            color=style["color"], alpha=band_alpha, linewidth=0)
+            (line,) = ax.plot(
+                x,
+                mean,
+                label=row["method"],
+                color=style["color"],
+                linestyle=style["linestyle"],
+                marker=style["marker"],
+                markersize=4,
+                linewidth=1.6,
+            )
+            ax.fill_between(
+                x,
+                [m - s for m, s in zip(mean, std)],
+                [m + s for m, s in zip(mean, std)],
+                color=style["color"],
+                alpha=band_alpha,
+                linewidth=0,
+            )
             handles.setdefault(row["method"], line)
             plotted += 1
         chance = ax.axhline(0.5, color="0.35", linestyle="--", linewidth=1.0, label="chance")
@@ -460,9 +505,14 @@ def accuracy_vs_cost_figure(results: dict) -> Figure:
     rows = _rows(results)
     regimes = _regimes(rows) or ["no results"]
     styles = _styles(rows)
-    shown = {regime: [row for row in _regime_rows(rows, regime)
-                      if _finite(row.get("step_time_ratio")) and _has_mean(row.get("gen_acc"))]
-             for regime in regimes}
+    shown = {
+        regime: [
+            row
+            for row in _regime_rows(rows, regime)
+            if _finite(row.get("step_time_ratio")) and _has_mean(row.get("gen_acc"))
+        ]
+        for regime in regimes
+    }
     most = max(len(points) for points in shown.values())  # more names to place: larger panels
     fig, axes = _new_figure(len(regimes), 4.5 + 0.08 * most, panel_width=5.0 + 0.12 * most)
     for ax, regime in zip(axes, regimes):
@@ -474,16 +524,33 @@ def accuracy_vs_cost_figure(results: dict) -> Figure:
             y = 100.0 * acc["mean"]
             err = 100.0 * acc["std"] if _finite(acc.get("std")) else 0.0
             style = styles[row["method"]]
-            ax.errorbar([x], [y], yerr=[err], label=row["method"], color=style["color"], marker=style["marker"],
-                        markersize=6, capsize=3, linestyle="none")
+            ax.errorbar(
+                [x],
+                [y],
+                yerr=[err],
+                label=row["method"],
+                color=style["color"],
+                marker=style["marker"],
+                markersize=6,
+                capsize=3,
+                linestyle="none",
+            )
             # Names right of points in the left half, left of them in the right half: none runs off the axes.
             right = x > middle
-            ax.annotate(row["method"], (x, y), xytext=(-6 if right else 6, 4), textcoords="offset points",
-                        ha="right" if right else "left", fontsize=7, color="0.15")
+            ax.annotate(
+                row["method"],
+                (x, y),
+                xytext=(-6 if right else 6, 4),
+                textcoords="offset points",
+                ha="right" if right else "left",
+                fontsize=7,
+                color="0.15",
+            )
         ax.axvline(1.0, color="0.6", linestyle=":", linewidth=1.0)
         if not points:
-            ax.text(0.5, 0.5, "no rows with a step time ratio", transform=ax.transAxes, ha="center",
-                    color="0.4")
+            ax.text(
+                0.5, 0.5, "no rows with a step time ratio", transform=ax.transAxes, ha="center", color="0.4"
+            )
         ax.set_title(regime)
         ax.set_xlabel("step time relative to full SFT (×)")
         ax.grid(alpha=0.3)
@@ -620,8 +687,11 @@ def _regime_id(regime: str) -> str:
     return "regime-" + re.sub(r"[^A-Za-z0-9_-]", "_", regime)
 
 
-def token_html(samples_by_regime: list[dict], path: Path,
-               title: str = "Noisy SFT: which response tokens each method trains on") -> Path:
+def token_html(
+    samples_by_regime: list[dict],
+    path: Path,
+    title: str = "Noisy SFT: which response tokens each method trains on",
+) -> Path:
     """Write a self-contained static HTML page (inline CSS, no script, no external resources) showing,
     per regime and sample, each method's keep / score / weight decisions on the response tokens."""
     parts = [
@@ -643,7 +713,9 @@ def token_html(samples_by_regime: list[dict], path: Path,
         parts.append("<p>No samples.</p>")
     for entry in samples_by_regime:
         regime = entry["regime"]
-        parts.append(f'<section class="regime" id="{_regime_id(regime)}" data-regime="{html.escape(regime)}">')
+        parts.append(
+            f'<section class="regime" id="{_regime_id(regime)}" data-regime="{html.escape(regime)}">'
+        )
         parts.append(f"<h2>{html.escape(regime)}</h2>")
         for sample in entry.get("samples") or []:
             sid = sample["sample_id"]
@@ -694,9 +766,14 @@ def _with_plot_links(table_md: str, out_dir: Path, page: Path) -> str:
     )
 
 
-def write_outputs(results: dict, samples_by_regime: list[dict], out_dir: Path,
-                  page: Path | None, section: str = "noisy-sft-results",
-                  summary_readme: Path | None = None) -> dict[str, Path]:
+def write_outputs(
+    results: dict,
+    samples_by_regime: list[dict],
+    out_dir: Path,
+    page: Path | None,
+    section: str = "noisy-sft-results",
+    summary_readme: Path | None = None,
+) -> dict[str, Path]:
     """Write every output into `out_dir` (created if needed), the full tables into `page`'s `section`
     and the summary into `summary_readme`'s `<section>-summary`, each when given.
 

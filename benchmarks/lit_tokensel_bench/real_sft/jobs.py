@@ -26,8 +26,11 @@ def eval_suite(settings: StudySettings) -> Any:
     from lit_tokensel_eval.suites import Suite, load_suite
 
     offline = load_suite("offline")
-    specs = [dataclasses.replace(spec, limit=settings.limits[spec.task]) for spec in offline.tasks
-             if spec.task in settings.limits]
+    specs = [
+        dataclasses.replace(spec, limit=settings.limits[spec.task])
+        for spec in offline.tasks
+        if spec.task in settings.limits
+    ]
     return Suite(name="real_sft", tasks=specs, description="the offline suite with the study's limits")
 
 
@@ -38,8 +41,11 @@ def per_document(results: dict[str, Any], suite: Any) -> dict[str, dict[str, flo
     metric = {spec.task: spec.metric for spec in suite.tasks}
     out: dict[str, dict[str, float]] = {task: {} for task in metric}
     for name, records in results.get("samples", {}).items():
-        task = name if name in metric else next((t for t in metric if name.startswith(f"{t}_") or
-                                                 name.startswith(f"{t}-")), None)
+        task = (
+            name
+            if name in metric
+            else next((t for t in metric if name.startswith(f"{t}_") or name.startswith(f"{t}-")), None)
+        )
         if task is None:  # lit_tokensel_eval's offline rename (truthfulqa_mc2 -> truthfulqa_mc2_bb299)
             task = next((t for t in metric if name.startswith(t)), None)
         if task is None:
@@ -60,19 +66,34 @@ def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings,
 
     started = time.perf_counter()
     rows = proxy_subset(alpaca_eval_rows(), settings.proxy_rows, settings.proxy_seed)
-    nll = answer_nll(model, tokenizer, rows, max_answer_tokens=settings.proxy_max_tokens,
-                     batch_size=settings.eval_batch_size // 2)
+    nll = answer_nll(
+        model,
+        tokenizer,
+        rows,
+        max_answer_tokens=settings.proxy_max_tokens,
+        batch_size=settings.eval_batch_size // 2,
+    )
     docs: dict[str, dict[str, float]] = {"alpaca_eval_nll": {str(r["index"]): v for r, v in zip(rows, nll)}}
     seconds = {"alpaca_eval_nll": time.perf_counter() - started}
     suite = eval_suite(settings)
     if suite.tasks:
         started = time.perf_counter()
-        run = evaluate(InMemoryModel(model, tokenizer, name=name), suite=suite, batch_size=settings.eval_batch_size,
-                       bootstrap_iters=0, offline=True, log_samples=True, progress=False)
+        run = evaluate(
+            InMemoryModel(model, tokenizer, name=name),
+            suite=suite,
+            batch_size=settings.eval_batch_size,
+            bootstrap_iters=0,
+            offline=True,
+            log_samples=True,
+            progress=False,
+        )
         docs |= per_document(run.results, suite)
         seconds["suite"] = time.perf_counter() - started
-    return {"docs": docs, "scores": {task: sum(v.values()) / len(v) for task, v in docs.items() if v},
-            "eval_seconds": seconds}
+    return {
+        "docs": docs,
+        "scores": {task: sum(v.values()) / len(v) for task, v in docs.items() if v},
+        "eval_seconds": seconds,
+    }
 
 
 def load_for_eval(path: str, settings: StudySettings) -> tuple[torch.nn.Module, Any]:
@@ -101,16 +122,27 @@ def train_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     fit_file, export = run_dir / "fit.json", run_dir / "export"
     started = time.perf_counter()
     if not (fit_file.is_file() and (export / "config.json").is_file()):
-        fit_job({"name": job["name"], "args": job["args"], "run_dir": str(run_dir), "threads": settings.threads,
-                 "result": str(fit_file)})
+        fit_job(
+            {
+                "name": job["name"],
+                "args": job["args"],
+                "run_dir": str(run_dir),
+                "threads": settings.threads,
+                "result": str(fit_file),
+            }
+        )
     else:
         quiet_worker(settings.threads, run_dir / "worker.log")
     import json
 
     fit = json.loads(fit_file.read_text(encoding="utf-8"))
     model, tokenizer = load_for_eval(str(export), settings)
-    result = {"name": job["name"], "fit": fit, **score_model(model, tokenizer, settings, job["name"]),
-              "seconds": time.perf_counter() - started}
+    result = {
+        "name": job["name"],
+        "fit": fit,
+        **score_model(model, tokenizer, settings, job["name"]),
+        "seconds": time.perf_counter() - started,
+    }
     write_json(Path(job["result"]), result)
     shutil.rmtree(export, ignore_errors=True)
     return result

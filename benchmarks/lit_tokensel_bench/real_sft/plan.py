@@ -18,12 +18,26 @@ _BASE_HISTORY = '{"class_path": "lit_tokensel.reference.CachedReference", "init_
 
 METHODS: tuple[MethodRow, ...] = (
     MethodRow("full", "Full SFT", "full", "full_sft", kind="baseline"),
-    MethodRow("random", "Random (0.6)", "random", "random", 0.6, ("--model.init_args.selection_seed", "{seed}")),
-    MethodRow("rho1", "Rho-1 (0.6)", "rho1", "rho1", 0.6,
-              ("--model.init_args.reference.init_args.model", "{reference}")),
+    MethodRow(
+        "random", "Random (0.6)", "random", "random", 0.6, ("--model.init_args.selection_seed", "{seed}")
+    ),
+    MethodRow(
+        "rho1",
+        "Rho-1 (0.6)",
+        "rho1",
+        "rho1",
+        0.6,
+        ("--model.init_args.reference.init_args.model", "{reference}"),
+    ),
     MethodRow("tokencleaning", "TokenCleaning fixed (0.6)", "tokencleaning", "token_cleaning", 0.6),
-    MethodRow("sstoken-base", "ssToken base history (0.6)", "sstoken-base", "sstoken", 0.6,
-              ("--model.init_args.history", _BASE_HISTORY)),
+    MethodRow(
+        "sstoken-base",
+        "ssToken base history (0.6)",
+        "sstoken-base",
+        "sstoken",
+        0.6,
+        ("--model.init_args.history", _BASE_HISTORY),
+    ),
     MethodRow("forgetting", "Forgetting (ρ 0.7, λ 0.25)", "forgetting", "forgetting", 0.7),
     MethodRow("sstoken", "ssToken EMA (0.6)", "sstoken", "sstoken", 0.6),
     MethodRow("qtuning", "Q-Tuning (25% samples, 50% tokens)", "qtuning", "qtuning", 0.5),
@@ -38,8 +52,17 @@ MULTI_SEED = ("full", "random", "rho1", "tokencleaning", "sstoken-base", "forget
 """Methods run with every seed (the issue asks for at least 3 for these; ssToken with base history, the
 released code's setting, stands for ssToken); the others run seed 0 only."""
 
-TASKS = ("arc_easy", "arc_challenge", "hellaswag", "boolq", "piqa", "winogrande", "truthfulqa_mc2", "mmlu",
-         "gsm8k_cot")
+TASKS = (
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "boolq",
+    "piqa",
+    "winogrande",
+    "truthfulqa_mc2",
+    "mmlu",
+    "gsm8k_cot",
+)
 """The offline suite (`lit_tokensel_eval/suites/offline.yaml`), in the order its tasks are evaluated."""
 
 
@@ -96,16 +119,33 @@ class StudySettings:
 
 CPU = StudySettings()
 GPU = StudySettings(
-    ni_rows=5000, train_rows=4800, reference_rows=1000, max_length=512, min_answer_tokens=64, batch_size=16,
+    ni_rows=5000,
+    train_rows=4800,
+    reference_rows=1000,
+    max_length=512,
+    min_answer_tokens=64,
+    batch_size=16,
     epochs=2,
-    learning_rate=2e-4, limits={t: 1000 for t in TASKS if t != "mmlu"} | {"mmlu": 100, "gsm8k_cot": 500},
-    proxy_rows=805, proxy_max_tokens=512, eval_batch_size=64, device="cuda", seeds=(0, 1, 2))
+    learning_rate=2e-4,
+    limits={t: 1000 for t in TASKS if t != "mmlu"} | {"mmlu": 100, "gsm8k_cot": 500},
+    proxy_rows=805,
+    proxy_max_tokens=512,
+    eval_batch_size=64,
+    device="cuda",
+    seeds=(0, 1, 2),
+)
 """The larger budget for one CUDA device (`--gpu`): more rows, longer rows, every task on up to 1,000 documents."""
 
 
 QUICK = StudySettings(
-    seeds=(0,), ni_rows=300, train_rows=32, reference_rows=16, limits={"arc_easy": 4, "boolq": 2, "truthfulqa_mc2": 2},
-    proxy_rows=8, proxy_max_tokens=32)
+    seeds=(0,),
+    ni_rows=300,
+    train_rows=32,
+    reference_rows=16,
+    limits={"arc_easy": 4, "boolq": 2, "truthfulqa_mc2": 2},
+    proxy_rows=8,
+    proxy_max_tokens=32,
+)
 """A smoke run (`--quick`): 4 steps per method, a few documents; checks the pipeline end to end, not the methods."""
 
 

@@ -32,9 +32,18 @@ from lit_tokensel_bench.real_sft.stats import (
 NLL = "alpaca_eval_nll"
 SECTION = "real-sft-results"
 WRITER = "benchmarks/lit_tokensel_bench/real_sft/report.py"
-LABELS = {NLL: "AlpacaEval NLL ↓", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "hellaswag": "HellaSwag",
-          "boolq": "BoolQ", "piqa": "PIQA", "winogrande": "Winogr.", "truthfulqa_mc2": "TQA-299 mc2",
-          "mmlu": "MMLU 5-shot", "gsm8k_cot": "GSM8K-cot"}
+LABELS = {
+    NLL: "AlpacaEval NLL ↓",
+    "arc_easy": "ARC-E",
+    "arc_challenge": "ARC-C",
+    "hellaswag": "HellaSwag",
+    "boolq": "BoolQ",
+    "piqa": "PIQA",
+    "winogrande": "Winogr.",
+    "truthfulqa_mc2": "TQA-299 mc2",
+    "mmlu": "MMLU 5-shot",
+    "gsm8k_cot": "GSM8K-cot",
+}
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -66,7 +75,9 @@ def _scale(task: str) -> float:
     return 1.0 if task == NLL else 100.0
 
 
-def method_rows(settings: StudySettings, collected: dict[str, Any], iters: int = 2000) -> list[dict[str, Any]]:
+def method_rows(
+    settings: StudySettings, collected: dict[str, Any], iters: int = 2000
+) -> list[dict[str, Any]]:
     """Per method with a finished run: per task the mean/std over seeds, the suite average, the paired
     difference to full SFT (per task and on the suite average) with its bootstrap interval and MDD, cost."""
     tasks = _tasks(settings)
@@ -80,15 +91,26 @@ def method_rows(settings: StudySettings, collected: dict[str, Any], iters: int =
         if not seeds:
             continue
         results = list(seeds.values())
-        row: dict[str, Any] = {"key": method.key, "name": method.name, "seeds": sorted(seeds),
-                               "scores": {t: stat([_scale(t) * r["scores"][t] for r in results]) for t in tasks}}
-        row["average"] = stat([statistics.fmean(_scale(t) * r["scores"][t] for t in suite) for r in results]
-                              if suite else [])
+        row: dict[str, Any] = {
+            "key": method.key,
+            "name": method.name,
+            "seeds": sorted(seeds),
+            "scores": {t: stat([_scale(t) * r["scores"][t] for r in results]) for t in tasks},
+        }
+        row["average"] = stat(
+            [statistics.fmean(_scale(t) * r["scores"][t] for t in suite) for r in results] if suite else []
+        )
         if full_docs is not None and method.key != "full":
             docs = {t: seed_mean([r["docs"][t] for r in results]) for t in tasks}
             diffs = {t: _scale(t) * paired_differences(docs[t], full_docs[t]) for t in tasks}
-            row["diff"] = {t: {**paired_bootstrap([diffs[t]], iters=iters), "mdd": mdd_paired(diffs[t]),
-                               "n": int(diffs[t].size)} for t in tasks}
+            row["diff"] = {
+                t: {
+                    **paired_bootstrap([diffs[t]], iters=iters),
+                    "mdd": mdd_paired(diffs[t]),
+                    "n": int(diffs[t].size),
+                }
+                for t in tasks
+            }
             if suite:
                 row["diff"]["average"] = paired_bootstrap([diffs[t] for t in suite], iters=iters)
         row["cost"] = cost(method.key, seeds, full)
@@ -116,15 +138,21 @@ def cost(key: str, seeds: dict[int, dict[str, Any]], full: dict[int, dict[str, A
             ratios.append(fit["step_time_s"] / base_fit["step_time_s"])
             extra.append(fit["peak_extra_mib"] - base_fit["peak_extra_mib"])
     times = [r["fit"]["step_time_s"] for r in seeds.values() if (r.get("fit") or {}).get("step_time_s")]
-    return {"step_time_ratio": statistics.median(ratios) if ratios else None,
-            "extra_peak_mib": statistics.median(extra) if extra else None,
-            "step_time_s": statistics.median(times) if times else None}
+    return {
+        "step_time_ratio": statistics.median(ratios) if ratios else None,
+        "extra_peak_mib": statistics.median(extra) if extra else None,
+        "step_time_s": statistics.median(times) if times else None,
+    }
 
 
 def _ms(s: dict[str, Any] | None, digits: int) -> str:
     if s is None:
         return "–"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
+    return (
+        f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+        if len(s["values"]) > 1
+        else f"{s['mean']:.{digits}f}"
+    )
 
 
 def _diff(d: dict[str, Any] | None, digits: int) -> str:
@@ -148,18 +176,26 @@ def scores_table(settings: StudySettings, rows: list[dict[str, Any]], base: dict
     if base is not None:
         suite = [t for t in tasks if t != NLL]
         avg = statistics.fmean(100 * base["scores"][t] for t in suite) if suite else None
-        lines.append("| Base model (no SFT) | – | " + " | ".join(
-            f"{_scale(t) * base['scores'][t]:.{_digits(t)}f}" for t in tasks) +
-            f" | {'–' if avg is None else f'{avg:.1f}'} | – | – |")
+        lines.append(
+            "| Base model (no SFT) | – | "
+            + " | ".join(f"{_scale(t) * base['scores'][t]:.{_digits(t)}f}" for t in tasks)
+            + f" | {'–' if avg is None else f'{avg:.1f}'} | – | – |"
+        )
     for row in rows:
         c = row["cost"]
-        lines.append(f"| {row['name']} | {len(row['seeds'])} | " + " | ".join(
-            _ms(row["scores"][t], _digits(t)) for t in tasks) + f" | {_ms(row['average'], 1)} | "
-            f"{_num(c['step_time_ratio'], '.2f')} | {_num(c['extra_peak_mib'], '+.0f')} |")
+        lines.append(
+            f"| {row['name']} | {len(row['seeds'])} | "
+            + " | ".join(_ms(row["scores"][t], _digits(t)) for t in tasks)
+            + f" | {_ms(row['average'], 1)} | "
+            f"{_num(c['step_time_ratio'], '.2f')} | {_num(c['extra_peak_mib'], '+.0f')} |"
+        )
     full = next((row for row in rows if "se" in row), None)
     if full is not None:
-        lines.append("| *standard error of one run* | | " + " | ".join(
-            _num(full["se"][t], f".{_digits(t)}f") for t in tasks) + " | | | |")
+        lines.append(
+            "| *standard error of one run* | | "
+            + " | ".join(_num(full["se"][t], f".{_digits(t)}f") for t in tasks)
+            + " | | | |"
+        )
     return "\n".join(lines)
 
 
@@ -176,11 +212,17 @@ def diff_table(settings: StudySettings, rows: list[dict[str, Any]]) -> str:
         avg = row["diff"].get("average")
         verdicts = [verdict(row["diff"][NLL], higher_is_better=False)]
         verdicts.append(verdict(avg, higher_is_better=True) if avg else "–")
-        lines.append(f"| {row['name']} | " + " | ".join(_diff(row["diff"][t], _digits(t)) for t in tasks) +
-                     f" | {_diff(avg, 1)} | {' / '.join(verdicts)} |")
+        lines.append(
+            f"| {row['name']} | "
+            + " | ".join(_diff(row["diff"][t], _digits(t)) for t in tasks)
+            + f" | {_diff(avg, 1)} | {' / '.join(verdicts)} |"
+        )
     if any(mdd.values()):
-        lines.append("| *MDD (median over methods)* | " + " | ".join(
-            f"{statistics.median(v):.{_digits(t)}f}" if v else "–" for t, v in mdd.items()) + " | | |")
+        lines.append(
+            "| *MDD (median over methods)* | "
+            + " | ".join(f"{statistics.median(v):.{_digits(t)}f}" if v else "–" for t, v in mdd.items())
+            + " | | |"
+        )
         n = next(row["diff"] for row in rows if "diff" in row)
         lines.append("| *documents* | " + " | ".join(str(n[t]["n"]) for t in tasks) + " | | |")
     return "\n".join(lines)
@@ -192,15 +234,19 @@ def verdict_text(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if "diff" not in row:
             continue
-        groups["AlpacaEval NLL"].setdefault(verdict(row["diff"][NLL], higher_is_better=False), []).append(row["name"])
+        groups["AlpacaEval NLL"].setdefault(verdict(row["diff"][NLL], higher_is_better=False), []).append(
+            row["name"]
+        )
         if "average" in row["diff"]:
             groups["suite average"].setdefault(verdict(row["diff"]["average"], True), []).append(row["name"])
     lines = []
     for measure, by in groups.items():
         if by:
-            lines.append(f"- **{measure}**: better than full SFT: {', '.join(by.get('better', [])) or 'none'}; "
-                         f"worse: {', '.join(by.get('worse', [])) or 'none'}; "
-                         f"indistinguishable: {', '.join(by.get('same', [])) or 'none'}.")
+            lines.append(
+                f"- **{measure}**: better than full SFT: {', '.join(by.get('better', [])) or 'none'}; "
+                f"worse: {', '.join(by.get('worse', [])) or 'none'}; "
+                f"indistinguishable: {', '.join(by.get('same', [])) or 'none'}."
+            )
     return "\n".join(lines)
 
 
@@ -209,8 +255,11 @@ def settings_text(settings: StudySettings, root: Path, collected: dict[str, Any]
     mix = ", ".join(f"{k} {v}" for k, v in (manifest.get("train") or {}).items())
     ref = ", ".join(f"{k} {v}" for k, v in (manifest.get("reference") or {}).items())
     seconds = [r.get("seconds", 0) for runs in collected["runs"].values() for r in runs.values()]
-    limits = ", ".join(f"{LABELS[t]} {settings.limits[t]}" + (" per subject" if t == "mmlu" else "")
-                       for t in TASKS if t in settings.limits)
+    limits = ", ".join(
+        f"{LABELS[t]} {settings.limits[t]}" + (" per subject" if t == "mmlu" else "")
+        for t in TASKS
+        if t in settings.limits
+    )
     return (
         f"SmolLM2-135M-Instruct (`{settings.model}`) + LoRA (`configs/presets/smollm2_lora.yaml`), "
         f"{settings.steps} optimizer steps of {settings.batch_size} rows (max {settings.max_length} tokens, "
@@ -227,14 +276,18 @@ def settings_text(settings: StudySettings, root: Path, collected: dict[str, Any]
     )
 
 
-def report_markdown(settings: StudySettings, root: Path, command: str, iters: int = 2000) -> tuple[str, str, dict]:
+def report_markdown(
+    settings: StudySettings, root: Path, command: str, iters: int = 2000
+) -> tuple[str, str, dict]:
     """(full section, README summary, the numbers) of the study in `root`."""
     collected = collect(settings, root)
     rows = method_rows(settings, collected, iters=iters)
     partial = ""
     if collected["missing"]:
-        partial = (f"**PARTIAL**: {len(collected['missing'])} job(s) not finished: "
-                   f"{', '.join(collected['missing'])}.\n\n")
+        partial = (
+            f"**PARTIAL**: {len(collected['missing'])} job(s) not finished: "
+            f"{', '.join(collected['missing'])}.\n\n"
+        )
     body = (
         f"{partial}{settings_text(settings, root, collected)}\n\n"
         "Scores (accuracy in %, mean ± std over seeds; AlpacaEval NLL in nats/token, lower is better; step time "
@@ -249,19 +302,32 @@ def report_markdown(settings: StudySettings, root: Path, command: str, iters: in
     summary_rows = ["| Method | Δ AlpacaEval NLL | Δ suite avg (points) |", "|---|---|---|"]
     for row in rows:
         if "diff" in row:
-            summary_rows.append(f"| {row['name']} | {_diff(row['diff'][NLL], 3)} | "
-                                f"{_diff(row['diff'].get('average'), 1)} |")
-    summary = (f"{partial}Real-data study (SmolLM2-135M-Instruct + LoRA, Alpaca-demo + NaturalInstructions; "
-               "difference to full SFT with a 95% paired bootstrap interval; full tables in "
-               "[docs/benchmarks.md](docs/benchmarks.md#real-data-study)):\n\n" + "\n".join(summary_rows) +
-               f"\n\n{verdict_text(rows)}\n")
-    numbers = {"command": command, "settings": settings.to_dict(), "missing": collected["missing"], "rows": rows,
-               "base": None if collected["base"] is None else collected["base"]["scores"]}
+            summary_rows.append(
+                f"| {row['name']} | {_diff(row['diff'][NLL], 3)} | {_diff(row['diff'].get('average'), 1)} |"
+            )
+    summary = (
+        f"{partial}Real-data study (SmolLM2-135M-Instruct + LoRA, Alpaca-demo + NaturalInstructions; "
+        "difference to full SFT with a 95% paired bootstrap interval; full tables in "
+        "[docs/benchmarks.md](docs/benchmarks.md#real-data-study)):\n\n"
+        + "\n".join(summary_rows)
+        + f"\n\n{verdict_text(rows)}\n"
+    )
+    numbers = {
+        "command": command,
+        "settings": settings.to_dict(),
+        "missing": collected["missing"],
+        "rows": rows,
+        "base": None if collected["base"] is None else collected["base"]["scores"],
+    }
     return body, summary, numbers
 
 
-def write_report(settings: StudySettings, root: Path, readme: Path | None = None,
-                 command: str = "python -m lit_tokensel_bench.real_sft") -> dict[str, Path]:
+def write_report(
+    settings: StudySettings,
+    root: Path,
+    readme: Path | None = None,
+    command: str = "python -m lit_tokensel_bench.real_sft",
+) -> dict[str, Path]:
     """`report.md` and `results.json` in `root`; with `readme`, the section in docs/benchmarks.md beside it and
     the README summary."""
     body, summary, numbers = report_markdown(settings, root, command)

@@ -44,12 +44,27 @@ def noisy_settings(settings: StudySettings) -> Settings:
     `regime_tasks`) train this study's runs: the given pretrained model, the LoRA preset, one regime."""
     device = ["--trainer.accelerator", "gpu"] if settings.device == "cuda" else []
     return Settings(
-        seeds=settings.seeds, ratios=(0.6,), train_rows=settings.train_rows, reference_rows=settings.reference_rows,
-        epochs=settings.epochs, batch_size=settings.batch_size, max_length=settings.max_length,
-        learning_rate={REGIME: settings.learning_rate}, data_seed=settings.data_seed,
-        pretrained_model=settings.model, extra_configs=("presets/smollm2_lora.yaml",),
-        extra_args=("--trainer.accumulate_grad_batches", "1", "--trainer.precision", settings.precision, *device),
-        regimes=(REGIME,), ablations=False)
+        seeds=settings.seeds,
+        ratios=(0.6,),
+        train_rows=settings.train_rows,
+        reference_rows=settings.reference_rows,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        max_length=settings.max_length,
+        learning_rate={REGIME: settings.learning_rate},
+        data_seed=settings.data_seed,
+        pretrained_model=settings.model,
+        extra_configs=("presets/smollm2_lora.yaml",),
+        extra_args=(
+            "--trainer.accumulate_grad_batches",
+            "1",
+            "--trainer.precision",
+            settings.precision,
+            *device,
+        ),
+        regimes=(REGIME,),
+        ablations=False,
+    )
 
 
 def result_path(root: Path, key: str, seed: int) -> Path:
@@ -76,18 +91,37 @@ def study_tasks(settings: StudySettings, paths: Paths, only: list[str] | None = 
     for task in prep:
         task.cost = 0.5 if "/reference" in task.name else 0.15
     base = base_result(paths.root)
-    tasks = [*prep, Task("base-model", jobs.eval_job, {"name": "base-model", "model": settings.model,
-                                                       "result": str(base), **shared},
-                         done=base.is_file, cost=0.6)]
+    tasks = [
+        *prep,
+        Task(
+            "base-model",
+            jobs.eval_job,
+            {"name": "base-model", "model": settings.model, "result": str(base), **shared},
+            done=base.is_file,
+            cost=0.6,
+        ),
+    ]
     needs = tuple(t.name for t in prep)
     for row, seed in job_order(settings):
         if only is not None and row.key not in only:
             continue
         run_dir = paths.run_dir(REGIME, f"{row.key}/seed{seed}")
         result = result_path(paths.root, row.key, seed)
-        tasks.append(Task(f"{row.key}/seed{seed}", jobs.train_eval_job, {
-            "name": f"{row.key}/seed{seed}", "run_dir": str(run_dir), "result": str(result), **shared,
-            "args": method_args(noisy, paths, REGIME, row, seed, run_dir)}, deps=needs, done=result.is_file))
+        tasks.append(
+            Task(
+                f"{row.key}/seed{seed}",
+                jobs.train_eval_job,
+                {
+                    "name": f"{row.key}/seed{seed}",
+                    "run_dir": str(run_dir),
+                    "result": str(result),
+                    **shared,
+                    "args": method_args(noisy, paths, REGIME, row, seed, run_dir),
+                },
+                deps=needs,
+                done=result.is_file,
+            )
+        )
     return tasks
 
 
@@ -114,8 +148,10 @@ def check_workdir(root: Path, settings: StudySettings) -> None:
         before = json.loads(saved.read_text(encoding="utf-8"))
         if before != current:
             changed = sorted(k for k in current if before.get(k) != current[k])
-            raise SystemExit(f"{root} holds a study run with other settings (differs in {changed}); "
-                             "use another --out or delete it")
+            raise SystemExit(
+                f"{root} holds a study run with other settings (differs in {changed}); "
+                "use another --out or delete it"
+            )
     jobs.write_json(saved, current)
 
 
@@ -129,20 +165,36 @@ def load_settings(args: argparse.Namespace) -> StudySettings:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.real_sft", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("runs/real_sft"), help="the workdir (default runs/real_sft)")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_tokensel_bench.real_sft",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/real_sft"), help="the workdir (default runs/real_sft)"
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--gpu", action="store_true", help="the larger budget, on a CUDA device")
-    budget.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per method, a few documents")
+    budget.add_argument(
+        "--quick", action="store_true", help="a smoke run: 4 steps per method, a few documents"
+    )
     parser.add_argument("--only", nargs="+", default=None, help="only these methods (keys, e.g. full rho1)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="override the budget's device")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default=None, help="override the budget's device"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
-    parser.add_argument("--report", action="store_true",
-                        help="run nothing: write the report from the finished jobs into the workdir, "
-                             "docs/benchmarks.md and the README")
-    parser.add_argument("--readme", type=Path, default=REPO / "README.md",
-                        help="README for the summary (--report); docs/benchmarks.md beside it gets the tables")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="run nothing: write the report from the finished jobs into the workdir, "
+        "docs/benchmarks.md and the README",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=REPO / "README.md",
+        help="README for the summary (--report); docs/benchmarks.md beside it gets the tables",
+    )
     parser.add_argument("--no-readme", action="store_true", help="--report writes the workdir only")
     return parser.parse_args(argv)
 
@@ -153,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = load_settings(args)
     root = args.out.resolve()
-    command = "python -m lit_tokensel_bench.real_sft " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m lit_tokensel_bench.real_sft " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     paths = Paths(root)
     if args.report:
         if not (root / "settings.json").is_file():
@@ -172,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     console.rule(f"real-data study → {root}")
     prepare_data(settings, paths)
     tasks = study_tasks(settings, paths, args.only)
-    console.print(f"{len(tasks)} jobs, one at a time with {settings.threads} torch threads; seeds {list(settings.seeds)}; "
-                  f"{settings.steps} optimizer steps of {settings.batch_size} rows per run on {settings.device}")
+    console.print(
+        f"{len(tasks)} jobs, one at a time with {settings.threads} torch threads; seeds {list(settings.seeds)}; "
+        f"{settings.steps} optimizer steps of {settings.batch_size} rows per run on {settings.device}"
+    )
     failed = run_graph(tasks, 1, describe=describe)
     outputs = write_report(settings, root, readme=None, command=command)
     console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")

@@ -36,8 +36,9 @@ def paired_differences(method: Mapping[str, float], baseline: Mapping[str, float
     return np.array([method[d] - baseline[d] for d in docs], dtype=np.float64)  # [D]
 
 
-def paired_bootstrap(differences: Sequence[np.ndarray], *, iters: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict[str, float]:
+def paired_bootstrap(
+    differences: Sequence[np.ndarray], *, iters: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Mean paired difference and its percentile interval, resampling documents within each group.
 
     `differences` holds one array of per-document differences per task; the statistic is the mean over
@@ -54,8 +55,12 @@ def paired_bootstrap(differences: Sequence[np.ndarray], *, iters: int = 2000, se
         draws += g[index].mean(axis=1)
     draws /= len(groups)
     alpha = (1 - level) / 2
-    return {"diff": float(np.mean([g.mean() for g in groups])), "low": float(np.quantile(draws, alpha)),
-            "high": float(np.quantile(draws, 1 - alpha)), "se": float(draws.std(ddof=1))}
+    return {
+        "diff": float(np.mean([g.mean() for g in groups])),
+        "low": float(np.quantile(draws, alpha)),
+        "high": float(np.quantile(draws, 1 - alpha)),
+        "se": float(draws.std(ddof=1)),
+    }
 
 
 def mdd_paired(differences: np.ndarray) -> float:
