@@ -120,11 +120,11 @@ def test_variant_mask_equals_an_independent_computation(
     if settings.get("attention_layer") == "middle":
         tiny_model_dir, history_dir = deep_model_dirs  # noqa: F811  (2 layers: the middle one is the last)
     batch = _batch(tiny_model_dir, workdir)
-    rho, gamma = 0.6, 0.5
+    ratio, gamma = 0.6, 0.5
     module = SsTokenSFT(
         history=FrozenModelReference(model=history_dir),
         model=tiny_model_dir,
-        rho=rho,
+        ratio=ratio,
         gamma=gamma,
         **settings,
     )
@@ -158,7 +158,7 @@ def test_variant_mask_equals_an_independent_computation(
         else:
             lo, hi = min(gaps), max(gaps)
             combined = [gamma * (g - lo) / (hi - lo + 1e-8) + (1 - gamma) * a for g, a in zip(gaps, attn)]
-        k = math.ceil(round(rho * len(ranked), 9))
+        k = math.ceil(round(ratio * len(ranked), 9))
         order = sorted(range(len(ranked)), key=lambda i: (-combined[i], i))
         expected = {ranked[i] for i in order[:k]} | ends
         assert keep[b].nonzero().flatten().tolist() == sorted(expected), f"{name}: sample {b}"
