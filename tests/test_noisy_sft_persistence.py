@@ -30,8 +30,11 @@ W = "wrong_answer"
 @pytest.mark.parametrize("family", ["capital", "birth_year", "addition"])
 def test_answer_patterns_find_the_generators_value_in_its_own_sentences(family):
     entities = make_world(0).sft
-    keys = {"capital": sorted(entities.capitals)[:5], "birth_year": sorted(entities.birth_years)[:5],
-            "addition": [(0, 0), (7, 49), (19, 43), (48, 5), (30, 12)]}[family]
+    keys = {
+        "capital": sorted(entities.capitals)[:5],
+        "birth_year": sorted(entities.birth_years)[:5],
+        "addition": [(0, 0), (7, 49), (19, 43), (48, 5), (30, 12)],
+    }[family]
     for key in keys:
         match = answer_pattern(family).match(answer(entities, family, key))
         assert match is not None and match["answer"] == str(true_value(entities, family, key))
@@ -43,9 +46,21 @@ def test_reverse_has_no_answer_template():
 
 
 def test_token_roles_split_answer_prefix_and_end():
-    assert token_roles(["1", "9", " +", " 4", "3", " =", " 6", "2", ".", "<|im_end|>"]) == [R, R, R, R, R, R, A, A, R, E]
-    assert token_roles(["The", " capital", " of", " V", "ora", " is", " D", "ros", "vik", ".", "<|im_end|>"]) == [
-        R, R, R, R, R, R, A, A, A, R, E]
+    assert token_roles(["1", "9", " +", " 4", "3", " =", " 6", "2", ".", "<|im_end|>"]) == [
+        R,
+        R,
+        R,
+        R,
+        R,
+        R,
+        A,
+        A,
+        R,
+        E,
+    ]
+    assert token_roles(
+        ["The", " capital", " of", " V", "ora", " is", " D", "ros", "vik", ".", "<|im_end|>"]
+    ) == [R, R, R, R, R, R, A, A, A, R, E]
     # a token that runs from the answer into the full stop holds answer characters: an answer token
     assert token_roles(["1", " +", " 1", " =", " 2."]) == [R, R, R, R, A]
 
@@ -66,8 +81,14 @@ KINDS = [[None] * 10, [None] * 11, [None] * 7, [None, None, None, None, W, None,
 
 
 def _record(sample_id: int, text: list[str], keep: list[bool]) -> dict:
-    return {"sample_id": sample_id, "step": 10, "text": text, "keep": keep, "loss": [1.0] * len(text),
-            "scores": {"s": [0.0] * len(text)}}
+    return {
+        "sample_id": sample_id,
+        "step": 10,
+        "text": text,
+        "keep": keep,
+        "loss": [1.0] * len(text),
+        "scores": {"s": [0.0] * len(text)},
+    }
 
 
 POINT_1 = [
@@ -87,9 +108,17 @@ def test_answer_keep_counts_clean_answers_only():
     out = answer_keep(POINT_1, KINDS)
     # answers: sample 0 keeps 1 of 2, sample 1 keeps 1 of 3; other tokens (end excluded) 6 of 7 in each;
     # the reverse list is skipped, the corrupted addition excluded however it is kept
-    assert out == {"answer_kept": 2 / 5, "other_kept": 12 / 14, "answer_tokens": 5, "answer_kept_tokens": 2,
-                   "other_tokens": 14, "other_kept_tokens": 12, "clean_samples": 2, "corrupted_samples": 1,
-                   "skipped_samples": 1}
+    assert out == {
+        "answer_kept": 2 / 5,
+        "other_kept": 12 / 14,
+        "answer_tokens": 5,
+        "answer_kept_tokens": 2,
+        "other_tokens": 14,
+        "other_kept_tokens": 12,
+        "clean_samples": 2,
+        "corrupted_samples": 1,
+        "skipped_samples": 1,
+    }
 
 
 def test_answer_keep_names_the_file_when_kinds_belong_to_other_data():
@@ -106,8 +135,16 @@ def test_drop_persistence_matches_a_hand_count():
     out = drop_persistence([first, second, third])
     # 6 tokens; dropped 3, 2 and 4 of them; only token 0 of sample 0 is dropped at all three points
     assert out.pop("drop_rate") == pytest.approx([1 / 2, 1 / 3, 2 / 3])
-    assert out == pytest.approx({"samples": 2, "tokens": 6, "dropped_first": 1 / 2, "dropped_every": 1 / 6,
-                                 "persistence": 1 / 3, "random": 2 / 9})
+    assert out == pytest.approx(
+        {
+            "samples": 2,
+            "tokens": 6,
+            "dropped_first": 1 / 2,
+            "dropped_every": 1 / 6,
+            "persistence": 1 / 3,
+            "random": 2 / 9,
+        }
+    )
 
 
 def test_drop_persistence_agrees_with_a_direct_array_computation():
@@ -148,7 +185,19 @@ def _workdir(root: Path) -> Path:
 
 def test_cli_reports_mean_and_std_over_seeds(tmp_path, capsys):
     workdir = _workdir(tmp_path / "run")
-    main(["--workdir", str(workdir), "--rows", "sstoken-0.6", "--seeds", "0", "1", "--json", str(tmp_path / "p.json")])
+    main(
+        [
+            "--workdir",
+            str(workdir),
+            "--rows",
+            "sstoken-0.6",
+            "--seeds",
+            "0",
+            "1",
+            "--json",
+            str(tmp_path / "p.json"),
+        ]
+    )
     saved = json.loads((tmp_path / "p.json").read_text(encoding="utf-8"))["pretrained/sstoken-0.6"]
     assert saved["seeds"] == [0, 1] and saved["points"] == ["0.500", "1.000"]
     # POINT_2 answers: sample 0 keeps 0 of 2, sample 1 keeps 1 of 3; other tokens 5 of 7 and 6 of 7
@@ -181,11 +230,18 @@ def test_cli_error_names_the_missing_inspect_file(tmp_path, capsys):
     assert "pretrained/sstoken-0.6 seed 1" in err and "seed1/inspect/1.000.jsonl not found" in err
 
 
-@pytest.mark.parametrize(("make", "args", "message"), [
-    (lambda root: root, ["--rows", "x"], "train.token_kinds.json not found"),
-    (_workdir, ["--rows", "rho1-0.6"], "no inspect files under"),
-    (_workdir, ["--rows", "sstoken-0.6", "--points", "0.500", "0.750"], "seed0/inspect/0.750.jsonl not found"),
-])
+@pytest.mark.parametrize(
+    ("make", "args", "message"),
+    [
+        (lambda root: root, ["--rows", "x"], "train.token_kinds.json not found"),
+        (_workdir, ["--rows", "rho1-0.6"], "no inspect files under"),
+        (
+            _workdir,
+            ["--rows", "sstoken-0.6", "--points", "0.500", "0.750"],
+            "seed0/inspect/0.750.jsonl not found",
+        ),
+    ],
+)
 def test_cli_errors_name_what_is_missing(tmp_path, capsys, make, args, message):
     workdir = make(tmp_path / "run")
     with pytest.raises(SystemExit):

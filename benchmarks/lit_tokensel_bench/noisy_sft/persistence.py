@@ -60,9 +60,15 @@ def answer_pattern(family: str) -> re.Pattern[str]:
     # answer_words formats every family's prefix at once, so a text key needs a key[1] too: two placeholders
     key = (_KEY, _KEY2) if family == "addition" else _KEY + _KEY2
     text, spans = render(answer_words(family, key, _VALUE, _TRUTH))
-    (start, end, kind), = spans  # the value differs from the truth: the generator marks exactly it
+    ((start, end, kind),) = spans  # the value differs from the truth: the generator marks exactly it
     assert kind == WRONG_ANSWER and text[start:end] == _VALUE, (family, text, spans)
-    regex = re.escape(text).replace(_KEY + _KEY2, "(?:.+?)").replace(_KEY, "(?:.+?)").replace(_KEY2, "(?:.+?)").replace(_VALUE, "(?P<answer>.+?)")
+    regex = (
+        re.escape(text)
+        .replace(_KEY + _KEY2, "(?:.+?)")
+        .replace(_KEY, "(?:.+?)")
+        .replace(_KEY2, "(?:.+?)")
+        .replace(_VALUE, "(?P<answer>.+?)")
+    )
     return re.compile(f"^{regex}$", re.DOTALL)
 
 
@@ -87,13 +93,27 @@ def token_roles(texts: Sequence[str], families: Sequence[str] = DEFAULT_FAMILIES
     return roles
 
 
-def answer_keep(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[str | None]],
-                families: Sequence[str] = DEFAULT_FAMILIES, source: str = "records") -> dict[str, Any]:
+def answer_keep(
+    records: Iterable[dict[str, Any]],
+    kinds: Sequence[Sequence[str | None]],
+    families: Sequence[str] = DEFAULT_FAMILIES,
+    source: str = "records",
+) -> dict[str, Any]:
     """Kept fraction of the answer and of the other response tokens over the clean samples of `records`
     (one inspect file), with the token and sample counts; a sample is clean when all its `kinds` are None.
     `source` names the file in errors."""
-    counts = dict.fromkeys(("answer_tokens", "answer_kept_tokens", "other_tokens", "other_kept_tokens",
-                            "clean_samples", "corrupted_samples", "skipped_samples"), 0)
+    counts = dict.fromkeys(
+        (
+            "answer_tokens",
+            "answer_kept_tokens",
+            "other_tokens",
+            "other_kept_tokens",
+            "clean_samples",
+            "corrupted_samples",
+            "skipped_samples",
+        ),
+        0,
+    )
     for record in records:
         sample_kinds = _kinds_of(record, kinds, source)
         if any(k is not None for k in sample_kinds):
@@ -108,8 +128,11 @@ def answer_keep(records: Iterable[dict[str, Any]], kinds: Sequence[Sequence[str 
             if role != END:
                 counts[f"{role}_tokens"] += 1
                 counts[f"{role}_kept_tokens"] += bool(keep)
-    return {"answer_kept": _ratio(counts["answer_kept_tokens"], counts["answer_tokens"]),
-            "other_kept": _ratio(counts["other_kept_tokens"], counts["other_tokens"]), **counts}
+    return {
+        "answer_kept": _ratio(counts["answer_kept_tokens"], counts["answer_tokens"]),
+        "other_kept": _ratio(counts["other_kept_tokens"], counts["other_tokens"]),
+        **counts,
+    }
 
 
 def drop_persistence(masks: Sequence[Mapping[int, Sequence[bool]]]) -> dict[str, Any]:
@@ -133,23 +156,34 @@ def drop_persistence(masks: Sequence[Mapping[int, Sequence[bool]]]) -> dict[str,
             dropped_first += not keeps[0]
             dropped_all += not any(keeps)
     rates = [_ratio(d, tokens) for d in dropped]
-    return {"samples": len(shared), "tokens": tokens, "drop_rate": rates,
-            "dropped_first": _ratio(dropped_first, tokens), "dropped_every": _ratio(dropped_all, tokens),
-            "persistence": _ratio(dropped_all, dropped_first),
-            "random": None if None in rates else math.prod(rates[1:])}
+    return {
+        "samples": len(shared),
+        "tokens": tokens,
+        "drop_rate": rates,
+        "dropped_first": _ratio(dropped_first, tokens),
+        "dropped_every": _ratio(dropped_all, tokens),
+        "persistence": _ratio(dropped_all, dropped_first),
+        "random": None if None in rates else math.prod(rates[1:]),
+    }
 
 
 def _ratio(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _kinds_of(record: dict[str, Any], kinds: Sequence[Sequence[str | None]], source: str) -> Sequence[str | None]:
+def _kinds_of(
+    record: dict[str, Any], kinds: Sequence[Sequence[str | None]], source: str
+) -> Sequence[str | None]:
     sample_id = record["sample_id"]
     if not 0 <= sample_id < len(kinds):
-        raise ValueError(f"{source}: sample {sample_id} is not in the corruption kinds ({len(kinds)} samples)")
+        raise ValueError(
+            f"{source}: sample {sample_id} is not in the corruption kinds ({len(kinds)} samples)"
+        )
     if len(kinds[sample_id]) != len(record["text"]):
-        raise ValueError(f"{source}: sample {sample_id} has {len(record['text'])} tokens but "
-                         f"{len(kinds[sample_id])} corruption kinds; the kinds belong to other data")
+        raise ValueError(
+            f"{source}: sample {sample_id} has {len(record['text'])} tokens but "
+            f"{len(kinds[sample_id])} corruption kinds; the kinds belong to other data"
+        )
     return kinds[sample_id]
 
 
@@ -166,8 +200,10 @@ def read_inspect(path: Path) -> list[dict[str, Any]]:
             if name not in record:
                 raise ValueError(f"{path}: record {number} has no field {name!r}")
         if len(record["keep"]) != len(record["text"]):
-            raise ValueError(f"{path}: record {number} (sample {record['sample_id']}): "
-                             f"{len(record['keep'])} keep flags for {len(record['text'])} tokens")
+            raise ValueError(
+                f"{path}: record {number} (sample {record['sample_id']}): "
+                f"{len(record['keep'])} keep flags for {len(record['text'])} tokens"
+            )
     return records
 
 
@@ -185,12 +221,18 @@ def point_files(inspect_dir: Path, points: Sequence[str] | None) -> list[Path]:
     return sorted(files, key=lambda p: float(p.stem))
 
 
-def seed_measures(inspect_dir: Path, kinds: Sequence[Sequence[str | None]], points: Sequence[str] | None,
-                  families: Sequence[str]) -> dict[str, Any]:
+def seed_measures(
+    inspect_dir: Path,
+    kinds: Sequence[Sequence[str | None]],
+    points: Sequence[str] | None,
+    families: Sequence[str],
+) -> dict[str, Any]:
     """Both measures for one seed of one row: answer kept per point, drop persistence over the points."""
     records = {path.stem: read_inspect(path) for path in point_files(inspect_dir, points)}
-    answer = {point: answer_keep(rs, kinds, families, source=str(inspect_dir / f"{point}.jsonl"))
-              for point, rs in records.items()}
+    answer = {
+        point: answer_keep(rs, kinds, families, source=str(inspect_dir / f"{point}.jsonl"))
+        for point, rs in records.items()
+    }
     masks = [{r["sample_id"]: r["keep"] for r in rs} for rs in records.values()]
     return {"points": list(records), "answer": answer, "persistence": drop_persistence(masks)}
 
@@ -199,8 +241,11 @@ def stat(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean and sample std over seeds (std 0 with one seed); mean None when a seed has no value."""
     if not values or None in values:
         return {"mean": None, "std": None, "values": list(values)}
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": list(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": list(values),
+    }
 
 
 def row_summary(per_seed: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
@@ -210,11 +255,24 @@ def row_summary(per_seed: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
     for seed, run in per_seed.items():
         if run["points"] != points:
             raise ValueError(f"seed {seed} has inspect points {run['points']}, another seed {points}")
-    answer = {p: {k: stat([r["answer"][p][k] for r in runs])
-                  for k in ("answer_kept", "other_kept", "answer_tokens", "other_tokens", "clean_samples",
-                            "skipped_samples")} for p in points}
-    persistence = {k: stat([r["persistence"][k] for r in runs])
-                   for k in ("dropped_first", "dropped_every", "persistence", "random", "samples")}
+    answer = {
+        p: {
+            k: stat([r["answer"][p][k] for r in runs])
+            for k in (
+                "answer_kept",
+                "other_kept",
+                "answer_tokens",
+                "other_tokens",
+                "clean_samples",
+                "skipped_samples",
+            )
+        }
+        for p in points
+    }
+    persistence = {
+        k: stat([r["persistence"][k] for r in runs])
+        for k in ("dropped_first", "dropped_every", "persistence", "random", "samples")
+    }
     return {"seeds": list(per_seed), "points": points, "answer": answer, "persistence": persistence}
 
 
@@ -231,36 +289,77 @@ def _count(s: dict[str, Any]) -> str:
 def tables(regime: str, summaries: Mapping[str, dict[str, Any]]) -> tuple[Table, Table]:
     """Two rich tables: answer kept per row and point; drop persistence per row."""
     seeds = ", ".join(str(s) for s in next(iter(summaries.values()))["seeds"])
-    answer = Table(title=f"{regime} · seeds {seeds} · clean samples: kept fraction of answer tokens and of the "
-                         "other response tokens (end of turn excluded)", title_justify="left")
-    for column in ("row", "point", "answer kept", "other kept", "answer tok", "other tok", "samples", "skipped"):
+    answer = Table(
+        title=f"{regime} · seeds {seeds} · clean samples: kept fraction of answer tokens and of the "
+        "other response tokens (end of turn excluded)",
+        title_justify="left",
+    )
+    for column in (
+        "row",
+        "point",
+        "answer kept",
+        "other kept",
+        "answer tok",
+        "other tok",
+        "samples",
+        "skipped",
+    ):
         answer.add_column(column, justify="left" if column in ("row", "point") else "right")
     for row, summary in summaries.items():
         for point, a in summary["answer"].items():
-            answer.add_row(row, point, _fmt(a["answer_kept"]), _fmt(a["other_kept"]), _count(a["answer_tokens"]),
-                           _count(a["other_tokens"]), _count(a["clean_samples"]), _count(a["skipped_samples"]))
-    persistence = Table(title=f"{regime} · seeds {seeds} · drops over the inspect points (response tokens): "
-                              "persistence = share of first-point drops still dropped at every later point",
-                        title_justify="left")
+            answer.add_row(
+                row,
+                point,
+                _fmt(a["answer_kept"]),
+                _fmt(a["other_kept"]),
+                _count(a["answer_tokens"]),
+                _count(a["other_tokens"]),
+                _count(a["clean_samples"]),
+                _count(a["skipped_samples"]),
+            )
+    persistence = Table(
+        title=f"{regime} · seeds {seeds} · drops over the inspect points (response tokens): "
+        "persistence = share of first-point drops still dropped at every later point",
+        title_justify="left",
+    )
     for column in ("row", "points", "dropped first", "dropped every", "persistence", "random", "samples"):
         persistence.add_column(column, justify="left" if column in ("row", "points") else "right")
     for row, summary in summaries.items():
         p = summary["persistence"]
-        persistence.add_row(row, " ".join(summary["points"]), _fmt(p["dropped_first"]), _fmt(p["dropped_every"]),
-                            _fmt(p["persistence"]), _fmt(p["random"]), _count(p["samples"]))
+        persistence.add_row(
+            row,
+            " ".join(summary["points"]),
+            _fmt(p["dropped_first"]),
+            _fmt(p["dropped_every"]),
+            _fmt(p["persistence"]),
+            _fmt(p["random"]),
+            _count(p["samples"]),
+        )
     return answer, persistence
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lit_tokensel_bench.noisy_sft.persistence",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", type=Path, default=Path("runs/noisy_sft"), help="the benchmark's workdir")
+    parser = argparse.ArgumentParser(
+        prog="python -m lit_tokensel_bench.noisy_sft.persistence", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("runs/noisy_sft"), help="the benchmark's workdir"
+    )
     parser.add_argument("--regime", default="pretrained", choices=("scratch", "pretrained"))
     parser.add_argument("--rows", nargs="+", required=True, help="row keys, e.g. sstoken-0.6 rho1-0.6")
-    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0], help="seeds; mean ± std over them")
-    parser.add_argument("--points", nargs="+", help="inspect points, e.g. 0.333 1.000 (default: every file found)")
-    parser.add_argument("--families", nargs="+", default=list(DEFAULT_FAMILIES), choices=ANSWER_FAMILIES,
-                        help="task families whose answer span is measured (others are skipped)")
+    parser.add_argument(
+        "--seeds", "--seed", nargs="+", type=int, default=[0], help="seeds; mean ± std over them"
+    )
+    parser.add_argument(
+        "--points", nargs="+", help="inspect points, e.g. 0.333 1.000 (default: every file found)"
+    )
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=list(DEFAULT_FAMILIES),
+        choices=ANSWER_FAMILIES,
+        help="task families whose answer span is measured (others are skipped)",
+    )
     parser.add_argument("--json", type=Path, help="also write the per-seed figures and the summaries here")
     args = parser.parse_args(argv)
     paths = Paths(args.workdir)
