@@ -459,6 +459,19 @@ def method_tasks(
 # ------------------------------------------------------------------------------------------------ scheduling
 
 
+def finish(started: float, outputs: dict[str, Any], failed: list[Task]) -> int:
+    """The run's last lines (its time, the files it wrote, the failed jobs with their errors); the exit code."""
+    console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
+    for name, path in outputs.items():
+        console.print(f"{name:<18} {path}")
+    if failed:
+        console.print(f"[red]{len(failed)} job(s) failed:[/red]")
+        for task in failed:
+            console.print(f"  {task.name}: {task.error}")
+        return 1
+    return 0
+
+
 def run_graph(
     tasks: list[Task], workers: int, describe: Callable[[dict[str, Any]], str] | None = None
 ) -> list[Task]:
@@ -689,12 +702,4 @@ def main(argv: list[str] | None = None) -> int:
     outputs = write_outputs(
         results, samples, report_dir, page, section=section, summary_readme=None if args.search else readme
     )
-    console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
-    for name, path in outputs.items():
-        console.print(f"{name:<18} {path}")
-    if failed:
-        console.print(f"[red]{len(failed)} job(s) failed:[/red]")
-        for task in failed:
-            console.print(f"  {task.name}: {task.error}")
-        return 1
-    return 0
+    return finish(started, outputs, failed)

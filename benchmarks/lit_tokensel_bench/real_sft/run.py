@@ -29,7 +29,7 @@ from typing import Any
 from rich.console import Console
 
 from lit_tokensel_bench.noisy_sft.plan import Settings
-from lit_tokensel_bench.noisy_sft.run import Paths, Task, method_args, regime_tasks, run_graph
+from lit_tokensel_bench.noisy_sft.run import Paths, Task, finish, method_args, regime_tasks, run_graph
 from lit_tokensel_bench.real_sft import jobs
 from lit_tokensel_bench.real_sft.plan import CPU, GPU, QUICK, StudySettings, job_order
 
@@ -232,12 +232,4 @@ def main(argv: list[str] | None = None) -> int:
     )
     failed = run_graph(tasks, 1, describe=describe)
     outputs = write_report(settings, root, readme=None, command=command)
-    console.rule(f"done in {(time.perf_counter() - started) / 60:.1f} min")
-    for name, path in outputs.items():
-        console.print(f"{name:<10} {path}")
-    if failed:
-        console.print(f"[red]{len(failed)} job(s) failed:[/red]")
-        for task in failed:
-            console.print(f"  {task.name}: {task.error}")
-        return 1
-    return 0
+    return finish(started, outputs, failed)
