@@ -378,3 +378,218 @@ def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
     check_workdir(tmp_path, dataclasses.replace(CPU, seeds=(0, 1, 2, 3)))  # more seeds: same study
     with pytest.raises(SystemExit, match=r"differs in \['limits', 'train_rows'\]"):
         check_workdir(tmp_path, dataclasses.replace(CPU, train_rows=64, limits={"arc_easy": 1}))
+
+
+# ------------------------------------------------------------------------------------------ --search
+
+
+def _paths(root: Path) -> Paths:
+    return Paths(root, data={"train": root / "train.jsonl", "reference": root / "reference.jsonl"})
+
+
+def test_search_rows_are_the_noisy_benchmarks_variants_with_their_arguments(tmp_path):
+    from lit_tokensel_bench.noisy_sft.plan import BASE_HISTORY, search_rows
+    from lit_tokensel_bench.noisy_sft.run import method_args
+    from lit_tokensel_bench.real_sft.plan import SEARCH_BASELINES, SEARCH_METHODS
+    from lit_tokensel_bench.real_sft.run import REGIME, noisy_settings
+
+    noisy_rows = search_rows()
+    assert [row.key for row in SEARCH_METHODS] == [
+        "v1-relative",
+        "v2-inverted",
+        "v3-eot-base",
+        "v4-rank",
+        "v5-middle-nosink",
+        "v6-relative-eot",
+    ]
+    for row, noisy in zip(SEARCH_METHODS, noisy_rows, strict=True):
+        assert (row.key, row.name, row.config, row.ratio) == (noisy.family, noisy.name, "sstoken", 0.6)
+        assert row.overrides == noisy.overrides  # the same arguments, defined once
+        assert REGIME in noisy.regimes and method_seeds(CPU, row.key) == CPU.seeds == (0, 1, 2)
+    assert {row.key for row in METHODS} >= set(SEARCH_BASELINES)
+
+    noisy, paths = noisy_settings(CPU), _paths(tmp_path)
+    rows = {row.key: row for row in (*METHODS, *SEARCH_METHODS)}
+
+    def args(key: str) -> list[str]:
+        return method_args(noisy, paths, REGIME, rows[key], 1, tmp_path / "run")
+
+    # an EMA variant: ssToken EMA's run (same model, data, seed, caches: none) plus the variant's settings
+    for key in ("v1-relative", "v2-inverted", "v4-rank", "v5-middle-nosink", "v6-relative-eot"):
+        assert args(key) == args("sstoken") + list(rows[key].overrides)
+    assert rows["v5-middle-nosink"].overrides[-4:] == (
+        "--model.init_args.attention_layer",
+        "middle",
+        "--model.init_args.exclude_sink",
+        "true",
+    )
+    # V3: the base history exactly as the study's ssToken base history row gets it (the cached base losses)
+    v3, base = args("v3-eot-base"), args("sstoken-base")
+    assert base[-2:] == ["--model.init_args.history", BASE_HISTORY] == v3[-2:]
+    assert v3 == base[:-2] + list(rows["v3-eot-base"].overrides)
+    cached = json.loads(v3[v3.index("--data.cached_losses") + 1])
+    assert cached == {"base": str(paths.cache(REGIME, "base"))}
+    assert "--model.init_args.keep_end_of_turn" in v3
+
+
+def test_search_job_graph_appends_the_variants_and_reuses_finished_jobs(tmp_path):
+    from lit_tokensel_bench.real_sft.plan import SEARCH_METHODS
+    from lit_tokensel_bench.real_sft.run import result_path, study_tasks
+
+    study = study_tasks(CPU, _paths(tmp_path))
+    search = study_tasks(CPU, _paths(tmp_path), search=True)
+    variants = [f"{row.key}/seed{seed}" for seed in CPU.seeds for row in SEARCH_METHODS]
+    assert len(variants) == 18
+    assert [t.name for t in search] == [t.name for t in study] + variants  # after the study's jobs
+    for before, after in zip(study, search):  # the study's jobs unchanged: same arguments, same result files
+        assert after.job == before.job and after.deps == before.deps and after.run is before.run
+    prep = {t.name for t in study[: len(study) - len(job_order(CPU))]}
+    assert prep == {
+        "pretrained/reference",
+        "pretrained/score-base",
+        "pretrained/score-reference",
+        "base-model",
+    }
+    assert all(set(t.deps) == prep - {"base-model"} for t in search if t.name in variants)
+
+    finished = [("full", s) for s in CPU.seeds] + [("sstoken", 0)] + [("rho1", s) for s in CPU.seeds]
+    finished += [("sstoken-base", s) for s in CPU.seeds]
+    for key, seed in finished:
+        path = result_path(tmp_path, key, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}", encoding="utf-8")
+    search = study_tasks(CPU, _paths(tmp_path), search=True)
+    assert sorted(t.name for t in search if t.done()) == sorted(f"{k}/seed{s}" for k, s in finished)
+    assert not any(t.done() for t in search if t.name in variants)
+    only = study_tasks(CPU, _paths(tmp_path), only=["full", "v1-relative"], search=True)
+    assert [t.name for t in only][len(prep) :] == [
+        "full/seed0",
+        "full/seed1",
+        "full/seed2",
+        "v1-relative/seed0",
+        "v1-relative/seed1",
+        "v1-relative/seed2",
+    ]
+    no_search = study_tasks(CPU, _paths(tmp_path), only=["v1-relative"])
+    assert [t.name for t in no_search] == [t.name for t in study[: len(prep)]]  # without --search: no variant
+
+
+def test_search_run_keeps_the_study_settings_and_command(tmp_path, monkeypatch):
+    """`--search` on a workdir made without it: the settings check accepts it, settings.json and command.json
+    stay as they were, the graph is the study's plus the variants; without `--search` nothing changes."""
+    from lit_tokensel_bench.real_sft import run
+
+    graphs: list[list[str]] = []
+
+    def fake_prepare(settings, paths):
+        paths.data = _paths(paths.root).data
+
+    def fake_graph(tasks, workers, describe=None):
+        graphs.append([t.name for t in tasks])
+        return []
+
+    monkeypatch.setattr(run, "prepare_data", fake_prepare)
+    monkeypatch.setattr(run, "run_graph", fake_graph)
+    root = tmp_path / "study"
+    assert run.main(["--out", str(root)]) == 0
+    settings, command = (root / "settings.json").read_bytes(), (root / "command.json").read_bytes()
+    assert json.loads(command) == f"python -m lit_tokensel_bench.real_sft --out {root}"
+    assert run.main(["--out", str(root), "--search"]) == 0
+    assert (root / "settings.json").read_bytes() == settings
+    assert (root / "command.json").read_bytes() == command
+    assert json.loads((root / "search-command.json").read_text(encoding="utf-8")).endswith("--search")
+    assert graphs[1][: len(graphs[0])] == graphs[0] and len(graphs[1]) == len(graphs[0]) + 18
+    assert not any(name.startswith("v") for name in graphs[0])
+    assert (root / "search-report.md").is_file() and (root / "report.md").is_file()
+    assert json.loads((root / "results.json").read_text(encoding="utf-8"))["command"] == json.loads(command)
+
+
+def test_search_report_section_on_fake_results(tmp_path):
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+    from lit_tokensel_bench.real_sft.run import main
+    from lit_tokensel_bench.real_sft.search import search_markdown
+
+    settings = StudySettings(seeds=(0, 1), limits={"arc_easy": 4})
+    root = tmp_path / "run"
+
+    def write(key: str, seed: int, nll: list[float], acc: list[float]) -> None:
+        path = root / "results" / key / f"seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = {
+            "alpaca_eval_nll": {str(i): v for i, v in enumerate(nll)},
+            "arc_easy": {str(i): v for i, v in enumerate(acc)},
+        }
+        path.write_text(json.dumps(_result(docs, 2.0, 100.0)), encoding="utf-8")
+
+    write("full", 0, [2.0, 2.0, 2.0], [1, 0, 0, 1])
+    write("full", 1, [2.2, 2.0, 2.0], [1, 0, 1, 1])
+    for key in ("sstoken", "sstoken-base", "rho1", "dft"):
+        write(key, 0, [2.0, 2.0, 2.0], [1, 0, 0, 1])
+    write("v1-relative", 0, [1.9, 1.9, 1.9], [1, 0, 0, 1])
+    write("v1-relative", 1, [2.1, 1.9, 1.9], [1, 0, 0, 1])
+    write("v2-inverted", 0, [2.5, 2.6, 2.4], [1, 0, 0, 1])
+    body, numbers = search_markdown(settings, root, iters=500)
+    rows = {r["key"]: r for r in numbers["rows"]}
+    assert list(rows) == ["full", "sstoken", "sstoken-base", "rho1", "v1-relative", "v2-inverted"]  # no DFT
+    missing = numbers["missing"]
+    assert {
+        "base-model",
+        "rho1/seed1",
+        "sstoken-base/seed1",
+        "v2-inverted/seed1",
+        "v3-eot-base/seed0",
+    } <= set(missing)
+    assert "sstoken/seed1" not in missing and "dft/seed0" not in missing and len(missing) == 1 + 2 + 1 + 4 * 2
+    # V1: per-seed NLL means 1.9 and 1.96667 -> 1.93333 ± 0.04714; per document (seeds averaged) it is
+    # [2.0, 1.9, 1.9] against full SFT's [2.1, 2.0, 2.0]: -0.1 on every document, so the interval is a point
+    v1 = rows["v1-relative"]
+    assert v1["scores"]["alpaca_eval_nll"]["mean"] == pytest.approx(1.9333333)
+    assert v1["scores"]["alpaca_eval_nll"]["std"] == pytest.approx(0.04714045)
+    assert v1["diff"]["alpaca_eval_nll"]["diff"] == pytest.approx(-0.1)
+    assert v1["diff"]["alpaca_eval_nll"]["low"] == pytest.approx(v1["diff"]["alpaca_eval_nll"]["high"])
+    assert v1["diff"]["alpaca_eval_nll"]["high"] < 0
+    # accuracy [1, 0, 0, 1] - full SFT's [1, 0, 0.5, 1] = [0, 0, -50, 0] points: -12.5, interval up to 0
+    assert v1["diff"]["arc_easy"]["diff"] == pytest.approx(-12.5) and v1["diff"]["arc_easy"]["high"] == 0.0
+    # V2: NLL +0.4, +0.6, +0.4 on every document: worse beyond the document noise
+    assert rows["v2-inverted"]["diff"]["alpaca_eval_nll"]["low"] == pytest.approx(0.4)
+    assert "**PARTIAL**" in body and "v3-eot-base/seed0" in body
+    assert "| V1 relative REL (0.6) | 2 | 1.933 ± 0.047 | 50.0 ± 0.0 |" in body
+    assert "| V1 relative REL (0.6) | -0.100 [-0.100, -0.100] | -12.5 [" in body
+    assert "better than full SFT: V1 relative REL (0.6)" in body
+    assert "loses: V2 inverted REL (0.6); does not lose: V1 relative REL (0.6)." in body
+    assert "ssToken EMA has the study's seed 0 only" in body
+
+    # --search --report: the section of docs/beyond-sstoken.md beside the README, nothing else
+    (root / "settings.json").write_text(json.dumps(settings.to_dict()), encoding="utf-8")
+    (root / "search-command.json").write_text(
+        '"python -m lit_tokensel_bench.real_sft --search"', encoding="utf-8"
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text("untouched\n", encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "beyond-sstoken.md"
+    before = (
+        "# Plan\n<!-- beyond-sstoken-smollm2-results:start -->\nNot run yet.\n"
+        "<!-- beyond-sstoken-smollm2-results:end -->\n\n"
+        "<!-- beyond-sstoken-real-results:start -->\nNot run yet.\n<!-- beyond-sstoken-real-results:end -->\n"
+        "Reading.\n"
+    )
+    page.write_text(before, encoding="utf-8")
+    assert (
+        main(["--out", str(root), "--search", "--report", "--readme", str(readme), "--seeds", "0", "1"]) == 0
+    )
+    text = page.read_text(encoding="utf-8")
+    head, rest = text.split("<!-- beyond-sstoken-real-results:start -->\n")
+    inside, tail = rest.split("<!-- beyond-sstoken-real-results:end -->\n")
+    assert head == before.split("<!-- beyond-sstoken-real-results:start -->")[0] and tail == "Reading.\n"
+    assert inside.startswith(
+        "<!-- Written by benchmarks/lit_tokensel_bench/real_sft/search.py: edits between these markers are "
+        "overwritten. -->\nProduced by:\n\n```bash\npython -m lit_tokensel_bench.real_sft --search\n```\n\n"
+    )
+    assert "loses: V2 inverted REL (0.6)" in inside and "Not run yet." not in inside
+    assert readme.read_text(encoding="utf-8") == "untouched\n"
+    assert not (tmp_path / "docs" / "benchmarks.md").exists() and not (root / "report.md").exists()
+    assert (
+        json.loads((root / "search-results.json").read_text(encoding="utf-8"))["rows"][4]["key"]
+        == "v1-relative"
+    )

@@ -13,6 +13,9 @@ from typing import Any
 REGIMES = ("scratch", "pretrained")
 """`scratch`: a random-init model trained on the noisy data. `pretrained`: a base first trained on clean
 data over disjoint entities (it knows the format and skills, not the SFT facts), then SFT on the noisy data."""
+BASE_HISTORY = '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'
+"""ssToken's history as the base model's cached losses (the released code's setting), for
+`--model.init_args.history`."""
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,7 @@ def _ratio_rows(ratio: float, ablations: bool) -> list[MethodRow]:
                 "--model.init_args.ratio",
                 r,
                 "--model.init_args.history",
-                '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}',
+                BASE_HISTORY,
             ),
             ("sstoken", 1),
             regimes=("pretrained",),
@@ -270,7 +273,6 @@ SEARCH_RATIO = 0.6
 """The search beyond ssToken runs every variant at ssToken's paper ratio (docs/beyond-sstoken.md)."""
 SEARCH_BASELINES = ("full", "sstoken-0.6", "sstoken-base-0.6", "rho1-0.6")
 """The rows each variant is compared with (run again in the search's own workdir, same seeds)."""
-_BASE_HISTORY = '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'
 
 
 def search_rows() -> list[MethodRow]:
@@ -299,7 +301,7 @@ def search_rows() -> list[MethodRow]:
             "--model.init_args.keep_end_of_turn",
             "true",
             "--model.init_args.history",
-            _BASE_HISTORY,
+            BASE_HISTORY,
             regimes=("pretrained",),
         ),
         variant("v4-rank", "V4 rank combination", "--model.init_args.combine", "rank"),

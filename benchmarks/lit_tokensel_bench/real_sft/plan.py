@@ -12,9 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lit_tokensel_bench.noisy_sft.plan import MethodRow
-
-_BASE_HISTORY = '{"class_path": "lit_tokensel.reference.CachedReference", "init_args": {"name": "base"}}'
+from lit_tokensel_bench.noisy_sft.plan import BASE_HISTORY, MethodRow, search_rows
 
 METHODS: tuple[MethodRow, ...] = (
     MethodRow("full", "Full SFT", "full", "full_sft", kind="baseline"),
@@ -36,7 +34,7 @@ METHODS: tuple[MethodRow, ...] = (
         "sstoken-base",
         "sstoken",
         0.6,
-        ("--model.init_args.history", _BASE_HISTORY),
+        ("--model.init_args.history", BASE_HISTORY),
     ),
     MethodRow("forgetting", "Forgetting (ρ 0.7, λ 0.25)", "forgetting", "forgetting", 0.7),
     MethodRow("sstoken", "ssToken EMA (0.6)", "sstoken", "sstoken", 0.6),
@@ -149,8 +147,22 @@ QUICK = StudySettings(
 """A smoke run (`--quick`): 4 steps per method, a few documents; checks the pipeline end to end, not the methods."""
 
 
+SEARCH_METHODS: tuple[MethodRow, ...] = tuple(
+    MethodRow(row.family, row.name, row.family, row.config, row.ratio, row.overrides, row.score)
+    for row in search_rows()
+)
+"""The six pre-registered ssToken variants of the search beyond ssToken (`--search`, docs/beyond-sstoken.md):
+the noisy-SFT benchmark's rows (`noisy_sft.plan.search_rows`, the same arguments), keyed without the ratio
+like this study's rows (`v1-relative`, ...). V3's base history is the base model's cached losses, as for
+`sstoken-base`. Each runs every seed."""
+
+SEARCH_BASELINES = ("full", "sstoken", "sstoken-base", "rho1")
+"""The study's rows the variants are compared with (their finished runs are reused, not run again)."""
+
+
 def method_seeds(settings: StudySettings, key: str) -> tuple[int, ...]:
-    return settings.seeds if key in MULTI_SEED else settings.seeds[:1]
+    multi = key in MULTI_SEED or any(row.key == key for row in SEARCH_METHODS)
+    return settings.seeds if multi else settings.seeds[:1]
 
 
 def job_order(settings: StudySettings) -> list[tuple[MethodRow, int]]:
@@ -160,3 +172,8 @@ def job_order(settings: StudySettings) -> list[tuple[MethodRow, int]]:
     for seed in settings.seeds:
         order += [(row, seed) for row in METHODS if seed in method_seeds(settings, row.key)]
     return order
+
+
+def search_job_order(settings: StudySettings) -> list[tuple[MethodRow, int]]:
+    """The search's variants x seeds, seed 0 of every variant first; they run after `job_order`'s jobs."""
+    return [(row, seed) for seed in settings.seeds for row in SEARCH_METHODS]

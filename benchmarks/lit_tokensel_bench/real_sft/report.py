@@ -13,12 +13,14 @@ import json
 import math
 import platform
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lit_tokensel_bench.noisy_sft.metrics import stat
+from lit_tokensel_bench.noisy_sft.plan import MethodRow
 from lit_tokensel_bench.noisy_sft.report import atomic_write_text, update_readme
 from lit_tokensel_bench.real_sft.plan import METHODS, TASKS, StudySettings, method_seeds
 from lit_tokensel_bench.real_sft.stats import (
@@ -50,11 +52,11 @@ def _load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def collect(settings: StudySettings, root: Path) -> dict[str, Any]:
-    """Every finished result per method and seed, the base model's, and the jobs still missing."""
+def collect(settings: StudySettings, root: Path, methods: Sequence[MethodRow] = METHODS) -> dict[str, Any]:
+    """Every finished result per method (of `methods`) and seed, the base model's, and the jobs still missing."""
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     missing = []
-    for row in METHODS:
+    for row in methods:
         for seed in method_seeds(settings, row.key):
             result = _load(root / "results" / row.key / f"seed{seed}.json")
             if result is None:
@@ -76,9 +78,12 @@ def _scale(task: str) -> float:
 
 
 def method_rows(
-    settings: StudySettings, collected: dict[str, Any], iters: int = 2000
+    settings: StudySettings,
+    collected: dict[str, Any],
+    iters: int = 2000,
+    methods: Sequence[MethodRow] = METHODS,
 ) -> list[dict[str, Any]]:
-    """Per method with a finished run: per task the mean/std over seeds, the suite average, the paired
+    """Per method of `methods` with a finished run, in their order: per task the mean/std over seeds, the suite average, the paired
     difference to full SFT (per task and on the suite average) with its bootstrap interval and MDD, cost."""
     tasks = _tasks(settings)
     suite = [t for t in tasks if t != NLL]
@@ -86,7 +91,7 @@ def method_rows(
     full = runs.get("full", {})
     full_docs = {t: seed_mean([r["docs"][t] for r in full.values()]) for t in tasks} if full else None
     rows = []
-    for method in METHODS:
+    for method in methods:
         seeds = runs.get(method.key)
         if not seeds:
             continue
@@ -250,7 +255,17 @@ def verdict_text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def settings_text(settings: StudySettings, root: Path, collected: dict[str, Any]) -> str:
+STUDY_SEEDS = (
+    "Seeds {seeds} for full SFT, random, Rho-1, TokenCleaning, ssToken base history, Forgetting; "
+    "seed {first} for the rest."
+)
+
+
+def settings_text(
+    settings: StudySettings, root: Path, collected: dict[str, Any], seeds_text: str = STUDY_SEEDS
+) -> str:
+    """The study's setup in one paragraph; `seeds_text` (formatted with `seeds`, `first`) says who ran which
+    seeds."""
     manifest = _load(root / "data" / "manifest.json") or {}
     mix = ", ".join(f"{k} {v}" for k, v in (manifest.get("train") or {}).items())
     ref = ", ".join(f"{k} {v}" for k, v in (manifest.get("reference") or {}).items())
@@ -267,12 +282,33 @@ def settings_text(settings: StudySettings, root: Path, collected: dict[str, Any]
         f"(of a shuffled pool of Alpaca-demo and NaturalInstructions v1 rows whose prompt leaves "
         f"{settings.min_answer_tokens} of the {settings.max_length} tokens to the answer); "
         f"warm-up reference (Rho-1, TokenCleaning, Forgetting) trained on a held-out slice: {ref}. "
-        f"Seeds {list(settings.seeds)} for full SFT, random, Rho-1, TokenCleaning, ssToken base history, Forgetting; "
-        f"seed {settings.seeds[0]} for the rest. Documents per task: {limits} (lm-eval's first N; the same for "
+        f"{seeds_text.format(seeds=list(settings.seeds), first=settings.seeds[0])} Documents per task: {limits} (lm-eval's first N; the same for "
         f"every run); AlpacaEval NLL: {settings.proxy_rows} instructions (seed {settings.proxy_seed}), the first "
         f"{settings.proxy_max_tokens} tokens of each GPT-4 answer. Wall time of the method jobs: "
         f"{sum(seconds) / 3600:.2f} h on {platform.machine()} ({platform.node() or 'this machine'}), torch threads "
         f"{settings.threads}."
+    )
+
+
+def partial_text(collected: dict[str, Any]) -> str:
+    """The PARTIAL line naming the unfinished jobs (empty when none is missing)."""
+    missing = collected["missing"]
+    if not missing:
+        return ""
+    return f"**PARTIAL**: {len(missing)} job(s) not finished: {', '.join(missing)}.\n\n"
+
+
+def tables_markdown(settings: StudySettings, rows: list[dict[str, Any]], collected: dict[str, Any]) -> str:
+    """The scores table, the difference-to-full-SFT table and the verdicts, each with its explanation."""
+    return (
+        "Scores (accuracy in %, mean ± std over seeds; AlpacaEval NLL in nats/token, lower is better; step time "
+        "and extra peak memory relative to full SFT of the same seed):\n\n"
+        f"{scores_table(settings, rows, collected['base'])}\n\n"
+        "Difference to full SFT (per document, seeds averaged on each side; 95% paired bootstrap interval over "
+        "documents, 2,000 resamples; the suite average resamples documents within each task). MDD: the smallest "
+        "difference a two-sided 5% test would detect with 80% power at these document counts. The intervals "
+        "hold document noise only; seed-to-seed spread is in the table above.\n\n"
+        f"{diff_table(settings, rows)}\n\n{verdict_text(rows)}\n"
     )
 
 
@@ -282,22 +318,9 @@ def report_markdown(
     """(full section, README summary, the numbers) of the study in `root`."""
     collected = collect(settings, root)
     rows = method_rows(settings, collected, iters=iters)
-    partial = ""
-    if collected["missing"]:
-        partial = (
-            f"**PARTIAL**: {len(collected['missing'])} job(s) not finished: "
-            f"{', '.join(collected['missing'])}.\n\n"
-        )
+    partial = partial_text(collected)
     body = (
-        f"{partial}{settings_text(settings, root, collected)}\n\n"
-        "Scores (accuracy in %, mean ± std over seeds; AlpacaEval NLL in nats/token, lower is better; step time "
-        "and extra peak memory relative to full SFT of the same seed):\n\n"
-        f"{scores_table(settings, rows, collected['base'])}\n\n"
-        "Difference to full SFT (per document, seeds averaged on each side; 95% paired bootstrap interval over "
-        "documents, 2,000 resamples; the suite average resamples documents within each task). MDD: the smallest "
-        "difference a two-sided 5% test would detect with 80% power at these document counts. The intervals "
-        "hold document noise only; seed-to-seed spread is in the table above.\n\n"
-        f"{diff_table(settings, rows)}\n\n{verdict_text(rows)}\n"
+        f"{partial}{settings_text(settings, root, collected)}\n\n{tables_markdown(settings, rows, collected)}"
     )
     summary_rows = ["| Method | Δ AlpacaEval NLL | Δ suite avg (points) |", "|---|---|---|"]
     for row in rows:

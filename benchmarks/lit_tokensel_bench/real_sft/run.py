@@ -4,6 +4,10 @@ r"""The real-data study: does any token-selection method beat full SFT on real i
     python -m lit_tokensel_bench.real_sft --out runs/real_sft_gpu --gpu       # the larger budget on one CUDA device
     python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --report  # tables from whatever has finished,
                                                                                # into docs/benchmarks.md and the README
+    python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --search  # + the six ssToken variants of
+                                                                               # docs/beyond-sstoken.md (3 seeds each)
+    python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --search --report  # their table, into
+                                                                               # docs/beyond-sstoken.md
 
 SmolLM2-135M-Instruct with the LoRA preset (`configs/presets/smollm2_lora.yaml`) is fine-tuned on a mix
 of Alpaca-demo and NaturalInstructions v1 rows (`data.py`) by every method at its shipped defaults
@@ -13,6 +17,8 @@ suite with fixed per-task limits (`lit_tokensel_eval`, per document). Jobs (a wo
 torch threads): the data, the reference, the base and reference scoring passes, the base model's scores
 (once, shared), then every method x seed, seed 0 of every method first. Finished jobs are kept in `--out`
 and skipped when the same command runs again; a line per job gives its time and the ETA of the rest.
+`--search` adds the pre-registered ssToken variants (`plan.SEARCH_METHODS`) after those jobs, in the same
+workdir with the same settings, so the finished study's jobs are reused.
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ from rich.console import Console
 from lit_tokensel_bench.noisy_sft.plan import Settings
 from lit_tokensel_bench.noisy_sft.run import Paths, Task, finish, method_args, regime_tasks, run_graph
 from lit_tokensel_bench.real_sft import jobs
-from lit_tokensel_bench.real_sft.plan import CPU, GPU, QUICK, StudySettings, job_order
+from lit_tokensel_bench.real_sft.plan import CPU, GPU, QUICK, StudySettings, job_order, search_job_order
 
 REPO = Path(__file__).resolve().parents[3]
 REGIME = "pretrained"
 SECTION = "real-sft-results"
+STUDY_COMMAND = "command.json"
+"""The command that ran the study's jobs (the report's "Produced by"); a `--search` run writes its own
+`search-command.json` and keeps this one."""
+SEARCH_COMMAND = "search-command.json"
 console = Console(stderr=True, highlight=False)
 
 
@@ -82,9 +92,12 @@ def prepare_data(settings: StudySettings, paths: Paths) -> None:
     paths.data = write_study_data(settings, load_tokenizer(settings.model), paths.root / "data")
 
 
-def study_tasks(settings: StudySettings, paths: Paths, only: list[str] | None = None) -> list[Task]:
+def study_tasks(
+    settings: StudySettings, paths: Paths, only: list[str] | None = None, search: bool = False
+) -> list[Task]:
     """The job graph: reference and scoring passes (noisy-SFT's builders), the base model's scores, then
-    every method x seed in `job_order`. Costs (for the ETA) are relative to one training-and-scoring job."""
+    every method x seed in `job_order`, then (`search`) every variant x seed in `search_job_order`. Costs
+    (for the ETA) are relative to one training-and-scoring job."""
     noisy = noisy_settings(settings)
     shared = {"settings": settings.to_dict()}
     prep = [t for t in regime_tasks(noisy, paths, REGIME, settings.threads) if "/eval-" not in t.name]
@@ -102,7 +115,8 @@ def study_tasks(settings: StudySettings, paths: Paths, only: list[str] | None = 
         ),
     ]
     needs = tuple(t.name for t in prep)
-    for row, seed in job_order(settings):
+    order = job_order(settings) + (search_job_order(settings) if search else [])
+    for row, seed in order:
         if only is not None and row.key not in only:
             continue
         run_dir = paths.run_dir(REGIME, f"{row.key}/seed{seed}")
@@ -196,11 +210,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="README for the summary (--report); docs/benchmarks.md beside it gets the tables",
     )
     parser.add_argument("--no-readme", action="store_true", help="--report writes the workdir only")
+    parser.add_argument(
+        "--search",
+        action="store_true",
+        help="also run the six ssToken variants of the search beyond ssToken (docs/beyond-sstoken.md), 3 seeds "
+        "each, after the study's jobs (finished ones are reused); with --report: their table into "
+        "docs/beyond-sstoken.md beside the README, instead of the study's tables",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     from lit_tokensel_bench.real_sft.report import write_report
+    from lit_tokensel_bench.real_sft.search import write_search_report
 
     args = parse_args(argv)
     settings = load_settings(args)
@@ -215,21 +237,37 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((root / "settings.json").read_text(encoding="utf-8"))
         settings = StudySettings(**{**saved, "seeds": settings.seeds})
         readme = None if args.no_readme else args.readme
-        ran = root / "command.json"  # the command that ran the jobs, not this --report
+        ran = root / (
+            SEARCH_COMMAND if args.search else STUDY_COMMAND
+        )  # what ran the jobs, not this --report
         command = json.loads(ran.read_text(encoding="utf-8")) if ran.is_file() else command
-        for name, path in write_report(settings, root, readme=readme, command=command).items():
+        if args.search:
+            page = None if readme is None else Path(readme).resolve().parent / "docs" / "beyond-sstoken.md"
+            outputs = write_search_report(settings, root, page=page, command=command)
+        else:
+            outputs = write_report(settings, root, readme=readme, command=command)
+        for name, path in outputs.items():
             console.print(f"{name:<10} {path}")
         return 0
     check_workdir(root, settings)
-    jobs.write_json(root / "command.json", command)
+    study_command = root / STUDY_COMMAND
+    if args.search:
+        jobs.write_json(root / SEARCH_COMMAND, command)
+        if not study_command.is_file():  # a fresh workdir: this command runs the study's jobs too
+            jobs.write_json(study_command, command)
+    else:
+        jobs.write_json(study_command, command)
     started = time.perf_counter()
     console.rule(f"real-data study → {root}")
     prepare_data(settings, paths)
-    tasks = study_tasks(settings, paths, args.only)
+    tasks = study_tasks(settings, paths, args.only, search=args.search)
     console.print(
         f"{len(tasks)} jobs, one at a time with {settings.threads} torch threads; seeds {list(settings.seeds)}; "
         f"{settings.steps} optimizer steps of {settings.batch_size} rows per run on {settings.device}"
     )
     failed = run_graph(tasks, 1, describe=describe)
-    outputs = write_report(settings, root, readme=None, command=command)
+    ran = json.loads(study_command.read_text(encoding="utf-8"))
+    outputs = write_report(settings, root, readme=None, command=ran)
+    if args.search:
+        outputs |= {f"search {k}": v for k, v in write_search_report(settings, root, command=command).items()}
     return finish(started, outputs, failed)
