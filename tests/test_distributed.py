@@ -187,6 +187,30 @@ def _run(command: list[str], log: Path, timeout: int = 400) -> None:
         pytest.fail(f"{' '.join(command)} exited with {result.returncode}:\n{tail}")
 
 
+def run_jobs(out: Path, spec: dict[str, Any], distributed: list[dict], single: list[dict]) -> None:
+    """The `distributed` jobs in one `torch.distributed.run` of WORLD processes (log in `out`), then the
+    `single` jobs in this process, all from the same `spec`."""
+    (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(WORLD),
+            str(WORKER),
+            str(out / "distributed.json"),
+        ],
+        out / "distributed.log",
+    )
+
+    from tests.distributed_worker import run_job
+
+    for single_job in single:
+        run_job(spec, single_job)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
     """Every training job once: single process in this process, DDP and FSDP2 in one 2-rank torchrun."""
@@ -252,25 +276,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
             "max_steps": 2,
         },
     ]
-    (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(WORLD),
-            str(WORKER),
-            str(out / "distributed.json"),
-        ],
-        out / "distributed.log",
-    )
-
-    from tests.distributed_worker import run_job
-
-    for single_job in single:
-        run_job(spec, single_job)
+    run_jobs(out, spec, distributed, single)
     return out
 
 
@@ -334,25 +340,7 @@ def packed_runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -
         {"name": f"{s}_{m}_packed", "method": m, "strategy": s, "packing": True, **job}
         for m, s in (("full", "ddp"), ("rho1", "ddp"), ("rho1", "fsdp2"))
     ]
-    (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(WORLD),
-            str(WORKER),
-            str(out / "distributed.json"),
-        ],
-        out / "distributed.log",
-    )
-
-    from tests.distributed_worker import run_job
-
-    for single_job in single:
-        run_job(spec, single_job)
+    run_jobs(out, spec, distributed, single)
     return out
 
 

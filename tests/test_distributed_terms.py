@@ -7,8 +7,6 @@ and summed over ranks at the step (`lit_tokensel.methods.base`). Slow: one 2-ran
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,14 @@ import pytest
 import torch
 
 from tests.model_fixtures import QUICKSTART_TRAIN
-from tests.test_distributed import PER_RANK_BATCH, STEPS, WORKER, WORLD, _assert_same_tensors, _result, _run
+from tests.test_distributed import (
+    PER_RANK_BATCH,
+    STEPS,
+    WORLD,
+    _assert_same_tensors,
+    _result,
+    run_jobs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,25 +41,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: str) -> Path:
         {"name": "ddp_terms", "strategy": "ddp", **job},
         {"name": "ddp_terms_accumulate", "strategy": "ddp", **job, "per_rank_batch": 1, "accumulate": 2},
     ]
-    (out / "distributed.json").write_text(json.dumps({**spec, "jobs": distributed}))
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(WORLD),
-            str(WORKER),
-            str(out / "distributed.json"),
-        ],
-        out / "distributed.log",
-    )
-
-    from tests.distributed_worker import run_job
-
-    for name, method in (("single_terms", "terms"), ("single_full", "terms_full")):
-        run_job(spec, {"name": name, "strategy": "single", **job, "method": method})
+    single = [
+        {"name": name, "strategy": "single", **job, "method": method}
+        for name, method in (("single_terms", "terms"), ("single_full", "terms_full"))
+    ]
+    run_jobs(out, spec, distributed, single)
     return out
 
 
