@@ -48,6 +48,7 @@ from lit_tokensel_bench.noisy_sft.plan import (
     regime_rows,
     search_regime_rows,
 )
+from lit_tokensel_bench.worker_guard import exit_with_parent
 
 REPO = Path(__file__).resolve().parents[3]
 METHOD_CONFIGS = REPO / "configs" / "methods"
@@ -489,7 +490,9 @@ def run_graph(
     total, count = len(pending), 0
     spent, done_cost, left_cost = 0.0, 0.0, sum(t.cost for t in pending)
     context = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, max_tasks_per_child=1) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, max_tasks_per_child=1, initializer=exit_with_parent
+    ) as pool:
         while pending or running:
             blocked = [
                 t for t in pending if any(d in {f.name for f in failed} or by_name[d].error for d in t.deps)
