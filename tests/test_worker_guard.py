@@ -37,7 +37,10 @@ def worker_alive_after_runner_killed(tmp_path: Path, mode: str) -> bool:
     """Start a runner with one pool worker, SIGKILL the runner, report whether the worker lives 3 s later."""
     script, pid_file = tmp_path / "runner.py", tmp_path / f"worker-{mode}.pid"
     script.write_text(RUNNER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path("benchmarks").resolve()), *sys.path])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "benchmarks"), *sys.path]),
+    }
     runner = subprocess.Popen([sys.executable, str(script), str(pid_file), mode], env=env)
     try:
         deadline = time.monotonic() + 60
