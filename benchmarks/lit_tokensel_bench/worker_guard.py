@@ -18,7 +18,8 @@ POLL_SECONDS = 2.0
 
 def exit_with_parent(poll_seconds: float = POLL_SECONDS) -> None:
     """Start the watch in this (worker) process; the worker gets SIGTERM within `poll_seconds` of its parent's
-    death (SIGTERM, not `os._exit`, so the job's own cleanup and atomic writes still run)."""
+    death. Nothing of the job's is half-written by that: results are written atomically, and a job without
+    its result file is redone from the start by the resumed runner."""
     parent = os.getppid()
 
     def watch() -> None:
