@@ -150,7 +150,7 @@ def test_plan_covers_the_required_seeds_and_runs_seed0_of_everything_first():
         assert [k for k, _ in first] == keys and {s for _, s in first} == {settings.seeds[0]}
         assert len(order) == len(set(order)) == len(keys) + (len(settings.seeds) - 1) * len(MULTI_SEED)
     assert all((METHOD_CONFIGS / f"{row.config}.yaml").is_file() for row in METHODS)
-    assert set(CPU.limits) <= set(TASKS) and set(GPU.limits) == set(TASKS)
+    assert set(CPU.limits) == set(TASKS) == set(GPU.limits)  # every suite task in both budgets
 
 
 def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
@@ -203,6 +203,13 @@ def record_job(job: dict) -> dict:
     return {"name": job["name"]}
 
 
+def _write_scored(path: Path, tasks: list[str]) -> None:
+    """A result file scored on `tasks` (one document each)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = {t: {"0": 1.0, "1": 0.0} for t in tasks}
+    path.write_text(json.dumps(_result(docs, 2.0, 100.0)), encoding="utf-8")
+
+
 def test_finished_jobs_are_skipped_on_rerun(tmp_path):
     from lit_tokensel_bench.real_sft.run import result_path, study_tasks
 
@@ -214,9 +221,12 @@ def test_finished_jobs_are_skipped_on_rerun(tmp_path):
     rho1 = next(t for t in tasks if t.name == "rho1/seed0")
     assert not rho1.done() and rho1.job["result"] == str(done)
     done.parent.mkdir(parents=True)
-    done.write_text("{}", encoding="utf-8")
+    _write_scored(done, ["alpaca_eval_nll", *CPU.limits])
     assert rho1.done()
     assert [t.name for t in tasks if t.done()] == ["rho1/seed0"]
+    # scored before the suite grew (three of its tasks): not finished, it runs again
+    _write_scored(done, ["alpaca_eval_nll", "arc_easy", "arc_challenge", "winogrande"])
+    assert not rho1.done()
 
     log = tmp_path / "ran.txt"
     fake = [
@@ -284,12 +294,18 @@ def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_mode
     ]
     _fake_wheel(tmp_path / "pypi", rows)
     settings = StudySettings(
-        limits={"arc_easy": 3, "winogrande": 2}, proxy_rows=4, proxy_max_tokens=8, eval_batch_size=4
+        limits={"arc_easy": 3, "winogrande": 2, "mmlu": 1},
+        proxy_rows=4,
+        proxy_max_tokens=8,
+        eval_batch_size=4,
     )
     model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
     result = score_model(model, tokenizer, settings, "tiny")
     docs = result["docs"]
-    assert set(docs) == {"alpaca_eval_nll", "arc_easy", "winogrande"}
+    assert set(docs) == {"alpaca_eval_nll", "arc_easy", "winogrande", "mmlu"}
+    assert len(docs["mmlu"]) == 57 and all(key.endswith("/0") for key in docs["mmlu"])  # one per subject
+    # the long few-shot task ran in its own lm-eval call at a quarter of the batch
+    assert set(result["eval_seconds"]) == {"alpaca_eval_nll", "suite_batch4", "suite_batch1"}
     subset = alpaca_eval.proxy_subset(rows, 4, seed=0)
     assert sorted(docs["alpaca_eval_nll"]) == sorted(str(r["index"]) for r in subset)
     assert list(docs["alpaca_eval_nll"].values()) == pytest.approx(
@@ -380,6 +396,54 @@ def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
         check_workdir(tmp_path, dataclasses.replace(CPU, train_rows=64, limits={"arc_easy": 1}))
 
 
+def test_workdir_accepts_a_growing_suite_but_not_changed_limits(tmp_path):
+    import dataclasses
+
+    from lit_tokensel_bench.real_sft.run import check_workdir
+
+    three = dataclasses.replace(CPU, limits={"arc_easy": 40, "winogrande": 40})
+    check_workdir(tmp_path, three)
+    check_workdir(tmp_path, CPU)  # tasks added, the first ones' limits unchanged: the same study, grown
+    saved = json.loads((tmp_path / "settings.json").read_text(encoding="utf-8"))
+    assert saved["limits"] == CPU.limits and "seeds" not in saved
+    for other in (three, dataclasses.replace(CPU, limits={**CPU.limits, "arc_easy": 41})):
+        with pytest.raises(SystemExit, match=r"differs in \['limits'\]"):  # a task dropped, a limit changed
+            check_workdir(tmp_path, other)
+
+
+def test_a_rerun_keeps_the_earlier_result_and_says_how_closely_it_reproduces_it(tmp_path):
+    from lit_tokensel_bench.real_sft.jobs import write_result
+    from lit_tokensel_bench.real_sft.run import describe
+
+    path = tmp_path / "results" / "full" / "seed0.json"
+    first = {
+        "docs": {"alpaca_eval_nll": {"1": 2.0, "2": 3.0}, "arc_easy": {"0": 1.0}},
+        "fit": {"train_loss": 1.5},
+    }
+    assert write_result(path, first) == first  # nothing earlier: written as is
+    assert not path.with_suffix(".prev.json").exists()
+    again = {
+        "docs": {"alpaca_eval_nll": {"1": 2.0, "2": 3.25}, "arc_easy": {"0": 1.0}, "piqa": {"0": 0.0}},
+        "fit": {"train_loss": 1.5},
+        "scores": {"alpaca_eval_nll": 2.625},
+    }
+    written = write_result(path, again)
+    assert json.loads(path.with_suffix(".prev.json").read_text(encoding="utf-8")) == first
+    assert json.loads(path.read_text(encoding="utf-8")) == written
+    assert written["reproduces_previous"] == {
+        "docs_max_abs_diff": {"alpaca_eval_nll": 0.25, "arc_easy": 0.0},
+        "train_loss_diff": 0.0,
+    }
+    assert "vs its earlier result: max |Δ| per document 0.25, train loss Δ 0" in describe(written)
+
+
+def test_long_few_shot_tasks_score_at_a_quarter_of_the_batch():
+    from lit_tokensel_bench.real_sft.jobs import task_batch_size
+
+    assert [task_batch_size(CPU, t) for t in ("mmlu", "gsm8k_cot", "arc_easy")] == [8, 8, 32]
+    assert task_batch_size(GPU, "mmlu") == 16 and task_batch_size(GPU, "hellaswag") == 64
+
+
 # ------------------------------------------------------------------------------------------ --search
 
 
@@ -455,9 +519,7 @@ def test_search_job_graph_appends_the_variants_and_reuses_finished_jobs(tmp_path
     finished = [("full", s) for s in CPU.seeds] + [("sstoken", 0)] + [("rho1", s) for s in CPU.seeds]
     finished += [("sstoken-base", s) for s in CPU.seeds]
     for key, seed in finished:
-        path = result_path(tmp_path, key, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}", encoding="utf-8")
+        _write_scored(result_path(tmp_path, key, seed), ["alpaca_eval_nll", *CPU.limits])
     search = study_tasks(CPU, _paths(tmp_path), search=True)
     assert sorted(t.name for t in search if t.done()) == sorted(f"{k}/seed{s}" for k, s in finished)
     assert not any(t.done() for t in search if t.name in variants)
@@ -593,3 +655,25 @@ def test_search_report_section_on_fake_results(tmp_path):
         json.loads((root / "search-results.json").read_text(encoding="utf-8"))["rows"][4]["key"]
         == "v1-relative"
     )
+
+
+def test_tables_over_runs_from_before_and_after_the_suite_grew(tmp_path):
+    """The study's table needs every task of its limits (a run scored on fewer is listed as not finished); the
+    search's table compares on the tasks all its runs share."""
+    from lit_tokensel_bench.real_sft.plan import StudySettings
+    from lit_tokensel_bench.real_sft.report import collect, scored_tasks
+    from lit_tokensel_bench.real_sft.search import search_markdown, search_methods
+
+    settings = StudySettings(seeds=(0,), limits={"arc_easy": 4, "piqa": 2})
+    root = tmp_path / "run"
+    grown, first_pass = ["alpaca_eval_nll", "arc_easy", "piqa"], ["alpaca_eval_nll", "arc_easy"]
+    for key in ("base-model", "full", "sstoken", "sstoken-base", "rho1"):
+        _write_scored(root / "results" / key / "seed0.json", grown)
+    _write_scored(root / "results" / "v1-relative" / "seed0.json", first_pass)
+    assert scored_tasks(settings, root, search_methods()) == {"arc_easy": 4}
+    assert scored_tasks(settings, root, search_methods()[:4]) == settings.limits
+    assert "v1-relative/seed0" not in collect(settings, root, search_methods()[:4])["missing"]
+    study = collect(settings, root, search_methods())
+    assert "v1-relative/seed0" in study["missing"] and "full/seed0" not in study["missing"]
+    body, numbers = search_markdown(settings, root, iters=100)
+    assert "v1-relative/seed0" not in numbers["missing"] and "PIQA" not in body and "ARC-E 4" in body

@@ -3,12 +3,15 @@ the offline suite, per document), and train-then-score one method x seed.
 
 A job writes its result file atomically at the very end (the done-marker), so an interrupted study
 redoes only unfinished jobs. The trained model is exported with LoRA merged (lm-eval then runs a plain
-model, no adapter hooks) and the export is deleted once scored: only the result file is kept.
+model, no adapter hooks) and the export is deleted once scored: only the result file is kept. A job whose
+result was scored on fewer tasks than the study now holds (its task list grew) runs again; the earlier
+result is kept beside the new one (`seedN.prev.json`) and the new one records how closely it reproduces it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +21,16 @@ import torch
 
 from lit_tokensel_bench.noisy_sft.jobs import fit_job, quiet_worker, write_json
 from lit_tokensel_bench.real_sft.plan import StudySettings
+
+LONG_PROMPT_TASKS = ("mmlu", "gsm8k_cot")
+"""Few-shot tasks whose prompts run to 1,000-2,000 tokens. lm-eval's HF model holds a batch's full logits in
+fp32 (batch x tokens x 49,152 vocabulary): at batch 32 a 5-shot MMLU batch took the 24 GiB machine out of
+memory, so these run at a quarter of the batch."""
+
+
+def task_batch_size(settings: StudySettings, task: str) -> int:
+    """The eval batch for `task`: the study's, a quarter of it for the long few-shot prompts."""
+    return max(1, settings.eval_batch_size // 4) if task in LONG_PROMPT_TASKS else settings.eval_batch_size
 
 
 def eval_suite(settings: StudySettings) -> Any:
@@ -76,24 +89,57 @@ def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings,
     docs: dict[str, dict[str, float]] = {"alpaca_eval_nll": {str(r["index"]): v for r, v in zip(rows, nll)}}
     seconds = {"alpaca_eval_nll": time.perf_counter() - started}
     suite = eval_suite(settings)
-    if suite.tasks:
+    for batch_size in sorted({task_batch_size(settings, spec.task) for spec in suite.tasks}, reverse=True):
+        part = dataclasses.replace(
+            suite, tasks=[s for s in suite.tasks if task_batch_size(settings, s.task) == batch_size]
+        )
         started = time.perf_counter()
         run = evaluate(
             InMemoryModel(model, tokenizer, name=name),
-            suite=suite,
-            batch_size=settings.eval_batch_size,
+            suite=part,
+            batch_size=batch_size,
             bootstrap_iters=0,
             offline=True,
             log_samples=True,
             progress=False,
         )
-        docs |= per_document(run.results, suite)
-        seconds["suite"] = time.perf_counter() - started
+        docs |= per_document(run.results, part)
+        seconds[f"suite_batch{batch_size}"] = time.perf_counter() - started
     return {
         "docs": docs,
         "scores": {task: sum(v.values()) / len(v) for task, v in docs.items() if v},
         "eval_seconds": seconds,
     }
+
+
+def reproduction(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """How closely a rerun reproduces its earlier result: per task both hold, the largest absolute difference of
+    a document's value; and the difference of the training loss (the fits are seeded; on the same machine and
+    thread count they should match to the bit)."""
+    out: dict[str, Any] = {
+        "docs_max_abs_diff": {
+            task: max(
+                (abs(values[k] - result["docs"][task].get(k, float("inf"))) for k in values), default=0.0
+            )
+            for task, values in previous.get("docs", {}).items()
+            if task in result.get("docs", {})
+        }
+    }
+    before, after = (previous.get("fit") or {}).get("train_loss"), (result.get("fit") or {}).get("train_loss")
+    if before is not None and after is not None:
+        out["train_loss_diff"] = after - before
+    return out
+
+
+def write_result(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """Write `result` (the done-marker) atomically. An earlier result at `path` (scored on fewer tasks) is kept
+    as `<name>.prev.json` first, and the new result records how closely it reproduces it."""
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        write_json(path.with_suffix(".prev.json"), previous)
+        result = {**result, "reproduces_previous": reproduction(previous, result)}
+    write_json(path, result)
+    return result
 
 
 def load_for_eval(path: str, settings: StudySettings) -> tuple[torch.nn.Module, Any]:
@@ -110,8 +156,7 @@ def eval_job(job: dict[str, Any]) -> dict[str, Any]:
     quiet_worker(settings.threads, Path(job["result"]).with_suffix(".log"))
     model, tokenizer = load_for_eval(job["model"], settings)
     result = {"name": job["name"], **score_model(model, tokenizer, settings, job["name"])}
-    write_json(Path(job["result"]), result)
-    return result
+    return write_result(Path(job["result"]), result)
 
 
 def train_eval_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -133,8 +178,6 @@ def train_eval_job(job: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         quiet_worker(settings.threads, run_dir / "worker.log")
-    import json
-
     fit = json.loads(fit_file.read_text(encoding="utf-8"))
     model, tokenizer = load_for_eval(str(export), settings)
     result = {
@@ -143,6 +186,6 @@ def train_eval_job(job: dict[str, Any]) -> dict[str, Any]:
         **score_model(model, tokenizer, settings, job["name"]),
         "seconds": time.perf_counter() - started,
     }
-    write_json(Path(job["result"]), result)
+    result = write_result(Path(job["result"]), result)
     shutil.rmtree(export, ignore_errors=True)
     return result

@@ -64,13 +64,24 @@ TASKS = (
 """The offline suite (`lit_tokensel_eval/suites/offline.yaml`), in the order its tasks are evaluated."""
 
 
-CPU_TASKS = ("arc_easy", "arc_challenge", "winogrande")
-"""The suite tasks the CPU budget holds. Measured on the base model with 2 threads on this (shared, loaded)
-machine, per document: ARC-E 1.0 s, ARC-C 1.3 s, Winogrande 1.0 s, BoolQ 1.3 s, PIQA 1.7 s, HellaSwag 2.5 s,
-TruthfulQA-299 mc2 about 8 s (a dozen long options per question); MMLU 5-shot needs at least 57 documents
-(one per subject) of 5-shot prompts, GSM8K-cot an 8-shot prompt plus up to 256 generated tokens. With 24
-runs to score, the CPU budget keeps the three cheapest and leaves the rest to the GPU budget, rather than
-cutting every task to a handful of documents."""
+CPU_LIMITS: dict[str, int] = {
+    "arc_easy": 40,
+    "arc_challenge": 40,
+    "winogrande": 40,
+    "hellaswag": 200,
+    "piqa": 200,
+    "boolq": 60,
+    "truthfulqa_mc2": 40,
+    "mmlu": 1,
+    "gsm8k_cot": 10,
+}
+"""Documents per task in the CPU budget (lm-eval's first N; MMLU: per subject, 57 subjects). Every suite task
+is scored, each at the count its cost allows. Measured on the base model, 2 threads, the machine otherwise
+idle (`python -m lit_tokensel_bench.real_sft.task_costs`), per document: PIQA 0.09 s, HellaSwag 0.15 s,
+ARC and Winogrande about 0.13 s, BoolQ 0.85 s, TruthfulQA-299 mc2 0.9 s (a dozen long options), MMLU 5-shot
+0.76 s (batch 8), GSM8K-cot 3.4 s (8-shot prompt, up to 256 generated tokens): about 3.5 min per run beside
+2.4 min of training. The first CPU pass scored ARC-E, ARC-C and Winogrande only; a workdir's task list may
+grow (`run.check_workdir`), and runs scored on fewer tasks are then run again."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class StudySettings:
     learning_rate: float = 1e-3
     data_seed: int = 0
     model: str = "builtin:smollm2-135m-instruct"
-    limits: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CPU_TASKS, 40))
+    limits: dict[str, int] = field(default_factory=lambda: dict(CPU_LIMITS))
     """Documents per task (lm-eval's first N; MMLU: per subject, 57 subjects); a task not listed is not run."""
     proxy_rows: int = 100
     proxy_max_tokens: int = 64

@@ -53,20 +53,40 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def collect(settings: StudySettings, root: Path, methods: Sequence[MethodRow] = METHODS) -> dict[str, Any]:
-    """Every finished result per method (of `methods`) and seed, the base model's, and the jobs still missing."""
+    """Every finished result per method (of `methods`) and seed, the base model's, and the jobs still missing.
+    A result scored on fewer tasks than the settings' limits (written before the suite grew) counts as missing."""
+    tasks = _tasks(settings)
+
+    def load(path: Path) -> dict[str, Any] | None:
+        result = _load(path)
+        return result if result is not None and all(result.get("docs", {}).get(t) for t in tasks) else None
+
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     missing = []
     for row in methods:
         for seed in method_seeds(settings, row.key):
-            result = _load(root / "results" / row.key / f"seed{seed}.json")
+            result = load(root / "results" / row.key / f"seed{seed}.json")
             if result is None:
                 missing.append(f"{row.key}/seed{seed}")
             else:
                 runs.setdefault(row.key, {})[seed] = result
-    base = _load(root / "results" / "base-model" / "seed0.json")
+    base = load(root / "results" / "base-model" / "seed0.json")
     if base is None:
         missing.insert(0, "base-model")
     return {"runs": runs, "base": base, "missing": missing}
+
+
+def scored_tasks(settings: StudySettings, root: Path, methods: Sequence[MethodRow]) -> dict[str, int]:
+    """The settings' limits restricted to the suite tasks every existing result of `methods` (and the base
+    model's) was scored on: a table over runs made before and after the suite grew compares them on what
+    they share."""
+    files = [root / "results" / row.key / f"seed{seed}.json" for row in methods for seed in settings.seeds]
+    held = [
+        set(r.get("docs", {}))
+        for r in map(_load, [*files, root / "results" / "base-model" / "seed0.json"])
+        if r
+    ]
+    return {t: n for t, n in settings.limits.items() if all(t in h for h in held)}
 
 
 def _tasks(settings: StudySettings) -> list[str]:
@@ -295,7 +315,10 @@ def partial_text(collected: dict[str, Any]) -> str:
     missing = collected["missing"]
     if not missing:
         return ""
-    return f"**PARTIAL**: {len(missing)} job(s) not finished: {', '.join(missing)}.\n\n"
+    return (
+        f"**PARTIAL**: {len(missing)} job(s) not finished (or scored on fewer tasks than this table): "
+        f"{', '.join(missing)}.\n\n"
+    )
 
 
 def tables_markdown(settings: StudySettings, rows: list[dict[str, Any]], collected: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,25 @@ def base_result(root: Path) -> Path:
     return root / "results" / "base-model" / "seed0.json"
 
 
+def required_scores(settings: StudySettings) -> tuple[str, ...]:
+    """What a finished job's result holds: the NLL proxy and every suite task of the settings' limits."""
+    return ("alpaca_eval_nll", *settings.limits)
+
+
+def holds_scores(path: Path, required: tuple[str, ...]) -> bool:
+    """Whether the result file at `path` exists and was scored on every one of `required` (a result scored on
+    fewer tasks, before the study's task list grew, is not finished)."""
+    if not path.is_file():
+        return False
+    docs = json.loads(path.read_text(encoding="utf-8")).get("docs", {})
+    return all(docs.get(task) for task in required)
+
+
+def finished(path: Path, settings: StudySettings) -> Callable[[], bool]:
+    required = required_scores(settings)
+    return lambda: holds_scores(path, required)
+
+
 def prepare_data(settings: StudySettings, paths: Paths) -> None:
     from lit_tokensel.modeling.loading import load_tokenizer
     from lit_tokensel_bench.real_sft.data import write_study_data
@@ -110,7 +130,7 @@ def study_tasks(
             "base-model",
             jobs.eval_job,
             {"name": "base-model", "model": settings.model, "result": str(base), **shared},
-            done=base.is_file,
+            done=finished(base, settings),
             cost=0.6,
         ),
     ]
@@ -133,7 +153,7 @@ def study_tasks(
                     "args": method_args(noisy, paths, REGIME, row, seed, run_dir),
                 },
                 deps=needs,
-                done=result.is_file,
+                done=finished(result, settings),
             )
         )
     return tasks
@@ -151,20 +171,39 @@ def describe(result: dict[str, Any]) -> str:
     fit = result.get("fit") or {}
     if fit.get("step_time_s"):
         parts.append(f"{fit['step_time_s']:.2f} s/step")
+    again = result.get("reproduces_previous")
+    if again:
+        worst = max(again["docs_max_abs_diff"].values(), default=0.0)
+        loss = again.get("train_loss_diff")
+        parts.append(
+            f"vs its earlier result: max |Δ| per document {worst:.2g}"
+            + ("" if loss is None else f", train loss Δ {loss:.2g}")
+        )
     return " | ".join(parts) or result.get("name", result.get("cache", ""))
 
 
 def check_workdir(root: Path, settings: StudySettings) -> None:
-    """A workdir holds one set of settings (seeds may grow): refuse to mix results of another."""
+    """A workdir holds one set of settings: refuse to mix results of another. Seeds may grow, and so may the
+    suite (tasks added to `limits`, the others' limits unchanged): runs scored on fewer tasks then run again."""
     saved = root / "settings.json"
-    current = json.loads(json.dumps({k: v for k, v in settings.to_dict().items() if k != "seeds"}))
+    current = json.loads(json.dumps(settings.to_dict()))
+    current.pop("seeds")
     if saved.is_file():
         before = json.loads(saved.read_text(encoding="utf-8"))
-        if before != current:
-            changed = sorted(k for k in current if before.get(k) != current[k])
+        changed = sorted(k for k in current if k != "limits" and before.get(k) != current[k])
+        old_limits, new_limits = before.get("limits", {}), current["limits"]
+        if any(new_limits.get(task) != limit for task, limit in old_limits.items()):
+            changed = sorted([*changed, "limits"])
+        if changed:
             raise SystemExit(
                 f"{root} holds a study run with other settings (differs in {changed}); "
                 "use another --out or delete it"
+            )
+        added = [task for task in new_limits if task not in old_limits]
+        if added:
+            console.print(
+                f"the suite grows by {', '.join(added)}: runs scored on fewer tasks run again "
+                "(their earlier results are kept as seedN.prev.json)"
             )
     jobs.write_json(saved, current)
 

@@ -9,6 +9,7 @@ docs/beyond-sstoken.md between `<!-- beyond-sstoken-real-results:start -->` / `:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from lit_tokensel_bench.real_sft.report import (
     collect,
     method_rows,
     partial_text,
+    scored_tasks,
     settings_text,
     tables_markdown,
 )
@@ -64,6 +66,7 @@ def losing_text(rows: list[dict[str, Any]]) -> str:
 def search_markdown(settings: StudySettings, root: Path, iters: int = 2000) -> tuple[str, dict[str, Any]]:
     """(the section's text, the numbers) of the search in the study workdir `root`."""
     methods = search_methods()
+    settings = dataclasses.replace(settings, limits=scored_tasks(settings, root, methods))
     collected = collect(settings, root, methods)
     rows = method_rows(settings, collected, iters=iters, methods=methods)
     body = (
