@@ -14,13 +14,14 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from lit_tokensel_bench.noisy_sft.jobs import fit_job, quiet_worker, write_json
-from lit_tokensel_bench.real_sft.plan import StudySettings
+from lit_tokensel_bench.real_sft.plan import TASKS, StudySettings
 
 LONG_PROMPT_TASKS = ("mmlu", "gsm8k_cot")
 """Few-shot tasks whose prompts run to 1,000-2,000 tokens. lm-eval's HF model holds a batch's full logits in
@@ -110,6 +111,18 @@ def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings,
         "scores": {task: sum(v.values()) / len(v) for task, v in docs.items() if v},
         "eval_seconds": seconds,
     }
+
+
+def required_scores(settings: StudySettings) -> list[str]:
+    """What a finished job's result holds: the NLL proxy and every suite task of the settings' limits (in the
+    suite's order)."""
+    return ["alpaca_eval_nll", *(t for t in TASKS if t in settings.limits)]
+
+
+def scored_on(result: dict[str, Any] | None, tasks: Iterable[str]) -> bool:
+    """Whether `result` holds per-document scores of every one of `tasks` (a result written before the study's
+    task list grew does not)."""
+    return result is not None and all(result.get("docs", {}).get(task) for task in tasks)
 
 
 def reproduction(previous: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:

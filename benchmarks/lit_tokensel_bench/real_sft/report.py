@@ -22,6 +22,7 @@ import numpy as np
 from lit_tokensel_bench.noisy_sft.metrics import stat
 from lit_tokensel_bench.noisy_sft.plan import MethodRow
 from lit_tokensel_bench.noisy_sft.report import atomic_write_text, update_readme
+from lit_tokensel_bench.real_sft.jobs import required_scores, scored_on
 from lit_tokensel_bench.real_sft.plan import METHODS, TASKS, StudySettings, method_seeds
 from lit_tokensel_bench.real_sft.stats import (
     mdd_paired,
@@ -59,7 +60,7 @@ def collect(settings: StudySettings, root: Path, methods: Sequence[MethodRow] = 
 
     def load(path: Path) -> dict[str, Any] | None:
         result = _load(path)
-        return result if result is not None and all(result.get("docs", {}).get(t) for t in tasks) else None
+        return result if scored_on(result, tasks) else None
 
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     missing = []
@@ -90,7 +91,7 @@ def scored_tasks(settings: StudySettings, root: Path, methods: Sequence[MethodRo
 
 
 def _tasks(settings: StudySettings) -> list[str]:
-    return [NLL, *(t for t in TASKS if t in settings.limits)]
+    return required_scores(settings)
 
 
 def _scale(task: str) -> float:

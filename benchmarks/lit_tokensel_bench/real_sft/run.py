@@ -86,23 +86,10 @@ def base_result(root: Path) -> Path:
     return root / "results" / "base-model" / "seed0.json"
 
 
-def required_scores(settings: StudySettings) -> tuple[str, ...]:
-    """What a finished job's result holds: the NLL proxy and every suite task of the settings' limits."""
-    return ("alpaca_eval_nll", *settings.limits)
-
-
-def holds_scores(path: Path, required: tuple[str, ...]) -> bool:
-    """Whether the result file at `path` exists and was scored on every one of `required` (a result scored on
-    fewer tasks, before the study's task list grew, is not finished)."""
-    if not path.is_file():
-        return False
-    docs = json.loads(path.read_text(encoding="utf-8")).get("docs", {})
-    return all(docs.get(task) for task in required)
-
-
 def finished(path: Path, settings: StudySettings) -> Callable[[], bool]:
-    required = required_scores(settings)
-    return lambda: holds_scores(path, required)
+    """The done-marker of a job: its result file exists and holds every score the settings ask for."""
+    required = jobs.required_scores(settings)
+    return lambda: path.is_file() and jobs.scored_on(json.loads(path.read_text(encoding="utf-8")), required)
 
 
 def prepare_data(settings: StudySettings, paths: Paths) -> None:
