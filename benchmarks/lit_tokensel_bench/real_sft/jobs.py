@@ -73,10 +73,27 @@ def per_document(results: dict[str, Any], suite: Any) -> dict[str, dict[str, flo
     return out
 
 
+def score_suite(
+    model: torch.nn.Module, tokenizer: Any, suite: Any, batch_size: int, name: str
+) -> dict[str, dict[str, float]]:
+    """Per task of `suite`: document key -> headline-metric value, one lm-eval call offline at `batch_size`."""
+    from lit_tokensel_eval import InMemoryModel, evaluate
+
+    run = evaluate(
+        InMemoryModel(model, tokenizer, name=name),
+        suite=suite,
+        batch_size=batch_size,
+        bootstrap_iters=0,
+        offline=True,
+        log_samples=True,
+        progress=False,
+    )
+    return per_document(run.results, suite)
+
+
 def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings, name: str) -> dict[str, Any]:
     """The NLL proxy and the offline suite, per document and in total, with the seconds each took."""
     from lit_tokensel_bench.real_sft.alpaca_eval import alpaca_eval_rows, answer_nll, proxy_subset
-    from lit_tokensel_eval import InMemoryModel, evaluate
 
     started = time.perf_counter()
     rows = proxy_subset(alpaca_eval_rows(), settings.proxy_rows, settings.proxy_seed)
@@ -95,16 +112,7 @@ def score_model(model: torch.nn.Module, tokenizer: Any, settings: StudySettings,
             suite, tasks=[s for s in suite.tasks if task_batch_size(settings, s.task) == batch_size]
         )
         started = time.perf_counter()
-        run = evaluate(
-            InMemoryModel(model, tokenizer, name=name),
-            suite=part,
-            batch_size=batch_size,
-            bootstrap_iters=0,
-            offline=True,
-            log_samples=True,
-            progress=False,
-        )
-        docs |= per_document(run.results, part)
+        docs |= score_suite(model, tokenizer, part, batch_size, name)
         seconds[f"suite_batch{batch_size}"] = time.perf_counter() - started
     return {
         "docs": docs,

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lit_tokensel_bench.real_sft.jobs import eval_suite, load_for_eval, per_document, task_batch_size
+from lit_tokensel_bench.real_sft.jobs import eval_suite, load_for_eval, score_suite, task_batch_size
 from lit_tokensel_bench.real_sft.plan import CPU, TASKS, StudySettings
 
 console = Console(highlight=False)
@@ -31,21 +31,10 @@ def time_task(
     model: torch.nn.Module, tokenizer: object, settings: StudySettings, task: str, limit: int
 ) -> dict:
     """Score `task` on its first `limit` documents; documents, seconds, seconds per document, the score."""
-    from lit_tokensel_eval import InMemoryModel, evaluate
-
     suite = eval_suite(dataclasses.replace(settings, limits={task: limit}))
     started = time.perf_counter()
-    run = evaluate(
-        InMemoryModel(model, tokenizer, name="base"),
-        suite=suite,
-        batch_size=task_batch_size(settings, task),
-        bootstrap_iters=0,
-        offline=True,
-        log_samples=True,
-        progress=False,
-    )
+    docs = score_suite(model, tokenizer, suite, task_batch_size(settings, task), "base")[task]
     seconds = time.perf_counter() - started
-    docs = per_document(run.results, suite)[task]
     return {
         "docs": len(docs),
         "seconds": seconds,
