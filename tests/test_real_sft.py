@@ -385,6 +385,43 @@ def test_report_tables_partial_marking_and_readme_markers(tmp_path):
     assert json.loads(paths["results"].read_text(encoding="utf-8"))["missing"] == collected["missing"]
 
 
+def test_a_supplementary_run_tables_its_own_rows_in_its_own_section(tmp_path):
+    """`--only full rho1 --report --section S`: the page's S section holds those rows with no PARTIAL line
+    for the methods it did not run, the main section and the README summary are untouched; a page without
+    S's markers is refused, naming the file."""
+    from lit_tokensel_bench.real_sft import run
+    from lit_tokensel_bench.real_sft.plan import CPU_2K, StudySettings
+
+    settings = StudySettings(seeds=(0,), limits={"arc_easy": 4})
+    root = tmp_path / "run"
+    for key, nll in (("full", [2.0, 2.0]), ("rho1", [1.5, 1.7]), ("base-model", [2.5, 2.5])):
+        path = root / "results" / key / "seed0.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        docs = {"alpaca_eval_nll": {"0": nll[0], "1": nll[1]}, "arc_easy": {str(i): i % 2 for i in range(4)}}
+        path.write_text(json.dumps(_result(docs, 2.0, 100.0)), encoding="utf-8")
+    (root / "settings.json").write_text(json.dumps(settings.to_dict()), encoding="utf-8")
+    (tmp_path / "docs").mkdir()
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "benchmarks.md"
+    readme.write_text(
+        "<!-- real-sft-results-summary:start -->\nmain\n<!-- real-sft-results-summary:end -->\n"
+    )
+    main_section = "<!-- real-sft-results:start -->\nmain\n<!-- real-sft-results:end -->\n"
+    page.write_text(main_section)
+    argv = ["--out", str(root), "--only", "full", "rho1", "--seeds", "0", "--report", "--readme", str(readme)]
+    with pytest.raises(ValueError, match=r"benchmarks\.md: cannot update the real-sft-2k-results section"):
+        run.main([*argv, "--section", "real-sft-2k-results"])
+    page.write_text(main_section + "<!-- real-sft-2k-results:start -->\n<!-- real-sft-2k-results:end -->\n")
+    assert run.main([*argv, "--section", "real-sft-2k-results"]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith(main_section) and "**PARTIAL**" not in text and "Seed(s) [0]." in text
+    assert "| Rho-1 (0.6) | 1 | 1.600 |" in text and "-0.400 [" in text and "DFT" not in text
+    assert "main" in readme.read_text(encoding="utf-8")  # the summary speaks for the main study
+    assert run.load_settings(run.parse_args(["--cpu-2k"])) == CPU_2K
+    assert (CPU_2K.train_rows, CPU_2K.steps, CPU_2K.limits) == (2048, 256, CPU.limits)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "rho-1"])  # a key that is not a method's
+
+
 def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
     import dataclasses
 

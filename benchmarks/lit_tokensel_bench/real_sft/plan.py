@@ -147,6 +147,14 @@ GPU = StudySettings(
 """The larger budget for one CUDA device (`--gpu`): more rows, longer rows, every task on up to 1,000 documents."""
 
 
+CPU_2K = StudySettings(ni_rows=12000, train_rows=2048, reference_rows=256)
+"""The CPU budget at the issue's scale of training data (`--cpu-2k`): 2,048 training rows (256 optimizer steps,
+8x the CPU budget's) from a pool grown to 12,000 NaturalInstructions rows (at 192 tokens about one in eight
+fits), every other setting the CPU budget's. About 20 min of training a run on 2 cores, so it is run for the
+head-to-head rows only (`--only full rho1 --seeds 0`), in its own workdir; the reference trains as many steps
+as the methods, on 256 held-out rows (8 epochs, near the GPU budget's 9.6)."""
+
+
 QUICK = StudySettings(
     seeds=(0,),
     ni_rows=300,

@@ -337,14 +337,21 @@ def tables_markdown(settings: StudySettings, rows: list[dict[str, Any]], collect
 
 
 def report_markdown(
-    settings: StudySettings, root: Path, command: str, iters: int = 2000
+    settings: StudySettings,
+    root: Path,
+    command: str,
+    iters: int = 2000,
+    methods: Sequence[MethodRow] = METHODS,
 ) -> tuple[str, str, dict]:
-    """(full section, README summary, the numbers) of the study in `root`."""
-    collected = collect(settings, root)
-    rows = method_rows(settings, collected, iters=iters)
+    """(full section, README summary, the numbers) of the study in `root`, over `methods` (a run with
+    `--only` tables its own rows and does not list the others as missing)."""
+    collected = collect(settings, root, methods)
+    rows = method_rows(settings, collected, iters=iters, methods=methods)
     partial = partial_text(collected)
+    seeds_text = STUDY_SEEDS if tuple(methods) == METHODS else "Seed(s) {seeds}."
     body = (
-        f"{partial}{settings_text(settings, root, collected)}\n\n{tables_markdown(settings, rows, collected)}"
+        f"{partial}{settings_text(settings, root, collected, seeds_text)}\n\n"
+        f"{tables_markdown(settings, rows, collected)}"
     )
     summary_rows = ["| Method | Δ AlpacaEval NLL | Δ suite avg (points) |", "|---|---|---|"]
     for row in rows:
@@ -374,16 +381,21 @@ def write_report(
     root: Path,
     readme: Path | None = None,
     command: str = "python -m lit_tokensel_bench.real_sft",
+    methods: Sequence[MethodRow] = METHODS,
+    section: str | None = None,
 ) -> dict[str, Path]:
     """`report.md` and `results.json` in `root`; with `readme`, the section in docs/benchmarks.md beside it and
-    the README summary."""
-    body, summary, numbers = report_markdown(settings, root, command)
+    the README summary. Another `section` (a supplementary run, e.g. `--cpu-2k`) writes the page between its
+    own markers and leaves the README summary, which speaks for the main study, alone."""
+    body, summary, numbers = report_markdown(settings, root, command, methods=methods)
     paths = {"report": root / "report.md", "results": root / "results.json"}
     atomic_write_text(paths["report"], f"# Real-data study\n\n{body}")
     atomic_write_text(paths["results"], json.dumps(numbers, indent=1, default=float) + "\n")
     if readme is not None:
         page = Path(readme).resolve().parent / "docs" / "benchmarks.md"
-        update_readme(page, body, command, SECTION, writer=WRITER)
-        update_readme(Path(readme), summary, command, f"{SECTION}-summary", writer=WRITER)
-        paths |= {"page": page, "readme": Path(readme)}
+        update_readme(page, body, command, section or SECTION, writer=WRITER)
+        paths["page"] = page
+        if section in (None, SECTION):
+            update_readme(Path(readme), summary, command, f"{SECTION}-summary", writer=WRITER)
+            paths["readme"] = Path(readme)
     return paths

@@ -2,6 +2,12 @@ r"""The real-data study: does any token-selection method beat full SFT on real i
 
     python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft           # the CPU budget (~3 h of compute, 2 cores)
     python -m lit_tokensel_bench.real_sft --out runs/real_sft_gpu --gpu       # the larger budget on one CUDA device
+    python -m lit_tokensel_bench.real_sft --out runs/real_sft_2k --cpu-2k --only full rho1 --seeds 0
+                                                                               # 2,048 training rows on CPU, the
+                                                                               # head-to-head rows only
+    python -m lit_tokensel_bench.real_sft --out runs/real_sft_2k --cpu-2k --only full rho1 --seeds 0 \
+        --report --section real-sft-2k-results                                # its tables, into their own
+                                                                               # docs/benchmarks.md section
     python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --report  # tables from whatever has finished,
                                                                                # into docs/benchmarks.md and the README
     python -m lit_tokensel_bench.real_sft --out /work/runs/real_sft --search  # + the six ssToken variants of
@@ -38,7 +44,16 @@ from rich.console import Console
 from lit_tokensel_bench.noisy_sft.plan import Settings
 from lit_tokensel_bench.noisy_sft.run import Paths, Task, finish, method_args, regime_tasks, run_graph
 from lit_tokensel_bench.real_sft import jobs
-from lit_tokensel_bench.real_sft.plan import CPU, GPU, QUICK, StudySettings, job_order, search_job_order
+from lit_tokensel_bench.real_sft.plan import (
+    CPU,
+    CPU_2K,
+    GPU,
+    METHODS,
+    QUICK,
+    StudySettings,
+    job_order,
+    search_job_order,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 REGIME = "pretrained"
@@ -195,8 +210,13 @@ def check_workdir(root: Path, settings: StudySettings) -> None:
     jobs.write_json(saved, current)
 
 
+def study_methods(only: list[str] | None) -> tuple:
+    """The study's method rows, restricted to `only` (their keys) when given."""
+    return METHODS if only is None else tuple(row for row in METHODS if row.key in only)
+
+
 def load_settings(args: argparse.Namespace) -> StudySettings:
-    settings = GPU if args.gpu else QUICK if args.quick else CPU
+    settings = GPU if args.gpu else QUICK if args.quick else CPU_2K if args.cpu_2k else CPU
     if args.device:
         settings = dataclasses.replace(settings, device=args.device)
     if args.seeds is not None:
@@ -218,7 +238,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     budget.add_argument(
         "--quick", action="store_true", help="a smoke run: 4 steps per method, a few documents"
     )
-    parser.add_argument("--only", nargs="+", default=None, help="only these methods (keys, e.g. full rho1)")
+    budget.add_argument(
+        "--cpu-2k",
+        action="store_true",
+        help="the CPU budget with 2,048 training rows (plan.CPU_2K; ~20 min of training a run on 2 cores)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=[row.key for row in METHODS],
+        metavar="KEY",
+        help="only these methods (keys, e.g. full rho1); the report then tables these only",
+    )
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="--report writes docs/benchmarks.md between the markers of this section instead of "
+        "'real-sft-results', and leaves the README summary alone",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default=None, help="override the budget's device"
     )
@@ -271,7 +309,14 @@ def main(argv: list[str] | None = None) -> int:
             page = None if readme is None else Path(readme).resolve().parent / "docs" / "beyond-sstoken.md"
             outputs = write_search_report(settings, root, page=page, command=command)
         else:
-            outputs = write_report(settings, root, readme=readme, command=command)
+            outputs = write_report(
+                settings,
+                root,
+                readme=readme,
+                command=command,
+                methods=study_methods(args.only),
+                section=args.section,
+            )
         for name, path in outputs.items():
             console.print(f"{name:<10} {path}")
         return 0
@@ -293,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     failed = run_graph(tasks, 1, describe=describe)
     ran = json.loads(study_command.read_text(encoding="utf-8"))
-    outputs = write_report(settings, root, readme=None, command=ran)
+    outputs = write_report(settings, root, readme=None, command=ran, methods=study_methods(args.only))
     if args.search:
         outputs |= {f"search {k}": v for k, v in write_search_report(settings, root, command=command).items()}
     return finish(started, outputs, failed)
