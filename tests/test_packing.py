@@ -349,7 +349,11 @@ def test_method_packed_equals_padded(
     assert 0 < int(keep_padded.sum()) <= int(sel_padded.valid.sum())
     for name, score in sel_padded.selection.scores.items():
         valid = sel_padded.valid
-        torch.testing.assert_close(sel_packed.selection.scores[name][valid], score[valid], atol=1e-4, rtol=0)
+        # rtol: Q-Tuning's scores are perplexities (hundreds on the tiny model), where float32's summation
+        # order alone moves them by a few ulps (2.2e-7 relative seen on one CPU)
+        torch.testing.assert_close(
+            sel_packed.selection.scores[name][valid], score[valid], atol=1e-4, rtol=1e-6
+        )
     if sel_padded.selection.weights is not None:
         torch.testing.assert_close(
             sel_packed.selection.weights, sel_padded.selection.weights, atol=ATOL, rtol=0
