@@ -503,6 +503,14 @@ def test_workdir_refuses_other_settings_but_accepts_more_seeds(tmp_path):
     check_workdir(tmp_path, dataclasses.replace(CPU, seeds=(0, 1, 2, 3)))  # more seeds: same study
     with pytest.raises(SystemExit, match=r"differs in \['limits', 'train_rows'\]"):
         check_workdir(tmp_path, dataclasses.replace(CPU, train_rows=64, limits={"arc_easy": 1}))
+    # --fp32 (a CPU without bf16 instructions): both dtypes, and a bf16 workdir does not mix it in
+    from lit_tokensel_bench.real_sft import run
+
+    fp32 = run.load_settings(run.parse_args(["--fp32"]))
+    assert (fp32.precision, fp32.eval_dtype) == ("32-true", "float32")
+    assert dataclasses.replace(fp32, precision=CPU.precision, eval_dtype=CPU.eval_dtype) == CPU
+    with pytest.raises(SystemExit, match=r"differs in \['eval_dtype', 'precision'\]"):
+        check_workdir(tmp_path, fp32)
 
 
 def test_workdir_accepts_a_growing_suite_but_not_changed_limits(tmp_path):

@@ -6,8 +6,8 @@ r"""SmolLM2-135M-Instruct on the full offline sets of the tasks its model card r
 The card (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct, "Instruction model" table) publishes zero-shot
 scores from lighteval on the full sets: HellaSwag 40.9, ARC (the average of Challenge and Easy) 37.3, PIQA
 66.3. This scores the real-data study's base model as the study does (`builtin:smollm2-135m-instruct`, the
-Q4_1 GGUF de-quantized, in bf16; lm-eval's stock 0-shot tasks on packaged data, acc_norm) one task at a
-time. Each finished task is kept in `<out>/scores.json` and skipped when the command runs again; the table
+Q4_1 GGUF de-quantized, in bf16 unless `--dtype float32`; lm-eval's stock 0-shot tasks on packaged data,
+acc_norm) one task at a time. Each finished task is kept in `<out>/scores.json` and skipped when the command runs again; the table
 gives ours, the card's, the gap and our binomial standard error.
 """
 
@@ -97,8 +97,8 @@ def score_task(model: torch.nn.Module, tokenizer: object, task: str, limit: int 
     }
 
 
-def print_table(rows: list[CardRow], scores: dict[str, dict[str, float]]) -> None:
-    table = Table(title=f"SmolLM2-135M-Instruct (Q4_1 GGUF, bf16, lm-eval) against its card ({CARD_URL})")
+def print_table(rows: list[CardRow], scores: dict[str, dict[str, float]], dtype: str) -> None:
+    table = Table(title=f"SmolLM2-135M-Instruct (Q4_1 GGUF, {dtype}, lm-eval) against its card ({CARD_URL})")
     for column in ("row", "documents", "ours", "± se", "card", "gap"):
         table.add_column(column, justify="left" if column == "row" else "right")
     for row in rows:
@@ -127,18 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/model_card"), help="keeps scores.json")
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: the full set)")
     parser.add_argument("--threads", type=int, default=CPU.threads)
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=CPU.eval_dtype,
+        help="scoring dtype (default: the study's; float32 on a CPU without AMX/AVX512-BF16, see dtype_speed)",
+    )
+    every_task = [task for tasks in CARD_TASKS.values() for task in tasks]
+    parser.add_argument("--tasks", nargs="+", choices=every_task, default=every_task, help="default: all")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     scores_file = args.out / "scores.json"
     scores = json.loads(scores_file.read_text()) if scores_file.is_file() else {}
-    if scores.get("limit", args.limit) != args.limit:
-        raise SystemExit(
-            f"{scores_file}: scored with --limit {scores['limit']}, not {args.limit}; use another --out"
-        )
-    scores["limit"] = args.limit
-    tasks = [task for tasks in CARD_TASKS.values() for task in tasks]
-    model, tokenizer = load_for_eval(CPU.model, CPU)
+    for key in ("limit", "dtype"):
+        if scores.get(key, getattr(args, key)) != getattr(args, key):
+            raise SystemExit(
+                f"{scores_file}: scored with --{key} {scores[key]}, not {getattr(args, key)}; use another --out"
+            )
+        scores[key] = getattr(args, key)
+    tasks = [task for task in every_task if task in args.tasks]
+    model, tokenizer = load_for_eval(CPU.model, dataclasses.replace(CPU, eval_dtype=args.dtype))
     for index, task in enumerate(tasks, start=1):
         if task in scores:
             console.print(f"[{index}/{len(tasks)}] {task}: kept from {scores_file}")
@@ -147,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         scores[task] = score_task(model, tokenizer, task, args.limit)
         write_json(scores_file, scores)  # atomically: an interrupted write keeps the tasks already scored
         console.print(f"  {100 * scores[task]['accuracy']:.1f}% in {scores[task]['seconds']:.0f} s")
-    task_scores = {task: scores[task] for task in tasks}
-    print_table(compare_with_card(task_scores), task_scores)
+    task_scores = {task: scores[task] for task in every_task if task in scores}
+    print_table(compare_with_card(task_scores), task_scores, args.dtype)
     return 0
 
 

@@ -114,10 +114,12 @@ class StudySettings:
     device: str = "cpu"
     threads: int = 2
     precision: str = "bf16-mixed"
-    """Training precision. bf16 autocast with fp32 master weights: this CPU has AMX-BF16, and a LoRA step of
-    SmolLM2 at 8 x 192 tokens measured 1.6x faster than fp32."""
+    """Training precision. bf16 autocast with fp32 master weights: the CPU the study was planned on has
+    AMX-BF16, and a LoRA step of SmolLM2 at 8 x 192 tokens measured 1.6x faster than fp32 there. Without
+    AMX/AVX512-BF16 bf16 is emulated and slower (`dtype_speed`); `--fp32` then sets both dtypes to fp32."""
     eval_dtype: str = "bfloat16"
-    """The merged model is scored in this dtype (a forward at 8 x 192 tokens: 3.4 s in bf16, 11.6 s in fp32)."""
+    """The merged model is scored in this dtype (a forward at 8 x 192 tokens with AMX: 3.4 s in bf16, 11.6 s in
+    fp32; on an AVX2-only AMD EPYC: 26.1 s in bf16, 17.2 s in fp32)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -242,6 +242,8 @@ def load_settings(args: argparse.Namespace) -> StudySettings:
         settings = dataclasses.replace(settings, device=args.device)
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=tuple(args.seeds))
+    if args.fp32:
+        settings = dataclasses.replace(settings, precision="32-true", eval_dtype="float32")
     return settings
 
 
@@ -282,6 +284,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--device", choices=("cpu", "cuda"), default=None, help="override the budget's device"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2")
+    parser.add_argument(
+        "--fp32",
+        action="store_true",
+        help="train and score in fp32 instead of bf16: for a CPU without AMX/AVX512-BF16, where bf16 is "
+        "emulated and slower (check with python -m lit_tokensel_bench.real_sft.dtype_speed)",
+    )
     parser.add_argument(
         "--report",
         action="store_true",
