@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lit_tokensel_bench.noisy_sft.jobs import write_json
-from lit_tokensel_bench.real_sft.jobs import load_for_eval, score_suite, task_batch_size
+from lit_tokensel_bench.real_sft.jobs import eval_suite, load_for_eval, score_suite, task_batch_size
 from lit_tokensel_bench.real_sft.plan import CPU
 
 console = Console(highlight=False)
@@ -85,17 +85,14 @@ def compare_with_card(scores: dict[str, dict[str, float]]) -> list[CardRow]:
 
 def score_task(model: torch.nn.Module, tokenizer: object, task: str, limit: int | None) -> dict[str, float]:
     """Score `task` (the offline suite's settings for it) on its first `limit` documents, all when None."""
-    from lit_tokensel_eval.suites import Suite, load_suite
-
-    spec = next(s for s in load_suite("offline").tasks if s.task == task)
-    suite = Suite(name="model_card", tasks=[dataclasses.replace(spec, limit=limit)])
+    suite = eval_suite(dataclasses.replace(CPU, limits={task: limit}))
     started = time.perf_counter()
     docs = score_suite(model, tokenizer, suite, task_batch_size(CPU, task), "smollm2-135m-instruct")[task]
     return {
         "accuracy": sum(docs.values()) / len(docs),
         "docs": len(docs),
         "seconds": time.perf_counter() - started,
-        "metric": spec.metric,
+        "metric": suite.tasks[0].metric,
     }
 
 
